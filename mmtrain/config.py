@@ -1,0 +1,455 @@
+"""Typed configuration: OmegaConf structured dataclasses in struct mode.
+
+``load_config(Schema, [a.yaml, b.yaml], ["train.lr=3e-4"])`` merges defaults <- YAML files (in
+order) <- ``key=value`` overrides. Every unknown key, wrong type and invalid value is collected
+and reported in one :class:`ConfigError` that names the key and where it came from (file or
+command line). The resolved config dumps to YAML (:func:`to_yaml`) and loads back identically.
+
+Every field carries ``metadata["help"]`` (units, example); ``mmtrain config-reference`` prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; ``problems`` lists them one per entry."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        n = len(self.problems)
+        head = f"{n} configuration problem{'s' if n != 1 else ''}:"
+        super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
+
+
+def _f(default: Any, help: str, choices: Optional[Sequence[Any]] = None, factory: bool = False):
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = list(choices)
+    if factory:
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    kind: str = _f("mixer", "Model family. `mixer` = masked mixer, `transformer` = Llama baseline.",
+                   choices=["mixer", "transformer"])
+    d_model: int = _f(256, "Hidden width d (e.g. 512).")
+    n_layers: int = _f(8, "Number of blocks (e.g. 8).")
+    n_ctx: int = _f(128, "Context length in tokens the model is built for (e.g. 512). A mixer's "
+                         "token-mixing matrices are n_ctx x n_ctx; it runs any input of length <= n_ctx.")
+    vocab_size: int = _f(0, "Vocabulary size; 0 = take it from the tokenizer / shards (the usual case).")
+    mixer_heads: int = _f(0, "Mixer only. 0 = flat mixer (one n_ctx x n_ctx matrix on the full width); "
+                             "h >= 1 = multi-head mixer: project to h heads of width d/h, mix each with "
+                             "its own masked matrix, concatenate, project back.")
+    mixer_expansion: int = _f(1, "Mixer only. 1 = flat token mixing; e > 1 = expanded mixing "
+                                 "n_ctx -> e*n_ctx -> n_ctx with GELU between (both masked).")
+    ffn_mult: int = _f(4, "Mixer MLP hidden width as a multiple of d_model (paper: 4).")
+    final_norm: bool = _f(True, "Apply a LayerNorm before the LM head (mixer). The paper's code has none: "
+                                "set false to match it. The transformer always has its final RMSNorm.")
+    tie_embeddings: bool = _f(False, "Share the input embedding and LM head weights.")
+    n_heads: int = _f(4, "Transformer only: attention heads (paper's compute-matched baseline: 4).")
+    n_kv_heads: int = _f(0, "Transformer only: key/value heads for grouped-query attention; 0 = n_heads.")
+    intermediate_size: int = _f(0, "Transformer only: SwiGLU hidden width; 0 = 4 * d_model (paper).")
+    rope_theta: float = _f(10000.0, "Transformer only: RoPE base frequency.")
+    norm_eps: float = _f(1e-5, "Epsilon of LayerNorm (mixer) / RMSNorm (transformer; HF Llama uses 1e-6).")
+    init_std: float = _f(0.02, "Std of the normal init of linear/embedding weights. The mixer's "
+                               "token-mixing weights use U(-1/sqrt(n_ctx), 1/sqrt(n_ctx)) as in the paper.")
+
+
+@dataclass
+class DataConfig:
+    shard_dir: str = _f("data/demo", "Directory written by `mmtrain prepare`; training reads "
+                                     "<shard_dir>/ctx<n_ctx>/{train,val} and its meta.json.")
+    tokenizer: str = _f("", "SentencePiece .model the shards were made with; '' = the one recorded in "
+                            "the shards' meta.json. A hash mismatch with the shards is an error.")
+    auto_prepare: bool = _f(True, "If the shards are missing and `prepare_input` is `demo`, prepare them "
+                                  "on first use (cached afterwards).")
+    prepare_input: str = _f("demo", "Corpus used by auto_prepare: `demo` (built-in Python-docstring corpus).")
+    num_workers: int = _f(2, "Data-loader worker processes per rank (e.g. 2).")
+    shuffle: bool = _f(True, "Shuffle training samples (seeded by train.seed).")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(300, "Optimizer steps to run (one step = one global batch).")
+    max_tokens: int = _f(0, "Token budget; when > 0 training stops once this many tokens were seen "
+                            "(whichever of steps / max_tokens comes first).")
+    global_batch_size: int = _f(16, "Sequences per optimizer step over all ranks "
+                                    "(= micro_batch_size * grad_accum * world_size).")
+    micro_batch_size: int = _f(8, "Sequences per forward/backward on one rank.")
+    lr: float = _f(1e-3, "Peak learning rate (e.g. 5e-4).")
+    min_lr_ratio: float = _f(0.1, "Final learning rate as a fraction of lr.")
+    warmup_steps: int = _f(20, "Linear warmup steps from 0 to lr.")
+    schedule: str = _f("cosine", "Decay after warmup.", choices=["cosine", "linear", "constant"])
+    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to norms, biases, embeddings, "
+                                  "token-mixing biases).")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.95, "AdamW beta2.")
+    adam_eps: float = _f(1e-8, "AdamW epsilon.")
+    seed: int = _f(0, "Seed for init, data order and dropout.")
+    eval_every: int = _f(100, "Evaluate on the validation shards every N steps (0 = only at the end).")
+    eval_batches: int = _f(8, "Validation micro-batches per evaluation and context length.")
+    eval_n_ctx: List[int] = _f(list, "Extra (shorter) context lengths to evaluate mixers at, e.g. [32, 64]; "
+                                     "the training n_ctx is always evaluated.", factory=True)
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = _f(1, "DeepSpeed ZeRO stage.", choices=[0, 1, 2, 3])
+    precision: str = _f("fp32", "Training precision (bf16 needs zero_stage >= 1).",
+                        choices=["fp32", "bf16", "fp16"])
+    grad_clip: float = _f(1.0, "Global gradient-norm clip; 0 = off.")
+    offload_optimizer: bool = _f(False, "ZeRO-Offload the optimizer state to CPU (stage >= 1).")
+    offload_params: bool = _f(False, "ZeRO-Offload parameters to CPU (stage 3).")
+    device: str = _f("auto", "`auto` = CUDA when available, else CPU.", choices=["auto", "cpu", "cuda"])
+    peak_flops: float = _f(0.0, "Peak FLOP/s per device used for MFU; 0 = measure a matmul at start.")
+    torch_adam: bool = _f(True, "Use torch.optim.AdamW (builds nothing). false = DeepSpeed's fused/CPU "
+                                "Adam (JIT-built on first use).")
+
+
+@dataclass
+class LoggingConfig:
+    runs_root: str = _f("runs", "Parent directory of run directories.")
+    name: str = _f("", "Run name; '' = <kind>-ctx<n_ctx>-<timestamp>.")
+    run_dir: str = _f("", "Explicit run directory (overrides runs_root/name).")
+    log_every: int = _f(10, "Log a line and TensorBoard scalars every N steps.")
+    progress_bar: bool = _f(True, "Show a tqdm progress bar on rank 0.")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(100, "Save a checkpoint every N steps (and always at the end); 0 = only at the end.")
+    keep_last: int = _f(3, "Keep the newest K checkpoints; 0 = keep all.")
+    resume: str = _f("auto", "`auto` = continue from <run_dir>/checkpoints/latest when present; "
+                             "`none` = start fresh; or a checkpoint directory path.")
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass
+class TokenizerSpec:
+    type: str = _f("bpe", "SentencePiece model type.", choices=["bpe", "unigram"])
+    vocab_size: int = _f(4096, "Vocabulary size including the 4 special ids.")
+    character_coverage: float = _f(1.0, "SentencePiece character_coverage.")
+    max_sentence_length: int = _f(16384, "Longest training sentence in bytes (longer ones are skipped).")
+    seed: int = _f(0, "Seed for sampling training sentences.")
+
+
+@dataclass
+class PrepareConfig:
+    input: List[str] = _f(lambda: ["demo"], "Corpus paths, directories or globs (.txt, .jsonl, .jsonl.gz, "
+                                           ".parquet); `demo` = the built-in docstring corpus.", factory=True)
+    text_field: str = _f("text", "JSONL key / Parquet column holding the document text.")
+    delimiter: str = _f("", "Plain text: string separating documents inside a file; '' = one document per file.")
+    out: str = _f("data/demo", "Output root; one <out>/ctx<n_ctx>/ directory per context length.")
+    n_ctx: List[int] = _f(lambda: [128, 512], "Context lengths to write shards for.", factory=True)
+    tokenizer: str = _f("", "Existing SentencePiece .model to use; '' = train one into <out>/tokenizer.model.")
+    tokenizer_spec: TokenizerSpec = field(default_factory=TokenizerSpec)
+    packing: str = _f("concat", "`concat`: documents joined with EOS and cut into blocks; `pad`: each "
+                                "document truncated / right-padded to one block.", choices=["concat", "pad"])
+    val_fraction: float = _f(0.05, "Fraction of documents held out for validation (by document).")
+    seed: int = _f(0, "Seed of the train/validation split.")
+    num_proc: int = _f(2, "Tokenizer worker processes.")
+    max_docs: int = _f(0, "Use only the first N documents; 0 = all.")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _is_struct_node(schema_node: Any) -> bool:
+    return isinstance(schema_node, DictConfig)
+
+
+def _flatten(data: Any, schema: DictConfig, prefix: str, source: str,
+             out: List[Tuple[str, Any, str]], problems: List[str]) -> None:
+    """Flatten a plain dict into (dotted key, value, source) leaves, reporting unknown keys."""
+    if not isinstance(data, dict):
+        problems.append(f"{prefix or '<top level>'} ({source}): expected a mapping, got "
+                        f"{type(data).__name__} {data!r}")
+        return
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in schema:
+            hint = difflib.get_close_matches(str(key), [str(k) for k in schema.keys()], n=1)
+            where = f"'{prefix}'" if prefix else "the top level"
+            msg = f"unknown key '{dotted}' ({source})"
+            msg += f"; did you mean '{hint[0]}'?" if hint else f"; {where} accepts: {', '.join(map(str, schema.keys()))}"
+            problems.append(msg)
+            continue
+        child = schema[key]
+        if _is_struct_node(child) and isinstance(value, dict):
+            _flatten(value, child, dotted, source, out, problems)
+        else:
+            out.append((dotted, value, source))
+
+
+def _parse_override(text: str) -> Tuple[str, Any]:
+    if "=" not in text:
+        raise ValueError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    value = yaml.load(raw, Loader=_loader()) if raw.strip() != "" else ""
+    return key, value
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML SafeLoader that also reads 1e-4 / 3E5 (no dot) as floats, as users expect (YAML 1.2)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _loader():
+    return _Loader
+
+
+def _read_yaml(path: str) -> Any:
+    if not os.path.exists(path):
+        raise ConfigError([f"config file not found: {path}"])
+    with open(path, "r", encoding="utf-8") as fh:
+        try:
+            data = yaml.load(fh, Loader=_loader())
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
+    return {} if data is None else data
+
+
+def _set_leaf(cfg: DictConfig, key: str, value: Any, source: str, problems: List[str]) -> None:
+    try:
+        OmegaConf.update(cfg, key, value, merge=True)
+    except OmegaConfBaseException as exc:
+        node = OmegaConf.select(cfg, key)
+        expected = type(node).__name__ if node is not None else "?"
+        if isinstance(node, (ListConfig, list)):
+            expected = "list"
+        reason = str(exc).splitlines()[0]
+        problems.append(f"{key} ({source}): cannot use {value!r} ({type(value).__name__}); "
+                        f"expected {expected}: {reason}")
+
+
+def _check_choices(cfg: DictConfig, schema_cls: type, prefix: str, problems: List[str],
+                   sources: dict) -> None:
+    for f in dataclasses.fields(schema_cls):
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        value = cfg[f.name]
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, type) and dataclasses.is_dataclass(f.type)):
+            _check_choices(value, f.type, dotted, problems, sources)
+            continue
+        sub = _dataclass_type(f)
+        if sub is not None:
+            _check_choices(value, sub, dotted, problems, sources)
+            continue
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            problems.append(f"{dotted} ({sources.get(dotted, 'default')}): {value!r} is not one of "
+                            f"{', '.join(map(repr, choices))}")
+
+
+def _dataclass_type(f: dataclasses.Field) -> Optional[type]:
+    t = f.type
+    if isinstance(t, str):
+        t = globals().get(t)
+    return t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
+
+
+def load_config(schema_cls: type, files: Iterable[str] = (), overrides: Iterable[str] = ()):
+    """Build a typed config: defaults <- files (in order) <- ``key=value`` overrides.
+
+    Raises :class:`ConfigError` listing every problem (unknown keys, wrong types, invalid
+    values) with the key and its source.
+    """
+    cfg = OmegaConf.structured(schema_cls)
+    OmegaConf.set_struct(cfg, True)
+    problems: List[str] = []
+    sources: dict = {}
+    leaves: List[Tuple[str, Any, str]] = []
+    for path in files:
+        data = _read_yaml(str(path))
+        _flatten(data, cfg, "", str(path), leaves, problems)
+    for text in overrides:
+        try:
+            key, value = _parse_override(text)
+        except (ValueError, yaml.YAMLError) as exc:
+            problems.append(f"command line: {exc}")
+            continue
+        parts = key.split(".")
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        _flatten(nested, cfg, "", "command line", leaves, problems)
+    for key, value, source in leaves:
+        _set_leaf(cfg, key, value, source, problems)
+        sources[key] = source
+    _check_choices(cfg, schema_cls, "", problems, sources)
+    validator = getattr(schema_cls, "validate", None) or _VALIDATORS.get(schema_cls)
+    if validator is not None and not problems:
+        problems.extend(validator(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML text (loads back identically with :func:`load_config`)."""
+    return OmegaConf.to_yaml(cfg)
+
+
+def save_yaml(cfg: DictConfig, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(to_yaml(cfg))
+    os.replace(tmp, path)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def from_dict(schema_cls: type, data: dict):
+    """Rebuild a typed config from a plain dict (e.g. one stored in a checkpoint)."""
+    cfg = OmegaConf.structured(schema_cls)
+    OmegaConf.set_struct(cfg, True)
+    return OmegaConf.merge(cfg, data)
+
+
+# --------------------------------------------------------------------------------------------
+# Semantic validation (after types are right)
+# --------------------------------------------------------------------------------------------
+
+
+def validate_model(m: DictConfig, prefix: str = "model") -> List[str]:
+    p: List[str] = []
+    for key in ("d_model", "n_layers", "n_ctx", "ffn_mult", "mixer_expansion"):
+        if m[key] < 1:
+            p.append(f"{prefix}.{key}: must be >= 1, got {m[key]}")
+    if m.vocab_size < 0:
+        p.append(f"{prefix}.vocab_size: must be >= 0, got {m.vocab_size}")
+    if m.kind == "mixer":
+        if m.mixer_heads < 0:
+            p.append(f"{prefix}.mixer_heads: must be >= 0, got {m.mixer_heads}")
+        elif m.mixer_heads > 0 and m.d_model % m.mixer_heads:
+            p.append(f"{prefix}.mixer_heads: d_model {m.d_model} is not divisible by {m.mixer_heads} heads")
+        if m.mixer_heads > 0 and m.mixer_expansion > 1:
+            p.append(f"{prefix}: mixer_heads > 0 and mixer_expansion > 1 cannot be combined")
+    if m.kind == "transformer":
+        if m.n_heads < 1 or m.d_model % m.n_heads:
+            p.append(f"{prefix}.n_heads: d_model {m.d_model} must be divisible by n_heads {m.n_heads}")
+        elif (m.d_model // m.n_heads) % 2:
+            p.append(f"{prefix}.n_heads: head width d_model/n_heads = {m.d_model // m.n_heads} must be even (RoPE)")
+        kv = m.n_kv_heads or m.n_heads
+        if m.n_heads >= 1 and (kv < 1 or m.n_heads % kv):
+            p.append(f"{prefix}.n_kv_heads: n_heads {m.n_heads} must be divisible by n_kv_heads {kv}")
+    return p
+
+
+def validate_pretrain(cfg: DictConfig) -> List[str]:
+    p = validate_model(cfg.model)
+    t, e = cfg.train, cfg.engine
+    for key in ("global_batch_size", "micro_batch_size"):
+        if t[key] < 1:
+            p.append(f"train.{key}: must be >= 1, got {t[key]}")
+    if t.steps < 1 and t.max_tokens < 1:
+        p.append("train.steps: must be >= 1 (or set train.max_tokens)")
+    if t.micro_batch_size >= 1 and t.global_batch_size % t.micro_batch_size:
+        p.append(f"train.global_batch_size {t.global_batch_size} is not divisible by "
+                 f"train.micro_batch_size {t.micro_batch_size}")
+    if t.lr <= 0:
+        p.append(f"train.lr: must be > 0, got {t.lr}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        p.append(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+    for n in t.eval_n_ctx:
+        if n < 1 or n > cfg.model.n_ctx:
+            p.append(f"train.eval_n_ctx: {n} must be in [1, model.n_ctx={cfg.model.n_ctx}]")
+    if t.eval_n_ctx and cfg.model.kind != "mixer" and any(n != cfg.model.n_ctx for n in t.eval_n_ctx):
+        pass  # transformers also run shorter inputs exactly (causal attention); allowed
+    if e.precision in ("bf16", "fp16") and e.zero_stage == 0:
+        p.append(f"engine.precision {e.precision} needs engine.zero_stage >= 1 "
+                 "(ZeRO 0 switches to an fp16-style optimizer that drifts)")
+    if e.offload_params and e.zero_stage != 3:
+        p.append("engine.offload_params needs engine.zero_stage 3")
+    if e.offload_optimizer and e.zero_stage == 0:
+        p.append("engine.offload_optimizer needs engine.zero_stage >= 1")
+    if cfg.checkpoint.keep_last < 0:
+        p.append(f"checkpoint.keep_last: must be >= 0, got {cfg.checkpoint.keep_last}")
+    return p
+
+
+def validate_prepare(cfg: DictConfig) -> List[str]:
+    p: List[str] = []
+    if not cfg.input:
+        p.append("input: give at least one corpus path (or `demo`)")
+    if not cfg.n_ctx:
+        p.append("n_ctx: give at least one context length")
+    for n in cfg.n_ctx:
+        if n < 2:
+            p.append(f"n_ctx: {n} must be >= 2")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        p.append(f"val_fraction: must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.tokenizer_spec.vocab_size < 8:
+        p.append(f"tokenizer_spec.vocab_size: must be >= 8, got {cfg.tokenizer_spec.vocab_size}")
+    if cfg.num_proc < 1:
+        p.append(f"num_proc: must be >= 1, got {cfg.num_proc}")
+    return p
+
+
+_VALIDATORS = {PretrainConfig: validate_pretrain, PrepareConfig: validate_prepare}
+
+
+def register_validator(schema_cls: type, fn) -> None:
+    """Attach a semantic validator (cfg -> list of problems) to a schema."""
+    _VALIDATORS[schema_cls] = fn
+
+
+def reference(schema_cls: type, prefix: str = "") -> List[str]:
+    """Markdown lines documenting every field of a schema (key, type, default, help)."""
+    lines: List[str] = []
+    for f in dataclasses.fields(schema_cls):
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        sub = _dataclass_type(f)
+        if sub is not None:
+            lines.extend(reference(sub, dotted))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tname = getattr(f.type, "__name__", str(f.type)).replace("typing.", "")
+        choices = f.metadata.get("choices")
+        extra = f" One of: {', '.join(map(str, choices))}." if choices else ""
+        lines.append(f"| `{dotted}` | {tname} | `{default!r}` | {f.metadata.get('help', '')}{extra} |")
+    return lines

@@ -89,6 +89,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = _f(300, "Optimizer steps to run (one step = one global batch).")
+    stop_at: int = _f(0, "Stop (with a checkpoint) after this step although the LR schedule runs to "
+                         "`steps`; 0 = run to the end. For staged runs: resume later with a larger stop_at.")
     max_tokens: int = _f(0, "Token budget; when > 0 training stops once this many tokens were seen "
                             "(whichever of steps / max_tokens comes first).")
     global_batch_size: int = _f(16, "Sequences per optimizer step over all ranks "

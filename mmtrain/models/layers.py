@@ -1,0 +1,209 @@
+"""Pieces every language model in mmtrain shares.
+
+- :func:`resolve_model_config`: any form of :class:`~mmtrain.config.ModelConfig` (OmegaConf node,
+  dataclass, plain dict) -> a validated plain dict with ``vocab_size`` resolved. The dict is what
+  a model stores as ``model.config_dict`` and what export code needs to rebuild the model.
+- :func:`causal_lm_loss`: shifted next-token cross-entropy with ``-100`` ignored.
+- :class:`CausalLM`: the base class fixing the model interface (``forward``, ``hidden_states``,
+  ``num_params``, ``flops_per_token``).
+
+Models are plain single-device PyTorch: nothing here (or in any model file) imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mmtrain.config import ConfigError, ModelConfig, validate_model
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    """What every model's ``forward`` returns.
+
+    logits: [B, L, V] next-token logits (position t predicts token t+1).
+    loss:   scalar shifted cross-entropy, or None when no labels were given.
+    """
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+def _as_plain_dict(model_cfg: Any) -> Dict[str, Any]:
+    if isinstance(model_cfg, DictConfig):
+        return dict(OmegaConf.to_container(model_cfg, resolve=True))
+    if dataclasses.is_dataclass(model_cfg) and not isinstance(model_cfg, type):
+        return dataclasses.asdict(model_cfg)
+    if isinstance(model_cfg, Mapping):
+        return dict(model_cfg)
+    raise TypeError(f"model config must be a DictConfig, a ModelConfig dataclass or a dict, "
+                    f"got {type(model_cfg).__name__}")
+
+
+def resolve_model_config(model_cfg: Any, vocab_size: Optional[int] = None) -> Dict[str, Any]:
+    """Validated plain-dict copy of a model config with ``vocab_size`` resolved.
+
+    ``model_cfg`` is a DictConfig of :class:`ModelConfig`, the dataclass itself, or a plain dict
+    (missing keys take ModelConfig's defaults; unknown keys are an error).
+
+    Vocabulary rule: ``model_cfg.vocab_size == 0`` means "take it from the tokenizer / shards",
+    so the ``vocab_size`` argument is used. A positive ``model_cfg.vocab_size`` must agree with
+    the argument when both are given. Raises ValueError (``ConfigError``) otherwise.
+    """
+    raw = _as_plain_dict(model_cfg)
+    defaults = dataclasses.asdict(ModelConfig())
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise ConfigError([f"model.{k}: unknown key; model accepts: {', '.join(defaults)}" for k in unknown])
+    config = {**defaults, **raw}
+
+    configured = int(config["vocab_size"])
+    if vocab_size is not None and configured > 0 and configured != int(vocab_size):
+        raise ValueError(f"model.vocab_size={configured} in the config differs from vocab_size={vocab_size} "
+                         "of the tokenizer / shards; set model.vocab_size=0 to take it from the data, "
+                         "or make them agree")
+    if configured == 0:
+        if vocab_size is None or int(vocab_size) < 1:
+            raise ValueError("model.vocab_size is 0 (= take it from the data) but no vocab_size was given "
+                             f"(got {vocab_size!r})")
+        config["vocab_size"] = int(vocab_size)
+
+    problems = validate_model(OmegaConf.create(config), prefix="model")
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Shifted next-token cross-entropy: ``CE(logits[:, :-1], labels[:, 1:])``.
+
+    logits [B, L, V], labels [B, L] (``-100`` = ignore, e.g. pads), attention_mask [B, L] or None
+    (positions where it is 0 are ignored too). Mean over the counted target tokens, computed in
+    fp32 whatever the logits' dtype (NaN if no target token is counted, as in PyTorch).
+    """
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    vocab = logits.shape[-1]
+    predictions = logits[:, :-1, :].reshape(-1, vocab).float()
+    targets = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(predictions, targets, ignore_index=IGNORE_INDEX)
+
+
+# --------------------------------------------------------------------------------------------
+# Base class
+# --------------------------------------------------------------------------------------------
+
+
+def _numel(param: torch.Tensor) -> int:
+    """Element count, also for a ZeRO-3 partitioned parameter (whose local numel() is 0)."""
+    return int(getattr(param, "ds_numel", 0) or param.numel())
+
+
+class CausalLM(nn.Module):
+    """Interface shared by all mmtrain language models.
+
+    Subclasses set ``kind`` (the registry key), build ``lm_head`` (an ``nn.Linear(d, V)``) and
+    ``embedding`` (the input ``nn.Embedding``), and implement :meth:`hidden_states` and
+    :meth:`flops_per_token`.
+    """
+
+    kind: str = ""
+
+    def __init__(self, model_cfg: Any, vocab_size: Optional[int] = None):
+        super().__init__()
+        self.config_dict: Dict[str, Any] = resolve_model_config(model_cfg, vocab_size)
+        if self.kind and self.config_dict["kind"] != self.kind:
+            raise ValueError(f"{type(self).__name__} builds model.kind={self.kind!r}, "
+                             f"but the config says kind={self.config_dict['kind']!r}")
+        self.n_ctx: int = self.config_dict["n_ctx"]
+        self.vocab_size: int = self.config_dict["vocab_size"]
+        self.d_model: int = self.config_dict["d_model"]
+
+    # -- to implement ---------------------------------------------------------------------
+    @property
+    def embedding(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, L, d] for input_ids [B, L] (after the final norm, if any)."""
+        raise NotImplementedError
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> CausalLMOutput:
+        """input_ids [B, L] (L <= n_ctx) -> logits [B, L, V]; loss when labels [B, L] are given.
+
+        ``attention_mask`` [B, L] only removes positions from the loss: the models are causal,
+        so right padding never changes the outputs at real tokens.
+        """
+        logits = self.lm_head(self.hidden_states(input_ids))
+        loss = None if labels is None else causal_lm_loss(logits, labels, attention_mask)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def check_length(self, input_ids: torch.Tensor) -> int:
+        """The sequence length of input_ids [B, L]; ValueError if it is not 1..n_ctx."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"{type(self).__name__}: input_ids must be [batch, length], "
+                             f"got shape {tuple(input_ids.shape)}")
+        length = input_ids.shape[1]
+        if not 1 <= length <= self.n_ctx:
+            raise ValueError(f"{type(self).__name__}: input length {length} is outside 1..n_ctx={self.n_ctx}; "
+                             f"the model was built for at most {self.n_ctx} tokens (model.n_ctx)")
+        return length
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of (unique) parameters.
+
+        exclude_embeddings=True drops the input embedding table. When the LM head is tied to it
+        the shared matrix is kept, because it is still the output projection (nanoGPT's rule).
+        """
+        total = sum(_numel(p) for p in self.parameters())
+        if exclude_embeddings and self.lm_head.weight is not self.embedding.weight:
+            total -= _numel(self.embedding.weight)
+        return total
+
+    def matmul_params(self) -> int:
+        """Weights of all dense projections (every ``nn.Linear``, the LM head included, tied or
+        not); excludes the embedding lookup, biases, norms and token-mixing matrices."""
+        return sum(_numel(m.weight) for m in self.modules() if isinstance(m, nn.Linear))
+
+    def _sequence_length_for_flops(self, seq_len: Optional[int]) -> int:
+        return self.n_ctx if seq_len is None else int(seq_len)
+
+
+def init_normal_(module: nn.Module, std: float) -> None:
+    """The default init used by ``model.apply``: N(0, std) for Linear / Embedding weights, zero
+    biases, LayerNorm weight 1 and bias 0. Other modules initialise themselves."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

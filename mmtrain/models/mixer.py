@@ -1,0 +1,255 @@
+"""Masked mixer language model (Badger, arXiv 2409.01482; spec in shared/PAPER.md sections 1-2).
+
+A transformer with attention replaced by a learned, causally masked ``n_ctx x n_ctx`` matrix
+over sequence positions::
+
+    wte -> n_layers x MixerBlock -> final LayerNorm (optional) -> lm_head
+
+    MixerBlock (pre-norm, two residuals):
+        H = H + TokenMixing(LN(H))                  # mixes positions, shared across the width d
+        H = H + MLP(LN(H))                          # Linear(d, m*d) -> GELU -> Linear(m*d, d)
+
+Token mixing comes in three variants (``model.mixer_heads`` / ``model.mixer_expansion``):
+
+- flat:        ``Y = (W ⊙ M)[:L, :L] · U + b[:L]`` with ``M = tril(ones)``,
+- multi-head:  project to h heads of width d/h, mix each head with its own masked matrix,
+               concatenate, project back,
+- expanded:    ``Y = W2' · GELU(W1' · U + b1) + b2`` through e*n_ctx hidden rows, both masked.
+
+The mask is a non-persistent buffer applied inside ``forward``; parameters are never written to
+after init (that is what keeps ZeRO-3 partitioning and gradient clipping honest). Because every
+masked matrix is lower-triangular in positions, a model built for ``n_ctx`` runs any input of
+length ``L <= n_ctx`` exactly by using the top-left ``L x L`` block.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtrain.models.layers import CausalLM, init_normal_
+
+
+class MaskedMixingMatrix(nn.Module):
+    """A learned matrix over sequence positions, multiplied by a fixed 0/1 mask in ``forward``.
+
+    weight [n_out, n_in] (or [heads, n_out, n_in]): row = output position, column = input position.
+    bias   [n_out]       (or [heads, n_out]): one value per output position, broadcast over width.
+    mask   [n_out, n_in] non-persistent buffer, shared by all heads.
+
+    ``forward(u, n_out, n_in)`` uses the top-left ``n_out x n_in`` block, so the masks must make
+    every prefix self-contained (true for all masks in this file).
+    Init: ``U(-1/sqrt(n_in), 1/sqrt(n_in))`` for weight and bias, PyTorch's Conv1d default that the
+    paper relies on; the masked entries are then zeroed once so exported weights look clean.
+    """
+
+    def __init__(self, mask: torch.Tensor, heads: Optional[int] = None):
+        super().__init__()
+        n_out, n_in = mask.shape
+        lead = () if heads is None else (heads,)
+        self.weight = nn.Parameter(torch.empty(*lead, n_out, n_in))
+        self.bias = nn.Parameter(torch.empty(*lead, n_out))
+        self.register_buffer("mask", mask.to(torch.get_default_dtype()), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.weight.shape[-1])
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+            self.bias.uniform_(-bound, bound)
+            self.weight.mul_(self.mask)
+
+    def masked_weight(self, n_out: int, n_in: int) -> torch.Tensor:
+        """(W ⊙ M) restricted to the first n_out outputs and n_in inputs: [(heads,) n_out, n_in]."""
+        return self.weight[..., :n_out, :n_in] * self.mask[:n_out, :n_in]
+
+    def forward(self, u: torch.Tensor, n_out: Optional[int] = None) -> torch.Tensor:
+        """u [B, (heads,) n_in, width] -> [B, (heads,) n_out, width]; n_out defaults to n_in."""
+        n_in = u.shape[-2]
+        n_out = n_in if n_out is None else n_out
+        return torch.matmul(self.masked_weight(n_out, n_in), u) + self.bias[..., :n_out, None]
+
+
+def causal_mask(n_ctx: int) -> torch.Tensor:
+    """[n_ctx, n_ctx] lower-triangular ones: output i sees inputs j <= i (diagonal kept)."""
+    return torch.tril(torch.ones(n_ctx, n_ctx))
+
+
+class FlatTokenMixing(MaskedMixingMatrix):
+    """The paper's main token mixing: ``(W ⊙ tril)[:L, :L] · U + b[:L, None]``.
+
+    U [B, L, d] -> [B, L, d]; one batched matmul. Parameters: weight [n_ctx, n_ctx], bias [n_ctx].
+    Forward cost per token: 2 * L * d FLOPs (computed dense over the L x L block).
+    """
+
+    def __init__(self, n_ctx: int):
+        super().__init__(causal_mask(n_ctx))
+
+    def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
+        return 2.0 * seq_len * d_model
+
+
+class MultiHeadTokenMixing(nn.Module):
+    """Multi-head token mixing: project, mix each head with its own masked matrix, project back.
+
+    U [B, L, d] -> in_proj -> [B, h, L, d/h] -> (W_h ⊙ tril) · P_h + b_h -> concat [B, L, d]
+    -> out_proj -> [B, L, d]. All heads are mixed in one batched matmul over a [h, n_ctx, n_ctx]
+    weight. Both projections are Linear(d, d) with bias (as the original's MixerHead).
+    """
+
+    def __init__(self, d_model: int, n_ctx: int, heads: int):
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model {d_model} is not divisible by mixer_heads {heads}")
+        self.heads = heads
+        self.in_proj = nn.Linear(d_model, d_model)
+        self.mixing = MaskedMixingMatrix(causal_mask(n_ctx), heads=heads)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        batch, length, width = u.shape
+        per_head = self.in_proj(u).view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+        mixed = self.mixing(per_head)                              # [B, h, L, d/h]
+        return self.out_proj(mixed.transpose(1, 2).reshape(batch, length, width))
+
+    def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
+        # h heads x (L x L) @ (L x d/h): 2 * L * d per token; projections are in matmul_params.
+        return 2.0 * seq_len * d_model
+
+
+def expanded_masks(n_ctx: int, expansion: int):
+    """Masks of expanded mixing with hidden row r assigned to position pos(r) = r // expansion.
+
+    expand   [e*n_ctx, n_ctx]: hidden row r sees inputs j <= pos(r).
+    contract [n_ctx, e*n_ctx]: output i sees hidden rows with pos(r) <= i.
+    """
+    hidden_pos = torch.arange(expansion * n_ctx) // expansion
+    positions = torch.arange(n_ctx)
+    expand = (positions[None, :] <= hidden_pos[:, None]).float()
+    contract = (hidden_pos[None, :] <= positions[:, None]).float()
+    return expand, contract
+
+
+class ExpandedTokenMixing(nn.Module):
+    """Expanded token mixing ``n_ctx -> e*n_ctx -> n_ctx`` with GELU between (Conv1d(T, eT, 1) ->
+    GELU -> Conv1d(eT, T, 1) in the original), both matrices causally masked.
+
+    Causality: each position owns e hidden rows (pos(r) = r // e). Hidden row r reads inputs
+    j <= pos(r); output i reads hidden rows with pos(r) <= i, so output i depends only on inputs
+    j <= i. The original masks both matrices with a rectangular ``tril`` instead, which leaves the
+    hidden rows r >= T dead (they feed no output); this layout gives every position e live rows.
+    For a length-L input the first e*L hidden rows are used, so prefixes stay exact.
+
+    U [B, L, d] -> [B, L, d]. Parameters: 2*e*T^2 weights + e*T + T biases.
+    """
+
+    def __init__(self, n_ctx: int, expansion: int):
+        super().__init__()
+        self.expansion = expansion
+        expand_mask, contract_mask = expanded_masks(n_ctx, expansion)
+        self.expand = MaskedMixingMatrix(expand_mask)
+        self.contract = MaskedMixingMatrix(contract_mask)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        length = u.shape[1]
+        hidden = F.gelu(self.expand(u, n_out=self.expansion * length))   # [B, e*L, d]
+        return self.contract(hidden, n_out=length)                       # [B, L, d]
+
+    def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
+        # (eL x L) @ (L x d) and (L x eL) @ (eL x d): 2 * 2 * e * L * d per token.
+        return 4.0 * self.expansion * seq_len * d_model
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear(d, hidden) -> GELU (exact erf) -> Linear(hidden, d)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.fc_in = nn.Linear(d_model, hidden)
+        self.fc_out = nn.Linear(hidden, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x)))
+
+
+def build_token_mixing(d_model: int, n_ctx: int, heads: int, expansion: int) -> nn.Module:
+    if heads > 0 and expansion > 1:
+        raise ValueError("mixer_heads > 0 and mixer_expansion > 1 cannot be combined")
+    if heads > 0:
+        return MultiHeadTokenMixing(d_model, n_ctx, heads)
+    if expansion > 1:
+        return ExpandedTokenMixing(n_ctx, expansion)
+    return FlatTokenMixing(n_ctx)
+
+
+class MixerBlock(nn.Module):
+    """Pre-norm block: ``H += TokenMixing(LN(H)); H += MLP(LN(H))``. H [B, L, d] -> [B, L, d]."""
+
+    def __init__(self, d_model: int, n_ctx: int, ffn_mult: int, heads: int, expansion: int, eps: float):
+        super().__init__()
+        self.token_norm = nn.LayerNorm(d_model, eps=eps)
+        self.token_mixing = build_token_mixing(d_model, n_ctx, heads, expansion)
+        self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
+        self.mlp = MLP(d_model, ffn_mult * d_model)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.token_mixing(self.token_norm(h))
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class MaskedMixerLM(CausalLM):
+    """Masked mixer LM (``model.kind: mixer``).
+
+    ``MaskedMixerLM(model_cfg, vocab_size=None)``: model_cfg is a ModelConfig (DictConfig,
+    dataclass or dict). State-dict names: ``wte.weight``, ``blocks.{i}.token_norm.*``,
+    ``blocks.{i}.token_mixing.*``, ``blocks.{i}.mlp_norm.*``, ``blocks.{i}.mlp.fc_{in,out}.*``,
+    ``final_norm.*`` (when enabled), ``lm_head.weight``.
+    """
+
+    kind = "mixer"
+
+    def __init__(self, model_cfg: Any, vocab_size: Optional[int] = None):
+        super().__init__(model_cfg, vocab_size)
+        c = self.config_dict
+        d = c["d_model"]
+        self.wte = nn.Embedding(c["vocab_size"], d)
+        self.blocks = nn.ModuleList(
+            MixerBlock(d, c["n_ctx"], c["ffn_mult"], c["mixer_heads"], c["mixer_expansion"], c["norm_eps"])
+            for _ in range(c["n_layers"]))
+        self.final_norm = nn.LayerNorm(d, eps=c["norm_eps"]) if c["final_norm"] else nn.Identity()
+        self.lm_head = nn.Linear(d, c["vocab_size"], bias=False)
+        self.apply(lambda m: init_normal_(m, c["init_std"]))  # token mixing keeps its own init
+        if c["tie_embeddings"]:
+            self.lm_head.weight = self.wte.weight
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.wte
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, L] (L <= n_ctx) -> [B, L, d], after the final LayerNorm when enabled."""
+        self.check_length(input_ids)
+        h = self.wte(input_ids)
+        for block in self.blocks:
+            h = block(h)
+        return self.final_norm(h)
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token (forward + backward = 3 x forward) at sequence length seq_len
+        (default n_ctx)::
+
+            6 * matmul_params  +  3 * n_layers * mixing_forward_flops_per_token
+
+        matmul_params = all Linear weights incl. the LM head (not the embedding lookup):
+        n_layers * 2 * ffn_mult * d^2 (+ 2 d^2 per layer for multi-head) + V * d.
+        mixing_forward_flops_per_token, with the L x L product computed dense (not triangular):
+        flat 2 * L * d, multi-head 2 * L * d, expanded 4 * e * L * d.
+        So a flat mixer costs 6 * matmul_params + 6 * n_layers * L * d.
+        """
+        length = self._sequence_length_for_flops(seq_len)
+        mixing = sum(block.token_mixing.forward_flops_per_token(length, self.d_model) for block in self.blocks)
+        return 6.0 * self.matmul_params() + 3.0 * mixing

@@ -51,7 +51,7 @@ class ModelConfig:
     kind: str = _f("mixer", "Model family. `mixer` = masked mixer, `transformer` = Llama baseline.",
                    choices=["mixer", "transformer"])
     d_model: int = _f(256, "Hidden width d (e.g. 512).")
-    n_layers: int = _f(8, "Number of blocks (e.g. 8).")
+    n_layers: int = _f(4, "Number of blocks (e.g. 8).")
     n_ctx: int = _f(128, "Context length in tokens the model is built for (e.g. 512). A mixer's "
                          "token-mixing matrices are n_ctx x n_ctx; it runs any input of length <= n_ctx.")
     vocab_size: int = _f(0, "Vocabulary size; 0 = take it from the tokenizer / shards (the usual case).")

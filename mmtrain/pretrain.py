@@ -87,34 +87,32 @@ def _all_reduce_sum(values: List[float], device: torch.device) -> List[float]:
 
 def ensure_shards(cfg, is_main: bool) -> Dict:
     """Check the shards for model.n_ctx (auto-preparing the demo corpus on first use)."""
-    from mmtrain.data.lm_dataset import DataError, check_shards
+    from mmtrain.data.errors import DataError
+    from mmtrain.data.shards import check_shards, ctx_dir
 
     shard_dir, n_ctx = cfg.data.shard_dir, cfg.model.n_ctx
-    ctx_dir = os.path.join(shard_dir, f"ctx{n_ctx}")
-    if is_main and cfg.data.auto_prepare and cfg.data.prepare_input == "demo" and not os.path.isfile(
-            os.path.join(ctx_dir, "meta.json")):
-        from mmtrain.config import PrepareConfig
-        from mmtrain.data.prepare import prepare
-        from mmtrain.tokenizer import DEMO_TOKENIZER
+    if (is_main and cfg.data.auto_prepare and cfg.data.prepare_input == "demo"
+            and not (ctx_dir(shard_dir, n_ctx) / "meta.json").is_file()):
+        from mmtrain.data.prepare import demo_prepare_config, prepare
 
         print(f"[mmtrain] preparing demo shards for n_ctx={n_ctx} in {shard_dir} (first use; cached)",
               flush=True)
-        pcfg = load_config(PrepareConfig, [], [
-            "input=[demo]", f"out={shard_dir}", f"n_ctx=[{n_ctx}]",
-            f"tokenizer={cfg.data.tokenizer or DEMO_TOKENIZER}",
-        ])
-        prepare(pcfg)
+        kwargs = {"tokenizer": cfg.data.tokenizer} if cfg.data.tokenizer else {}
+        try:
+            prepare(demo_prepare_config(shard_dir, [n_ctx], **kwargs))
+        except DataError as exc:
+            raise ConfigError([f"data.auto_prepare: {exc}"]) from exc
     _barrier()
     expected_hash = None
     if cfg.data.tokenizer:
-        from mmtrain.tokenizer import Tokenizer
+        from mmtrain.tokenizer import load_tokenizer
 
-        expected_hash = Tokenizer(cfg.data.tokenizer).hash
+        expected_hash = load_tokenizer(cfg.data.tokenizer).sha256
     try:
         return check_shards(shard_dir, n_ctx, tokenizer_hash=expected_hash,
                             vocab_size=cfg.model.vocab_size or None)
     except DataError as exc:
-        raise ConfigError([str(exc)]) from exc
+        raise ConfigError([f"data.shard_dir: {exc}"]) from exc
 
 
 class Trainer:
@@ -186,7 +184,7 @@ class Trainer:
         return build_lm_loader(
             self.cfg.data.shard_dir, self.n_ctx, split, self.cfg.train.micro_batch_size,
             shuffle=shuffle, seed=self.cfg.train.seed, num_workers=num_workers,
-            expected_tokenizer_hash=self.meta["tokenizer_hash"], expected_vocab_size=self.vocab_size,
+            expected_tokenizer_hash=self.meta["tokenizer_sha256"], expected_vocab_size=self.vocab_size,
             drop_last=split == "train",
         )
 
@@ -198,7 +196,7 @@ class Trainer:
         state = ckpt.load(self.engine, root, tag, self.dist.rank)
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
-        if state.get("tokenizer_hash") and state["tokenizer_hash"] != self.meta["tokenizer_hash"]:
+        if state.get("tokenizer_hash") and state["tokenizer_hash"] != self.meta["tokenizer_sha256"]:
             raise ConfigError([f"checkpoint {root}/{tag} was trained with tokenizer "
                                f"{state['tokenizer_hash'][:12]}, the shards use {self.meta['tokenizer_hash'][:12]}"])
         self.train_loader.load_state_dict(state["loader"])
@@ -286,7 +284,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "loader": self.train_loader.state_dict(),
             "config": to_dict(self.cfg),
-            "tokenizer_hash": self.meta["tokenizer_hash"],
+            "tokenizer_hash": self.meta["tokenizer_sha256"],
             "vocab_size": self.vocab_size,
             "world_size": self.dist.world_size,
         }
@@ -302,8 +300,9 @@ class Trainer:
         return t.max_tokens > 0 and self.tokens_seen >= t.max_tokens
 
     def _batches(self):
-        while True:  # epochs: the loader's state_dict stays exact across the boundary
-            yield from self.train_loader
+        from mmtrain.data.lm_dataset import iterate_forever
+
+        return iterate_forever(self.train_loader)
 
     def run(self) -> Dict[str, float]:
         cfg, m = self.cfg, self.monitor

@@ -280,13 +280,10 @@ def test_loss_is_shifted_cross_entropy_ignoring_pads_and_masked_positions(name):
 
 
 def hf_llama_classes():
-    transformers = pytest.importorskip("transformers")
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # a torchvision wheel built for another torch; the text model never needs it
-        import transformers.utils.import_utils as import_utils
-        import_utils._torchvision_available = False
-    return transformers.LlamaConfig, transformers.LlamaForCausalLM
+    pytest.importorskip("transformers")
+    from mmtrain.hf_compat import llama_classes
+
+    return llama_classes()
 
 
 @pytest.mark.parametrize("name,tied", [("llama", False), ("llama_gqa", False), ("llama_gqa", True)])

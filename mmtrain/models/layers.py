@@ -5,7 +5,9 @@
   a model stores as ``model.config_dict`` and what export code needs to rebuild the model.
 - :func:`causal_lm_loss`: shifted next-token cross-entropy with ``-100`` ignored.
 - :class:`CausalLM`: the base class fixing the model interface (``forward``, ``hidden_states``,
-  ``num_params``, ``flops_per_token``).
+  ``num_params``, ``flops_per_token``, incremental decoding with ``init_cache`` / ``forward_step``,
+  ``from_pretrained``).
+- :class:`DecodingCache`: what incremental decoding keeps between calls (per-layer tensors).
 
 Models are plain single-device PyTorch: nothing here (or in any model file) imports deepspeed.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,20 @@ class CausalLMOutput:
 
     logits: torch.Tensor
     loss: Optional[torch.Tensor] = None
+
+
+@dataclass
+class DecodingCache:
+    """State of incremental decoding for one batch of sequences.
+
+    length: positions 0..length-1 have been processed (the next token goes to position ``length``).
+    layers: one dict of preallocated tensors per block, each with an ``n_ctx`` position axis
+            (what is cached is model specific: normalised inputs for a mixer, keys/values for
+            the transformer); only the first ``length`` positions hold data.
+    """
+
+    length: int
+    layers: List[Dict[str, torch.Tensor]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,6 +168,15 @@ class CausalLM(nn.Module):
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         raise NotImplementedError
 
+    def init_cache(self, batch_size: int = 1) -> DecodingCache:
+        """An empty :class:`DecodingCache` for ``batch_size`` sequences (on the model's device/dtype)."""
+        raise NotImplementedError
+
+    def step_hidden_states(self, input_ids: torch.Tensor, cache: DecodingCache) -> torch.Tensor:
+        """Hidden states [B, T, d] of input_ids [B, T] placed at positions cache.length..+T-1,
+        reading earlier positions from ``cache`` and writing these T into it (not ``cache.length``)."""
+        raise NotImplementedError
+
     # -- shared ---------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> CausalLMOutput:
@@ -163,6 +188,45 @@ class CausalLM(nn.Module):
         logits = self.lm_head(self.hidden_states(input_ids))
         loss = None if labels is None else causal_lm_loss(logits, labels, attention_mask)
         return CausalLMOutput(logits=logits, loss=loss)
+
+    @torch.no_grad()
+    def forward_step(self, input_ids: torch.Tensor, cache: DecodingCache) -> torch.Tensor:
+        """Incremental decoding: logits [B, T, V] for input_ids [B, T] that continue the sequences
+        held in ``cache`` (T = prompt length for the first call, then usually 1).
+
+        Equal (up to float rounding) to ``forward(all_ids).logits[:, -T:]`` on the whole sequence
+        so far, at a cost per new token that grows with the current length L (O(L * d) per layer)
+        instead of a full forward pass. Advances ``cache.length`` by T; ValueError past n_ctx.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"{type(self).__name__}.forward_step: input_ids must be [batch, T>=1], "
+                             f"got shape {tuple(input_ids.shape)}")
+        end = cache.length + input_ids.shape[1]
+        if end > self.n_ctx:
+            raise ValueError(f"{type(self).__name__}: decoding to position {end} would exceed "
+                             f"n_ctx={self.n_ctx} (the model was built for at most {self.n_ctx} tokens)")
+        hidden = self.step_hidden_states(input_ids, cache)
+        cache.length = end
+        return self.lm_head(hidden)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: Any = "cpu", dtype: Optional[torch.dtype] = None) -> "CausalLM":
+        """Load an exported bundle (``mmtrain export``): no training config and no deepspeed needed.
+
+        Called on a subclass, the bundle must hold that kind of model (ValueError otherwise).
+        """
+        from mmtrain.bundle import load_pretrained  # lazy: the bundle module imports this one
+
+        model = load_pretrained(path, device=device, dtype=dtype)
+        if cls.kind and model.kind != cls.kind:
+            raise ValueError(f"{path} holds a {model.kind!r} model, not a {cls.kind!r} model "
+                             f"({cls.__name__}); use mmtrain.load_pretrained to load any kind")
+        return model
+
+    def _cache_tensor(self, *shape: int) -> torch.Tensor:
+        """A zero tensor on the model's device and floating dtype (for cache buffers)."""
+        param = self.lm_head.weight
+        return torch.zeros(*shape, device=param.device, dtype=param.dtype)
 
     def check_length(self, input_ids: torch.Tensor) -> int:
         """The sequence length of input_ids [B, L]; ValueError if it is not 1..n_ctx."""

@@ -20,18 +20,25 @@ The mask is a non-persistent buffer applied inside ``forward``; parameters are n
 after init (that is what keeps ZeRO-3 partitioning and gradient clipping honest). Because every
 masked matrix is lower-triangular in positions, a model built for ``n_ctx`` runs any input of
 length ``L <= n_ctx`` exactly by using the top-left ``L x L`` block.
+
+Incremental decoding (``init_cache`` / ``forward_step``): output row t of a masked matrix reads
+only inputs j <= t, so each block caches what its token mixing reads (the normalised inputs U,
+the projected heads, or the expanded hidden rows) and computes just the new rows:
+O(L * d) per new token per layer instead of a full forward pass.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtrain.models.layers import CausalLM, init_normal_
+from mmtrain.models.layers import CausalLM, DecodingCache, init_normal_
+
+Cache = Dict[str, torch.Tensor]
 
 
 class MaskedMixingMatrix(nn.Module):
@@ -63,15 +70,20 @@ class MaskedMixingMatrix(nn.Module):
             self.bias.uniform_(-bound, bound)
             self.weight.mul_(self.mask)
 
-    def masked_weight(self, n_out: int, n_in: int) -> torch.Tensor:
-        """(W ⊙ M) restricted to the first n_out outputs and n_in inputs: [(heads,) n_out, n_in]."""
-        return self.weight[..., :n_out, :n_in] * self.mask[:n_out, :n_in]
+    def masked_weight(self, n_out: int, n_in: int, start: int = 0) -> torch.Tensor:
+        """(W ⊙ M) restricted to outputs start..n_out-1 and the first n_in inputs:
+        [(heads,) n_out - start, n_in]."""
+        # The mask buffer stays fp32 when DeepSpeed casts only the parameters to bf16/fp16.
+        return self.weight[..., start:n_out, :n_in] * self.mask[start:n_out, :n_in].to(self.weight.dtype)
 
-    def forward(self, u: torch.Tensor, n_out: Optional[int] = None) -> torch.Tensor:
-        """u [B, (heads,) n_in, width] -> [B, (heads,) n_out, width]; n_out defaults to n_in."""
+    def forward(self, u: torch.Tensor, n_out: Optional[int] = None, start: int = 0) -> torch.Tensor:
+        """u [B, (heads,) n_in, width] -> output rows start..n_out-1: [B, (heads,) n_out - start, width].
+
+        n_out defaults to n_in; ``start > 0`` is incremental decoding (only the new rows).
+        """
         n_in = u.shape[-2]
         n_out = n_in if n_out is None else n_out
-        return torch.matmul(self.masked_weight(n_out, n_in), u) + self.bias[..., :n_out, None]
+        return torch.matmul(self.masked_weight(n_out, n_in, start), u) + self.bias[..., start:n_out, None]
 
 
 def causal_mask(n_ctx: int) -> torch.Tensor:
@@ -88,6 +100,15 @@ class FlatTokenMixing(MaskedMixingMatrix):
 
     def __init__(self, n_ctx: int):
         super().__init__(causal_mask(n_ctx))
+
+    def init_cache(self, batch: int, width: int, new) -> Cache:
+        return {"u": new(batch, self.weight.shape[-1], width)}
+
+    def forward_step(self, u: torch.Tensor, cache: Cache, start: int) -> torch.Tensor:
+        """u [B, T, d] (positions start..start+T-1) -> [B, T, d], caching U."""
+        end = start + u.shape[1]
+        cache["u"][:, start:end] = u
+        return self(cache["u"][:, :end], n_out=end, start=start)
 
     def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
         return 2.0 * seq_len * d_model
@@ -114,6 +135,19 @@ class MultiHeadTokenMixing(nn.Module):
         batch, length, width = u.shape
         per_head = self.in_proj(u).view(batch, length, self.heads, width // self.heads).transpose(1, 2)
         mixed = self.mixing(per_head)                              # [B, h, L, d/h]
+        return self.out_proj(mixed.transpose(1, 2).reshape(batch, length, width))
+
+    def init_cache(self, batch: int, width: int, new) -> Cache:
+        n_ctx = self.mixing.weight.shape[-1]
+        return {"heads": new(batch, self.heads, n_ctx, width // self.heads)}
+
+    def forward_step(self, u: torch.Tensor, cache: Cache, start: int) -> torch.Tensor:
+        """u [B, T, d] -> [B, T, d], caching the projected head inputs [B, h, n_ctx, d/h]."""
+        batch, length, width = u.shape
+        end = start + length
+        cache["heads"][:, :, start:end] = self.in_proj(u).view(
+            batch, length, self.heads, width // self.heads).transpose(1, 2)
+        mixed = self.mixing(cache["heads"][:, :, :end], n_out=end, start=start)   # [B, h, T, d/h]
         return self.out_proj(mixed.transpose(1, 2).reshape(batch, length, width))
 
     def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
@@ -159,6 +193,18 @@ class ExpandedTokenMixing(nn.Module):
         hidden = F.gelu(self.expand(u, n_out=self.expansion * length))   # [B, e*L, d]
         return self.contract(hidden, n_out=length)                       # [B, L, d]
 
+    def init_cache(self, batch: int, width: int, new) -> Cache:
+        n_ctx = self.expand.weight.shape[-1]
+        return {"u": new(batch, n_ctx, width), "hidden": new(batch, self.expansion * n_ctx, width)}
+
+    def forward_step(self, u: torch.Tensor, cache: Cache, start: int) -> torch.Tensor:
+        """u [B, T, d] -> [B, T, d], caching U and the GELU hidden rows (e per position)."""
+        end, e = start + u.shape[1], self.expansion
+        cache["u"][:, start:end] = u
+        cache["hidden"][:, e * start:e * end] = F.gelu(
+            self.expand(cache["u"][:, :end], n_out=e * end, start=e * start))
+        return self.contract(cache["hidden"][:, :e * end], n_out=end, start=start)
+
     def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
         # (eL x L) @ (L x d) and (L x eL) @ (eL x d): 2 * 2 * e * L * d per token.
         return 4.0 * self.expansion * seq_len * d_model
@@ -200,6 +246,11 @@ class MixerBlock(nn.Module):
         h = h + self.token_mixing(self.token_norm(h))
         return h + self.mlp(self.mlp_norm(h))
 
+    def forward_step(self, h: torch.Tensor, cache: Cache, start: int) -> torch.Tensor:
+        """The same block for new positions start..start+T-1 only: h [B, T, d] -> [B, T, d]."""
+        h = h + self.token_mixing.forward_step(self.token_norm(h), cache, start)
+        return h + self.mlp(self.mlp_norm(h))
+
 
 class MaskedMixerLM(CausalLM):
     """Masked mixer LM (``model.kind: mixer``).
@@ -236,6 +287,17 @@ class MaskedMixerLM(CausalLM):
         h = self.wte(input_ids)
         for block in self.blocks:
             h = block(h)
+        return self.final_norm(h)
+
+    def init_cache(self, batch_size: int = 1) -> DecodingCache:
+        """Per block, preallocated [B, n_ctx, ...] buffers of what its token mixing reads."""
+        layers = [block.token_mixing.init_cache(batch_size, self.d_model, self._cache_tensor) for block in self.blocks]
+        return DecodingCache(length=0, layers=layers)
+
+    def step_hidden_states(self, input_ids: torch.Tensor, cache: DecodingCache) -> torch.Tensor:
+        h = self.wte(input_ids)
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            h = block.forward_step(h, layer_cache, cache.length)
         return self.final_norm(h)
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:

@@ -5,6 +5,9 @@ attention, SwiGLU MLP, final RMSNorm, untied LM head by default).
 ``LlamaLM.state_dict()`` loads into ``LlamaForCausalLM(LlamaConfig(**model.hf_config_dict()))``
 with ``strict=True`` and gives the same logits. Attention is causal
 ``F.scaled_dot_product_attention``; positions are always ``0..L-1``.
+
+Incremental decoding (``init_cache`` / ``forward_step``) keeps a standard KV cache: per layer the
+rotated keys and the values of earlier positions; new tokens are rotated at their absolute positions.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtrain.models.layers import CausalLM, init_normal_
+from mmtrain.models.layers import CausalLM, DecodingCache, init_normal_
 
 
 class RMSNorm(nn.Module):
@@ -81,12 +84,39 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self._attend(q, k, v, is_causal=True)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q [B, n_heads, T, hd], k/v [B, n_kv_heads, S, hd] -> o_proj output [B, T, d]."""
+        batch, _, length, _ = q.shape
         group = self.n_heads // self.n_kv_heads
         if group > 1:  # HF's repeat_kv: kv head g serves query heads g*group .. (g+1)*group-1
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)      # [B, n_heads, L, hd]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+
+    def forward_step(self, h: torch.Tensor, cache: Dict[str, torch.Tensor], start: int,
+                     cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """h [B, T, d] at positions start..start+T-1 (cos/sin [T, hd] of those positions) ->
+        [B, T, d], appending the new rotated keys and values to ``cache`` [B, n_kv, n_ctx, hd]."""
+        batch, length, _ = h.shape
+        end = start + length
+        q = self.q_proj(h).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cache["k"][:, :, start:end] = apply_rotary(k, cos, sin)
+        cache["v"][:, :, start:end] = v
+        q = apply_rotary(q, cos, sin)
+        keys, values = cache["k"][:, :, :end], cache["v"][:, :, :end]
+        if length == 1:            # one new token sees every cached position
+            return self._attend(q, keys, values)
+        if start == 0:             # a prompt from scratch: plain causal attention
+            return self._attend(q, keys, values, is_causal=True)
+        # several new tokens after cached ones: query i (position start+i) sees keys j <= start+i
+        allowed = torch.arange(end, device=h.device)[None, :] <= torch.arange(start, end, device=h.device)[:, None]
+        return self._attend(q, keys, values, attn_mask=allowed)
 
 
 class LlamaMLP(nn.Module):
@@ -114,6 +144,11 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_step(self, h: torch.Tensor, cache: Dict[str, torch.Tensor], start: int,
+                     cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn.forward_step(self.input_layernorm(h), cache, start, cos, sin)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -164,6 +199,22 @@ class LlamaLM(CausalLM):
         cos, sin = rotary_cos_sin(length, self.head_dim, self.rope_theta, h.device, h.dtype)
         for layer in self.model.layers:
             h = layer(h, cos, sin)
+        return self.model.norm(h)
+
+    def init_cache(self, batch_size: int = 1) -> DecodingCache:
+        """Per layer a KV cache: rotated keys and values [B, n_kv_heads, n_ctx, head_dim]."""
+        shape = (batch_size, self.n_kv_heads, self.n_ctx, self.head_dim)
+        layers = [{"k": self._cache_tensor(*shape), "v": self._cache_tensor(*shape)} for _ in self.model.layers]
+        return DecodingCache(length=0, layers=layers)
+
+    def step_hidden_states(self, input_ids: torch.Tensor, cache: DecodingCache) -> torch.Tensor:
+        start, end = cache.length, cache.length + input_ids.shape[1]
+        h = self.model.embed_tokens(input_ids)
+        # Same frequencies as the full forward (computed for 0..end-1), rows of the new positions.
+        cos, sin = rotary_cos_sin(end, self.head_dim, self.rope_theta, h.device, h.dtype)
+        cos, sin = cos[start:end], sin[start:end]
+        for layer, layer_cache in zip(self.model.layers, cache.layers):
+            h = layer.forward_step(h, layer_cache, start, cos, sin)
         return self.model.norm(h)
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:

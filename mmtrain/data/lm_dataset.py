@@ -1,0 +1,166 @@
+"""Language-model samples from the shards of one context length, through mosaicml-streaming.
+
+``build_lm_loader`` checks the shards (see :func:`mmtrain.data.shards.check_shards`), then
+returns a ``StreamingDataLoader`` over an :class:`LMDataset`. Each sample is a dict:
+
+* ``input_ids``: ``torch.long [n_ctx]``
+* ``attention_mask``: ``torch.long [n_ctx]``, 1 for real tokens, 0 for padding (``pad`` packing only)
+
+Distributed runs: streaming reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``
+from the environment (torchrun and the deepspeed launcher set them) and gives each rank a
+disjoint share of every epoch; ``batch_size`` is per rank. Shuffling is seeded (``seed``) and
+changes every epoch.
+
+Resume: ``loader.state_dict()`` (identical on every rank; save rank 0's) records the epoch and
+the number of samples consumed by all ranks; ``load_state_dict`` on a freshly built loader
+continues with exactly the next batch. Train with :func:`iterate_forever`, which crosses epoch
+boundaries without breaking that guarantee::
+
+    loader = build_lm_loader("data/demo", 512, "train", 8, shuffle=True, seed=0, num_workers=2)
+    if resume_state is not None:
+        loader.load_state_dict(resume_state)
+    for step, batch in zip(range(start_step, steps), iterate_forever(loader)):
+        ...
+        checkpoint["data"] = loader.state_dict()
+
+Shared memory: every StreamingDataset registers a few /dev/shm blocks under the first free
+numeric prefix and keeps them until its process exits (Python's resource tracker removes them
+even after SIGKILL). Prefixes in use are skipped, and with local shards (``remote=None``)
+streaming does not refuse a ``local`` directory another live dataset uses, so any number of
+loaders over the same shards may live in one process (train + val, a loader rebuilt on resume,
+one per test). streaming also leaves two lock files per dataset in the temp dir
+(``/tmp/<prefix>_barrier_filelock``, ``..._cache_filelock``) that make later runs skip that
+prefix; the process that registered a prefix removes them at exit. Leftover blocks of a dead
+run are harmless (their prefix is skipped), so mmtrain
+never calls ``streaming.base.util.clean_stale_shared_memory()``: it unlinks the blocks of *live*
+datasets too, including other jobs' on a shared machine. Two processes that register at the very
+same moment can collide (``FileExistsError``, the reason streaming tests must not run under
+pytest-xdist); :func:`build_lm_loader` retries then.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+from mmtrain.data import shards as S
+from mmtrain.data.errors import DataError
+from mmtrain.data.streaming_compat import StreamingDataLoader, StreamingDataset
+
+
+def _remove_files(paths) -> None:
+    """streaming leaves two lock files per dataset in the temp dir forever; drop ours at exit."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+class LMDataset(StreamingDataset):
+    """A StreamingDataset over ``<shard_dir>/ctx<n_ctx>/<split>`` yielding ``input_ids`` (+ mask)."""
+
+    def __init__(self, shard_dir: Union[str, Path], n_ctx: int, split: str, *, batch_size: int,
+                 shuffle: bool = False, seed: int = 0, meta: Optional[Dict[str, Any]] = None,
+                 **streaming_kwargs: Any):
+        self.meta = meta if meta is not None else S.read_meta(shard_dir, n_ctx)
+        self.n_ctx = int(n_ctx)
+        self.padded = self.meta["packing"] == "pad"
+        super().__init__(local=str(S.split_dir(shard_dir, n_ctx, split).resolve()), remote=None,
+                         batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
+                         **streaming_kwargs)
+        if self._unique_rank_world.is_local_leader:
+            atexit.register(_remove_files, [self._shared_barrier.filelock_path, self._cache_filelock_path])
+
+    def get_item(self, sample_id: int, retry: int = 7) -> Dict[str, torch.Tensor]:
+        sample = super().get_item(sample_id, retry)
+        tokens = np.asarray(sample["tokens"])
+        item = {"input_ids": torch.from_numpy(tokens.astype(np.int64))}
+        if self.padded:
+            mask = np.zeros(self.n_ctx, np.int64)
+            mask[:int(sample["length"])] = 1
+            item["attention_mask"] = torch.from_numpy(mask)
+        return item
+
+
+def _launcher_env() -> int:
+    """Make the launcher's environment readable by streaming; returns the number of nodes.
+
+    streaming groups ranks into nodes with ``LOCAL_WORLD_SIZE`` (set by torchrun). The deepspeed
+    launcher sets ``LOCAL_SIZE`` instead; without the translation every rank would think it leads
+    its own node and the ranks of one machine would fight over the same /dev/shm names.
+    """
+    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if world % local:
+        raise DataError(f"WORLD_SIZE {world} is not a multiple of LOCAL_WORLD_SIZE {local}")
+    return world // local
+
+
+def _new_dataset(*args: Any, **kwargs: Any) -> LMDataset:
+    """Create the dataset; a single process retries when a concurrent one took the same shm prefix."""
+    single = int(os.environ.get("WORLD_SIZE", 1)) == 1
+    for attempt in range(5):
+        try:
+            return LMDataset(*args, **kwargs)
+        except FileExistsError:  # two processes registered the same /dev/shm prefix at once
+            if attempt == 4 or not single:
+                raise
+            time.sleep(0.05 * (attempt + 1) * (1 + os.getpid() % 7))
+    raise AssertionError("unreachable")
+
+
+def build_lm_loader(shard_dir: Union[str, Path], n_ctx: int, split: str, batch_size: int, *,
+                    shuffle: bool, seed: int, num_workers: int,
+                    expected_tokenizer_hash: Optional[str] = None,
+                    expected_vocab_size: Optional[int] = None,
+                    drop_last: bool = True, verify_hashes: bool = False) -> StreamingDataLoader:
+    """Check the shards, then build a resumable ``StreamingDataLoader`` of per-rank batches.
+
+    Raises :class:`DataError` before any work when the shards are missing (the message has the
+    ``mmtrain prepare`` command), made for another n_ctx / tokenizer / vocabulary, or damaged.
+    Batches are dicts of ``[batch_size, n_ctx]`` long tensors.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    meta = S.check_shards(shard_dir, n_ctx, tokenizer_hash=expected_tokenizer_hash,
+                          vocab_size=expected_vocab_size, splits=(split,), verify_hashes=verify_hashes)
+    num_nodes = _launcher_env()
+    # num_canonical_nodes = physical nodes is streaming's own default; passing it keeps the
+    # workers from logging that they chose it.
+    dataset = _new_dataset(shard_dir, n_ctx, split, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                           meta=meta, num_canonical_nodes=num_nodes)
+    return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                               drop_last=drop_last, persistent_workers=False,
+                               pin_memory=torch.cuda.is_available())
+
+
+def iterate_forever(loader: StreamingDataLoader) -> Iterator[Dict[str, torch.Tensor]]:
+    """Yield batches endlessly, one epoch after another (each epoch reshuffled by streaming).
+
+    Between any two batches, ``loader.state_dict()`` is exact: a loader rebuilt from it and
+    iterated with ``iterate_forever`` yields the same batches as this one from that point on,
+    also across epoch boundaries. Raises DataError if an epoch yields no batch twice in a row
+    (fewer samples than one batch per rank with drop_last).
+    """
+    empty_epochs = 0
+    while True:
+        produced = False
+        for batch in loader:
+            produced = True
+            yield batch
+        empty_epochs = 0 if produced else empty_epochs + 1
+        # A resumed state that sits exactly at the end of an epoch gives one empty pass.
+        if empty_epochs >= 2:
+            ds = loader.dataset
+            raise DataError(f"{ds.streams[0].local}: an epoch yields no batch "
+                            f"({ds.size} samples, batch_size {loader.batch_size} per rank, drop_last); "
+                            "use a smaller batch size or more data")

@@ -1,0 +1,180 @@
+"""Writing the shards: one pass over the corpus fills every ctx directory, installed atomically.
+
+Each ``<out>/ctx<N>`` is written into ``<out>/.ctx<N>.tmp-<pid>`` (MDS splits, a copy of the
+tokenizer, then meta.json last) and renamed into place only when every requested n_ctx is done;
+a replaced directory is moved aside first and deleted after. A failed run removes its
+temporary directories; a killed run leaves one that the next run deletes (its pid is gone).
+Nothing named ``ctx<N>`` is ever incomplete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+from omegaconf import DictConfig
+
+from mmtrain.data import shards as S
+from mmtrain.data.corpus import Corpus
+from mmtrain.data.errors import DataError
+from mmtrain.data.packing import encode_documents, is_validation, make_packer, token_dtype
+from mmtrain.tokenizer import Tokenizer
+
+SHARD_SIZE_LIMIT = 1 << 26  # bytes per MDS shard file (64 MiB)
+
+
+def progress_bar(progress: bool, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not progress, dynamic_ncols=True, **kwargs)
+
+
+def clean_stale(out: Path) -> None:
+    """Remove temporary dirs left by killed runs (their pid is gone)."""
+    for path in out.glob(".ctx*.*-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
+class _SplitWriter:
+    """Packs one split of one n_ctx and writes its samples with an MDSWriter."""
+
+    def __init__(self, directory: Path, n_ctx: int, packing: str, tok: Tokenizer, dtype: np.dtype):
+        from mmtrain.data.streaming_compat import MDSWriter
+
+        columns = {"tokens": f"ndarray:{dtype.name}:{n_ctx}"}
+        if packing == "pad":
+            columns["length"] = "int32"
+        self.pad = packing == "pad"
+        self.packer = make_packer(packing, n_ctx, tok.eos_id, tok.pad_id, dtype)
+        self.writer = MDSWriter(out=str(directory), columns=columns, compression=None,
+                                hashes=[S.SHARD_HASH], size_limit=SHARD_SIZE_LIMIT)
+        self.samples = self.tokens = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        for block, length in self.packer.add(ids):
+            # Fixed dtype and shape: the MDS encoding of the array is exactly its bytes. Passing
+            # bytes skips streaming's per-sample parsing of the column type (4x faster writes).
+            sample = {"tokens": block.tobytes()}
+            if self.pad:
+                sample["length"] = np.int32(length).tobytes()
+            self.writer.write(sample)
+            self.samples += 1
+            self.tokens += length
+
+    def finish(self) -> Dict[str, int]:
+        self.writer.finish()
+        stats = {"samples": self.samples, "tokens": self.tokens,
+                 "dropped_tokens": self.packer.dropped()}
+        if self.pad:
+            stats["pad_tokens"] = self.samples * self.packer.n_ctx - self.tokens
+        return stats
+
+    def abort(self) -> None:
+        try:
+            self.writer.cancel_future_jobs()
+        except Exception:
+            pass
+
+
+def _meta(n_ctx: int, cfg: DictConfig, tok: Tokenizer, tok_source_path: str, dtype: np.dtype,
+          splits: Dict[str, Dict[str, int]], corpus: Corpus, recipe: Dict[str, Any]) -> Dict[str, Any]:
+    from mmtrain.data.streaming_compat import STREAMING_VERSION
+
+    return {
+        "format_version": S.FORMAT_VERSION,
+        "n_ctx": n_ctx,
+        "packing": cfg.packing,
+        "token_dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        "pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id, "unk_id": tok.unk_id,
+        "tokenizer_sha256": tok.sha256,
+        "tokenizer_path": tok_source_path,
+        "tokenizer_file": S.TOKENIZER_NAME,
+        "splits": splits,
+        "source": corpus.describe(),
+        "prepare": recipe,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "streaming_version": STREAMING_VERSION,
+    }
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Move a finished temporary ctx dir into place (the old one, if any, is removed after)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_shards(cfg: DictConfig, corpus: Corpus, tok: Tokenizer, n_ctx_list: List[int], out: Path,
+                 recipe: Dict[str, Any], progress: bool = True) -> Dict[int, Dict[str, Any]]:
+    """Tokenize the corpus once and write ``<out>/ctx<N>`` for every N in ``n_ctx_list``."""
+    dtype = token_dtype(tok.vocab_size)
+    tmp_dirs = {n: out / f".ctx{n}.tmp-{os.getpid()}" for n in n_ctx_list}
+    writers: Dict[Tuple[int, str], _SplitWriter] = {}
+    docs = {split: {"documents": 0, "document_tokens": 0} for split in S.SPLITS}
+    try:
+        for n, tmp in tmp_dirs.items():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for split in S.SPLITS:
+                writers[n, split] = _SplitWriter(tmp / split, n, cfg.packing, tok, dtype)
+        seed, val_fraction = int(cfg.seed), float(cfg.val_fraction)  # plain values: OmegaConf access is slow
+        with progress_bar(progress, desc="tokenizing + packing", unit=" docs",
+                          total=cfg.max_docs or None) as bar:
+            for index, ids in enumerate(encode_documents(corpus, tok, int(cfg.num_proc))):
+                split = "val" if is_validation(index, seed, val_fraction) else "train"
+                docs[split]["documents"] += 1
+                docs[split]["document_tokens"] += len(ids) + 1
+                for n in n_ctx_list:
+                    writers[n, split].add(ids)
+                bar.update(1)
+                if index % 256 == 0:
+                    bar.set_postfix(tokens=sum(d["document_tokens"] for d in docs.values()), refresh=False)
+        if docs["train"]["documents"] + docs["val"]["documents"] == 0:
+            raise DataError(f"the corpus is empty: no non-empty documents in {corpus.describe()}")
+        results: Dict[int, Dict[str, Any]] = {}
+        tok_path = str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else str((out / S.TOKENIZER_NAME).resolve())
+        for n, tmp in tmp_dirs.items():
+            splits = {}
+            for split in S.SPLITS:
+                stats = writers[n, split].finish()
+                if stats["samples"] == 0:
+                    d = docs[split]
+                    raise DataError(
+                        f"the {split} split of n_ctx={n} would have no samples ({d['documents']} "
+                        f"documents, {d['document_tokens']} tokens; a block needs {n}). Use more "
+                        f"documents, a larger val_fraction, a smaller n_ctx, or packing=pad.")
+                stats.update(docs[split])
+                stats["bytes"] = S.split_bytes(tmp / split)
+                splits[split] = {k: stats[k] for k in ("documents", "document_tokens", "samples", "tokens",
+                                                       "dropped_tokens", "pad_tokens", "bytes") if k in stats}
+            (tmp / S.TOKENIZER_NAME).write_bytes(tok.serialized())
+            meta = _meta(n, cfg, tok, tok_path, dtype, splits, corpus, recipe)
+            S.write_json_atomic(tmp / S.META_NAME, meta)  # last: marks the directory complete
+            results[n] = meta
+        for n, tmp in tmp_dirs.items():
+            _install(tmp, S.ctx_dir(out, n))
+        return results
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        for tmp in tmp_dirs.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise

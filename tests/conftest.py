@@ -1,0 +1,151 @@
+"""Shared fixtures: demo shards made once per session, and helpers to run the real entry scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "pretrain" / "tiny.yaml"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """Demo-corpus shards at n_ctx 32 and 64 (first 600 documents, shipped tokenizer)."""
+    from mmtrain.data.prepare import demo_prepare_config, prepare
+
+    out = tmp_path_factory.mktemp("demo_shards")
+    prepare(demo_prepare_config(str(out), [32, 64], max_docs=600), progress=False)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def script_env() -> dict:
+    env = dict(os.environ)
+    # Tiny models: one BLAS thread per process is faster and keeps parallel ranks from thrashing.
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MMTRAIN_FAULT"):
+        env.pop(key, None)
+    return env
+
+
+def pretrain_command(launcher="python", nproc=1) -> list:
+    """The command line that starts mmtrain/pretrain.py with ``launcher`` (arguments follow it)."""
+    script = str(ROOT / "mmtrain" / "pretrain.py")
+    if launcher == "python":
+        return [sys.executable, script]
+    if launcher == "module":
+        return [sys.executable, "-m", "mmtrain.pretrain"]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}", script]
+    if launcher == "deepspeed":
+        return [str(Path(sys.executable).parent / "deepspeed"), f"--master_port={free_port()}", script]
+    raise ValueError(launcher)
+
+
+def run_pretrain(args, launcher="python", nproc=1, check=True, timeout=300, env=None):
+    """Run mmtrain/pretrain.py as a user would; returns the CompletedProcess."""
+    cmd = pretrain_command(launcher, nproc)
+    full_env = script_env()
+    full_env.update(env or {})
+    proc = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} {' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir) -> list:
+    with open(Path(run_dir) / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def train_losses(run_dir) -> dict:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+# --------------------------------------------------------------------------------------------
+# Trained checkpoints of every ZeRO stage and their exported bundles (test_export / test_evaluate /
+# test_generate). All runs start at once (one BLAS thread each) and are shared by the session.
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def one_torch_thread():
+    """Run a test with one torch thread: tiny models step several times faster than with two
+    threads that fight each other (and other processes) for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TRAIN_STEPS = 12
+# name: (overrides on top of tiny.yaml, launcher, processes)
+TRAINED_RUNS = {
+    "mixer_expanded_zero0": (["model.mixer_expansion=2", "engine.zero_stage=0"], "python", 1),
+    "mixer_zero1": (["engine.zero_stage=1"], "python", 1),
+    "transformer_zero2": (["model.kind=transformer", "model.n_heads=4", "model.n_kv_heads=2",
+                           "engine.zero_stage=2"], "python", 1),
+    "mixer_heads_tied_zero3": (["model.mixer_heads=2", "model.tie_embeddings=true", "engine.zero_stage=3"],
+                               "python", 1),
+    "mixer_heads_tied_zero3_2proc": (["model.mixer_heads=2", "model.tie_embeddings=true",
+                                      "engine.zero_stage=3"], "torchrun", 2),
+}
+
+
+@pytest.fixture(scope="session")
+def trained_runs(demo_shards, tmp_path_factory) -> dict:
+    """{name: run_dir} of TRAINED_RUNS: 12 steps (lr 1e-2), checkpoints at steps 6 and 12."""
+    base = tmp_path_factory.mktemp("trained_runs")
+    started = {}
+    for name, (overrides, launcher, nproc) in TRAINED_RUNS.items():
+        run_dir = base / name
+        args = ["--config", TINY, f"data.shard_dir={demo_shards}", f"logging.run_dir={run_dir}",
+                f"train.steps={TRAIN_STEPS}", "train.lr=1e-2", "train.eval_every=0", "checkpoint.every=6",
+                "engine.peak_flops=1e11", "data.num_workers=0", *overrides]
+        cmd = pretrain_command(launcher, nproc) + [str(a) for a in args]
+        started[name] = (run_dir, cmd, subprocess.Popen(cmd, cwd=ROOT, env=script_env(), text=True,
+                                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    runs = {}
+    for name, (run_dir, cmd, proc) in started.items():
+        output, _ = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{output[-6000:]}")
+        runs[name] = run_dir
+    return runs
+
+
+@pytest.fixture(scope="session")
+def exported_bundles(trained_runs, tmp_path_factory) -> dict:
+    """{name: bundle_dir}: the latest checkpoint of every trained run, exported (fp32, verified)."""
+    from mmtrain.export import export
+
+    base = tmp_path_factory.mktemp("bundles")
+    bundles = {}
+    for name, run_dir in trained_runs.items():
+        export(str(run_dir), str(base / name))
+        bundles[name] = base / name
+    return bundles

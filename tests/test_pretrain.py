@@ -1,0 +1,170 @@
+"""End-to-end pretraining through the real entry script, DeepSpeed engine and streaming shards."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY, read_metrics, run_pretrain, train_losses
+
+STEPS = 6
+
+
+def tiny_args(shards, run_dir, *extra):
+    return ["--config", TINY, f"data.shard_dir={shards}", f"logging.run_dir={run_dir}",
+            f"train.steps={STEPS}", "train.eval_every=3", "checkpoint.every=3", *extra]
+
+
+@pytest.fixture(scope="module")
+def zero_runs(demo_shards, tmp_path_factory):
+    """The same tiny run (2 loader workers) under ZeRO 0-3; ZeRO 1 goes through `deepspeed`."""
+    base = tmp_path_factory.mktemp("zero_runs")
+    runs = {}
+    for stage in (0, 1, 2, 3):
+        run_dir = base / f"zero{stage}"
+        launcher = "deepspeed" if stage == 1 else "python"
+        proc = run_pretrain(tiny_args(demo_shards, run_dir, f"engine.zero_stage={stage}",
+                                      "data.num_workers=2"), launcher=launcher)
+        runs[stage] = (run_dir, proc)
+    return runs
+
+
+def tb_scalars(run_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_deepspeed_launcher_run_writes_events_checkpoints_and_config(zero_runs):
+    run_dir, proc = zero_runs[1]
+    scalars = tb_scalars(run_dir)
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_seen", "perf/tokens_per_s",
+                "perf/mfu", "perf/step_time_s", "perf/peak_memory_gb", "eval/loss_ctx32", "eval/loss_ctx16"):
+        assert tag in scalars, f"missing TensorBoard scalar {tag}; have {sorted(scalars)}"
+    steps = [s for s, _ in scalars["train/loss"]]
+    assert steps == list(range(1, STEPS + 1))
+    assert [s for s, _ in scalars["eval/loss_ctx32"]] == [3, 6]
+    # every logged number is the one in metrics.jsonl
+    metrics = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
+    for step, value in scalars["train/loss"]:
+        assert value == pytest.approx(metrics[step]["loss"], rel=1e-6)
+    tokens = [v for _, v in scalars["train/tokens_seen"]]
+    assert tokens == [8 * 32 * s for s in range(1, STEPS + 1)]  # global batch 8 x n_ctx 32
+    assert all(0 < v < 1 for _, v in scalars["perf/mfu"])
+    lrs = [v for _, v in scalars["train/lr"]]
+    assert lrs[0] == pytest.approx(1.5e-3) and lrs[1] == pytest.approx(3e-3)  # warmup 2 steps to 3e-3
+
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000006"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000003", "step_00000006"]
+    assert (ckpts / "step_00000006" / "mp_rank_00_model_states.pt").is_file()
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["model"]["n_ctx"] == 32 and resolved["engine"]["zero_stage"] == 1
+    ds_config = json.loads((run_dir / "deepspeed_config.json").read_text())
+    assert ds_config["train_batch_size"] == 8 and ds_config["gradient_accumulation_steps"] == 2
+    assert ds_config["zero_optimization"]["stage"] == 1
+    final = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('{"run_dir"')][-1])
+    assert final["step"] == STEPS and final["tokens_seen"] == 8 * 32 * STEPS
+
+
+def test_zero_stages_give_the_same_losses(zero_runs):
+    losses = {stage: train_losses(run_dir) for stage, (run_dir, _) in zero_runs.items()}
+    assert len(losses[0]) == STEPS and all(math.isfinite(v) for v in losses[0].values())
+    for stage in (1, 2, 3):
+        for step in range(1, STEPS + 1):
+            assert losses[stage][step] == pytest.approx(losses[0][step], rel=1e-6, abs=1e-6), (stage, step)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_resume_continues_with_exactly_the_same_losses(zero_runs, demo_shards, tmp_path, stage):
+    full = train_losses(zero_runs[stage][0])
+    run_dir = tmp_path / "resumed"
+    args = tiny_args(demo_shards, run_dir, f"engine.zero_stage={stage}", "data.num_workers=2")
+    run_pretrain(args + ["train.stop_at=3"])
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert sorted(train_losses(run_dir)) == [1, 2, 3]
+    proc = run_pretrain(args)  # checkpoint.resume defaults to auto
+    assert "resumed from" in proc.stdout
+    resumed = train_losses(run_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(4, STEPS + 1):
+        assert resumed[step] == full[step], (step, resumed[step], full[step])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_match_one_process(zero_runs, demo_shards, tmp_path, stage):
+    reference = train_losses(zero_runs[stage][0])  # 1 process: micro 4 x accumulation 2
+    run_dir = tmp_path / "ws2"
+    run_pretrain(tiny_args(demo_shards, run_dir, f"engine.zero_stage={stage}", "data.num_workers=2"),
+                 launcher="torchrun", nproc=2)  # 2 processes: micro 4 x 2 ranks
+    losses = train_losses(run_dir)
+    for step in range(1, STEPS + 1):
+        assert losses[step] == pytest.approx(reference[step], rel=1e-5), step
+    ds_config = json.loads((run_dir / "deepspeed_config.json").read_text())
+    assert ds_config["gradient_accumulation_steps"] == 1
+
+
+def test_bf16_trains_with_zero_1(demo_shards, tmp_path):
+    run_dir = tmp_path / "bf16"
+    run_pretrain(["--config", TINY, f"data.shard_dir={demo_shards}", f"logging.run_dir={run_dir}",
+                  "engine.precision=bf16", "engine.zero_stage=1", "train.steps=12", "train.eval_every=0",
+                  "checkpoint.every=0", "train.lr=1e-2"], launcher="module")
+    losses = train_losses(run_dir)
+    assert all(math.isfinite(v) for v in losses.values())
+    assert sum(list(losses.values())[-3:]) / 3 < sum(list(losses.values())[:3]) / 3
+
+
+def _fails(args, *needles):
+    proc = run_pretrain(args, check=False, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    for needle in needles:
+        assert needle in proc.stderr, f"{needle!r} not in:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_unknown_key_fails_before_work(tmp_path):
+    _fails(["--config", TINY, "train.setps=3", f"logging.run_dir={tmp_path / 'r'}"],
+           "unknown key 'train.setps'", "did you mean 'steps'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_shards_name_the_prepare_command(tmp_path):
+    _fails(["--config", TINY, f"data.shard_dir={tmp_path / 'nothing'}", "data.auto_prepare=false",
+            f"logging.run_dir={tmp_path / 'r'}"], "mmtrain prepare", "--n-ctx 32")
+
+
+def test_shards_for_another_n_ctx_are_rejected(demo_shards, tmp_path):
+    import shutil
+
+    fake = tmp_path / "shards"
+    shutil.copytree(demo_shards / "ctx32", fake / "ctx48")
+    shutil.copy(demo_shards / "tokenizer.model", fake / "tokenizer.model")
+    _fails(["--config", TINY, f"data.shard_dir={fake}", "model.n_ctx=48", "data.auto_prepare=false",
+            f"logging.run_dir={tmp_path / 'r'}"], "n_ctx=32", "expected n_ctx=48")
+
+
+def test_global_batch_must_split_over_micro_batch_and_world(demo_shards, tmp_path):
+    _fails(["--config", TINY, f"data.shard_dir={demo_shards}", "train.global_batch_size=12",
+            "train.micro_batch_size=8", f"logging.run_dir={tmp_path / 'r'}"],
+           "global_batch_size 12 is not divisible by train.micro_batch_size 8")
+
+
+@pytest.mark.slow
+def test_quick_start_default_run_prepares_demo_data_and_trains(tmp_path):
+    """The README's `python mmtrain/pretrain.py`, shortened to 30 steps, in an empty directory."""
+    proc = run_pretrain([f"data.shard_dir={tmp_path / 'data'}", f"logging.runs_root={tmp_path / 'runs'}",
+                         "train.steps=30", "train.eval_every=0", "logging.log_every=10"], timeout=600)
+    assert "preparing demo shards for n_ctx=128" in proc.stdout
+    run_dirs = list((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 1 and run_dirs[0].name.startswith("mixer-ctx128-")
+    losses = train_losses(run_dirs[0])
+    assert len(losses) == 30
+    assert losses[30] < losses[1] - 0.5, losses  # visibly falling
+    assert (tmp_path / "data" / "ctx128" / "meta.json").is_file()

@@ -159,7 +159,8 @@ class TokenizerSpec:
     vocab_size: int = _f(4096, "Vocabulary size including the 4 special ids.")
     character_coverage: float = _f(1.0, "SentencePiece character_coverage.")
     max_sentence_length: int = _f(16384, "Longest training sentence in bytes (longer ones are skipped).")
-    seed: int = _f(0, "Seed for sampling training sentences.")
+    seed: int = _f(0, "Seed of SentencePiece's random generator (matters for unigram); training reads "
+                      "the first 50 M characters in corpus order, no sampling.")
 
 
 @dataclass
@@ -455,3 +456,121 @@ def reference(schema_cls: type, prefix: str = "") -> List[str]:
         extra = f" One of: {', '.join(map(str, choices))}." if choices else ""
         lines.append(f"| `{dotted}` | {tname} | `{default!r}` | {f.metadata.get('help', '')}{extra} |")
     return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Retrieval: pair shards (`mmtrain prepare-pairs`) and contrastive training (mmtrain/retrieval.py)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairsConfig:
+    input: List[str] = _f(lambda: ["demo"], "JSONL files (.jsonl / .jsonl.gz) of (query, document) pairs; "
+                                           "`demo` = the built-in Python docstring pairs (summary line -> "
+                                           "rest of the docstring).", factory=True)
+    query_field: str = _f("query", "JSONL key of the query text (e.g. summary).")
+    document_field: str = _f("document", "JSONL key of the document text (e.g. story).")
+    bundle: str = _f("", "Exported bundle whose tokenizer is used (and whose n_ctx bounds n_ctx).")
+    tokenizer: str = _f("", "A SentencePiece .model to use instead of a bundle's.")
+    out: str = _f("data/pairs/demo", "Output directory: meta.json, tokenizer.model, train/ and test/ MDS shards.")
+    n_ctx: int = _f(0, "Tokens per query / document (truncated, right-padded); 0 = the bundle's n_ctx.")
+    append_eos: bool = _f(True, "End every query and document with EOS (kept when truncating), so "
+                                "last-token pooling reads the same token everywhere.")
+    test_fraction: float = _f(0.1, "Fraction of (distinct) documents held out as the test split.")
+    seed: int = _f(0, "Seed of the train/test split (a hash of seed and document text).")
+    max_pairs: int = _f(0, "Use only the first N pairs read (before deduplication); 0 = all.")
+
+
+@dataclass
+class RetrievalSection:
+    bundle: str = _f("", "Exported bundle (mixer or transformer) to start from (`mmtrain export`).")
+    pooling: str = _f("last", "Embedding = final hidden state at the last real token (`last`), the one "
+                              "before it (`second_to_last`, the paper's index -2) or the mean over real "
+                              "tokens (`mean`); L2-normalised. Inputs are right-padded.",
+                      choices=["last", "second_to_last", "mean"])
+    temperature: float = _f(0.02, "InfoNCE temperature t (logits = cosine / t); the paper's code: 0.02.")
+    symmetric: bool = _f(False, "Average the query->document and document->query InfoNCE.")
+    extra_negatives: int = _f(0, "Extra random training documents per query, added as negatives for all "
+                                 "queries (seeded per step).")
+    grad_cache_chunk: int = _f(0, "Gradient caching: embed in chunks of this many sequences (queries, "
+                                  "documents and extras together); 0 = off (one forward pass).")
+    gather_negatives: bool = _f(True, "All-gather embeddings across ranks (with gradient) so every "
+                                      "rank's documents are negatives for every query.")
+    eval_n_candidates: List[int] = _f(lambda: [32], "N values of the top-1-among-N evaluation (capped "
+                                                    "at the test pool size).", factory=True)
+    eval_max_pairs: int = _f(0, "Evaluate on the first N test pairs only; 0 = all.")
+    eval_seed: int = _f(0, "Seed of the negatives drawn for top-1 among N.")
+
+
+@dataclass
+class PairDataConfig:
+    shard_dir: str = _f("data/pairs/demo", "Directory written by `mmtrain prepare-pairs`.")
+    num_workers: int = _f(0, "Data-loader worker processes per rank.")
+    shuffle: bool = _f(True, "Shuffle training pairs (seeded by train.seed).")
+
+
+@dataclass
+class RetrievalConfig:
+    retrieval: RetrievalSection = field(default_factory=RetrievalSection)
+    data: PairDataConfig = field(default_factory=PairDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def validate_pairs(cfg: DictConfig) -> List[str]:
+    p: List[str] = []
+    if not cfg.input:
+        p.append("input: give at least one JSONL file (or `demo`)")
+    if not cfg.bundle and not cfg.tokenizer:
+        p.append("bundle: give an exported bundle (or tokenizer: a .model file) to tokenize with")
+    if cfg.n_ctx < 0 or cfg.n_ctx == 1:
+        p.append(f"n_ctx: must be 0 (the bundle's) or >= 2, got {cfg.n_ctx}")
+    if cfg.n_ctx == 0 and not cfg.bundle:
+        p.append("n_ctx: 0 means the bundle's n_ctx, but no bundle is given")
+    if not 0.0 < cfg.test_fraction < 1.0:
+        p.append(f"test_fraction: must be in (0, 1), got {cfg.test_fraction}")
+    if not cfg.query_field or not cfg.document_field:
+        p.append("query_field / document_field: must not be empty")
+    return p
+
+
+def validate_retrieval(cfg: DictConfig) -> List[str]:
+    r, t, e = cfg.retrieval, cfg.train, cfg.engine
+    p: List[str] = []
+    if not r.bundle:
+        p.append("retrieval.bundle: give the exported bundle to start from (`mmtrain export ... --out DIR`)")
+    if r.temperature <= 0:
+        p.append(f"retrieval.temperature: must be > 0, got {r.temperature}")
+    if r.extra_negatives < 0:
+        p.append(f"retrieval.extra_negatives: must be >= 0, got {r.extra_negatives}")
+    if r.grad_cache_chunk < 0:
+        p.append(f"retrieval.grad_cache_chunk: must be >= 0, got {r.grad_cache_chunk}")
+    for n in r.eval_n_candidates:
+        if n < 2:
+            p.append(f"retrieval.eval_n_candidates: {n} must be >= 2")
+    for key in ("global_batch_size", "micro_batch_size"):
+        if t[key] < 1:
+            p.append(f"train.{key}: must be >= 1, got {t[key]}")
+    if t.steps < 1:
+        p.append("train.steps: must be >= 1")
+    if t.micro_batch_size >= 1 and t.global_batch_size % t.micro_batch_size:
+        p.append(f"train.global_batch_size {t.global_batch_size} is not divisible by "
+                 f"train.micro_batch_size {t.micro_batch_size}")
+    if t.micro_batch_size == 1 and not r.extra_negatives and not r.gather_negatives:
+        p.append("train.micro_batch_size 1 leaves a query without negatives (raise it, gather across "
+                 "ranks or set retrieval.extra_negatives)")
+    if t.lr <= 0:
+        p.append(f"train.lr: must be > 0, got {t.lr}")
+    if e.precision in ("bf16", "fp16") and e.zero_stage == 0:
+        p.append(f"engine.precision {e.precision} needs engine.zero_stage >= 1")
+    if e.offload_params and e.zero_stage != 3:
+        p.append("engine.offload_params needs engine.zero_stage 3")
+    if cfg.checkpoint.keep_last < 0:
+        p.append(f"checkpoint.keep_last: must be >= 0, got {cfg.checkpoint.keep_last}")
+    return p
+
+
+register_validator(PairsConfig, validate_pairs)
+register_validator(RetrievalConfig, validate_retrieval)

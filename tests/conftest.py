@@ -45,7 +45,8 @@ def script_env() -> dict:
     env = dict(os.environ)
     # Tiny models: one BLAS thread per process is faster and keeps parallel ranks from thrashing.
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MMTRAIN_FAULT"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
+                "MASTER_PORT", "MMTRAIN_FAULT"):
         env.pop(key, None)
     return env
 

@@ -229,7 +229,8 @@ def test_an_epoch_without_a_single_batch_is_an_error(shard_dir):
 def test_the_deepspeed_launcher_environment_is_translated_for_streaming(monkeypatch):
     from mmtrain.data.lm_dataset import _launcher_env
 
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "")  # recorded, so the variable set below is undone too
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setenv("LOCAL_SIZE", "2")  # what `deepspeed --num_gpus 2` sets
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert _launcher_env() == 2  # nodes

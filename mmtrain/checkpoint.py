@@ -4,13 +4,19 @@ Layout under ``<run_dir>/checkpoints/``::
 
     step_00000100/          written by engine.save_checkpoint (any ZeRO stage, any world size)
         mp_rank_00_model_states.pt   (module + client state: step, tokens, loader state, config)
-        rng_rank000.pt ...           per-rank RNG states
+        rng_rank000.pt ...           per-rank RNG states (plain tensors: loads with weights_only)
         resolved_config.yaml
     latest                  tag of the newest *complete* checkpoint (replaced atomically)
 
-A checkpoint is complete once every rank has finished writing; only then does rank 0 point
-``latest`` at it and delete checkpoints beyond ``keep_last``. A run killed mid-write leaves
-``latest`` on the previous complete checkpoint.
+Every rank writes into ``step_XXXXXXXX.incomplete/``. Once all ranks have finished, rank 0
+renames it to ``step_XXXXXXXX``, then points ``latest`` at it, and only then deletes checkpoints
+beyond ``keep_last``. So a run killed at any moment of a write leaves ``latest`` (and every
+directory named ``step_*``) on complete checkpoints, and never fewer complete checkpoints than
+before; the next start removes the unfinished ``*.incomplete`` directory
+(:func:`remove_incomplete`). Assumes one file system shared by all ranks (as ``latest`` does).
+
+Checkpoint files are pickles (DeepSpeed's format): load only checkpoints you trust. This module
+reads RNG files with ``torch.load(weights_only=True)``; DeepSpeed loads its own files itself.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmtrain import faults
+
 CHECKPOINT_SUBDIR = "checkpoints"
 LATEST = "latest"
+INCOMPLETE_SUFFIX = ".incomplete"
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 
@@ -67,9 +76,12 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
+    """This process's RNG states as tensors, ints and tuples only (``torch.load(weights_only=True)``)."""
+    kind, key, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -79,7 +91,9 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -92,27 +106,83 @@ def _barrier() -> None:
 
 def save(engine, run_dir: str, step: int, client_state: Dict[str, Any], keep_last: int,
          config_yaml: str, rank: int) -> str:
-    """Write checkpoint ``step_<step>`` on every rank, then publish it. Returns its path."""
+    """Write checkpoint ``step_<step>`` on every rank, then publish it. Returns its path.
+
+    A collective: every rank calls it. Order (each step starts after the previous one finished):
+    all ranks write ``<tag>.incomplete/`` -> barrier -> rank 0 renames it to ``<tag>`` -> rank 0
+    moves ``latest`` -> rank 0 prunes old checkpoints -> barrier.
+    """
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
-    path = os.path.join(root, tag)
-    torch.save(rng_state(), os.path.join(path, f"rng_rank{rank:03d}.pt"))
+    staging_tag = tag + INCOMPLETE_SUFFIX
+    staging, path = os.path.join(root, staging_tag), os.path.join(root, tag)
+    if rank == 0 and os.path.isdir(staging):  # left by a write that was killed
+        shutil.rmtree(staging)
+    _barrier()
+    engine.save_checkpoint(root, tag=staging_tag, client_state=client_state, save_latest=False)
+    faults.inject("after_model_states", step, rank)
+    torch.save(rng_state(), os.path.join(staging, f"rng_rank{rank:03d}.pt"))
     if rank == 0:
-        _atomic_write(os.path.join(path, "resolved_config.yaml"), config_yaml)
+        _atomic_write(os.path.join(staging, "resolved_config.yaml"), config_yaml)
     _barrier()  # every rank's files are on disk
     if rank == 0:
-        _fault_hook("before_latest")
+        _publish(staging, path)
+        faults.inject("before_latest", step, rank)
         _atomic_write(os.path.join(root, LATEST), tag)
         prune(root, keep_last)
     _barrier()
     return path
 
 
-def _fault_hook(point: str) -> None:
-    """Test hook: ``MMTRAIN_FAULT=<point>`` kills the process at that point of a checkpoint write."""
-    if os.environ.get("MMTRAIN_FAULT") == point:
-        os.kill(os.getpid(), 9)
+def _publish(staging: str, path: str) -> None:
+    """Rename the finished ``staging`` directory to ``path``. An existing ``path`` (the same step
+    written again after resuming from an older checkpoint) is moved aside first and deleted last.
+    Everything is flushed to disk first, so ``latest`` survives a machine crash pointing at data."""
+    for folder, _, files in os.walk(staging):
+        for name in files:
+            _fsync(os.path.join(folder, name))
+        _fsync(folder)
+    replaced = None
+    if os.path.isdir(path):
+        replaced = f"{path}.replaced{os.getpid()}"
+        os.replace(path, replaced)
+    os.replace(staging, path)
+    _fsync(os.path.dirname(path))
+    if replaced:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _fsync(path: str) -> None:
+    """Flush a file's or a directory's (its entries') data to disk, as far as the OS allows."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_incomplete(ckpt_root: str) -> List[str]:
+    """Delete what killed checkpoint writes left behind (``*.incomplete`` / ``*.replaced*``
+    directories, ``latest.tmp*`` files); return the removed paths. Call it only while holding the
+    run-directory lock, before training starts."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    removed = []
+    for name in sorted(os.listdir(ckpt_root)):
+        path = os.path.join(ckpt_root, name)
+        if name.endswith(INCOMPLETE_SUFFIX) or ".replaced" in name:
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(LATEST + ".tmp"):
+            os.remove(path)
+        else:
+            continue
+        removed.append(path)
+    return removed
 
 
 def prune(root: str, keep_last: int) -> None:
@@ -157,5 +227,5 @@ def load(engine, root: str, tag: str, rank: int) -> Dict[str, Any]:
         raise RuntimeError(f"could not load checkpoint {os.path.join(root, tag)}")
     rng_file = os.path.join(root, tag, f"rng_rank{rank:03d}.pt")
     if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state or {}

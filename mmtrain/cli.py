@@ -12,27 +12,43 @@ from typing import List, Optional
 
 from mmtrain.config import ConfigError
 
-# Modules that contribute sub-commands, in the order `mmtrain --help` lists them.
-COMMAND_MODULES = [
-    "mmtrain.data.prepare",
-    "mmtrain.config_cli",
-]
+# Sub-command -> module that registers it, in the order `mmtrain --help` lists them. Only the
+# module of the command being run is imported (several import torch, which takes seconds).
+COMMANDS = {
+    "prepare": "mmtrain.data.prepare",
+    "prepare-pairs": "mmtrain.data.pairs",
+    "export": "mmtrain.export",
+    "export-embedder": "mmtrain.retrieval_eval",
+    "eval-lm": "mmtrain.evaluate",
+    "eval-retrieval": "mmtrain.retrieval_eval",
+    "generate": "mmtrain.generate",
+    "config-reference": "mmtrain.config_cli",
+    "show-config": "mmtrain.config_cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     import importlib
 
     parser = argparse.ArgumentParser(prog="mmtrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    wanted = [a for a in (argv or []) if a in COMMANDS][:1]
+    modules = [COMMANDS[wanted[0]]] if wanted else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides given after an option (`--config a.yaml x=1`) land in `extra`.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from mmtrain import config as C
 
-SCHEMAS = {"pretrain": C.PretrainConfig, "prepare": C.PrepareConfig}
+SCHEMAS = {"pretrain": C.PretrainConfig, "prepare": C.PrepareConfig, "retrieval": C.RetrievalConfig,
+           "pairs": C.PairsConfig}
 
 
 def _reference(args) -> int:

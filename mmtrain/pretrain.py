@@ -7,7 +7,10 @@ Run it any of these ways (all take ``--config X.yaml`` (repeatable) and ``key=va
     python mmtrain/pretrain.py                  # default small mixer on the demo corpus (CPU)
     python -m mmtrain.pretrain train.steps=50
 
-Exit codes: 0 done, 2 configuration / data error (before any training), 3 non-finite loss.
+Exit codes: 0 done, 2 configuration / data error (before any training; also: run directory not
+writable, locked by another job, or too little free disk for a checkpoint), 3 non-finite loss,
+75 stopped by SIGTERM or SIGUSR1 after writing a checkpoint at the next step boundary (relaunch
+with ``checkpoint.resume=auto``, the default, to continue; see mmtrain/faults.py).
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ import torch
 import torch.distributed as dist
 
 from mmtrain import checkpoint as ckpt
+from mmtrain import faults
 from mmtrain import monitor as mon
 from mmtrain.config import ConfigError, PretrainConfig, load_config, save_yaml, to_dict, to_yaml
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
+EXIT_PREEMPTED = faults.EXIT_PREEMPTED  # 75: stopped by SIGTERM / SIGUSR1 with a checkpoint written
 
 
 class NonFiniteLoss(RuntimeError):
@@ -76,6 +81,14 @@ def resolve_run_dir(cfg, is_main: bool) -> str:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _from_main(value):
+    """Rank 0's ``value`` on every rank."""
+    holder = [value]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def _all_reduce_sum(values: List[float], device: torch.device) -> List[float]:
@@ -134,6 +147,7 @@ class Trainer:
         from mmtrain.models import build_model
 
         self.model = build_model(cfg.model, self.vocab_size)
+        self._check_disk_space()
         self.engine, self.ds_config = build_engine(cfg, self.model, self.dist.world_size)
         self.device = self.dist.device
         self.gas = self.engine.gradient_accumulation_steps()
@@ -156,20 +170,49 @@ class Trainer:
             mon.truncate_metrics(self.run_dir, self.step)
         self.monitor = mon.Monitor(self.run_dir, self.is_main, cfg.train.steps, self.step,
                                    cfg.logging.progress_bar)
+        self._install_stop_handlers()
 
     # ---- setup -------------------------------------------------------------------------------
 
     def _check_run_dir(self) -> None:
+        """Rank 0 creates the run directory, proves it writable and locks it for this job (held
+        until :meth:`release_run_dir` or exit), then clears what killed checkpoint writes left.
+        Every rank raises the same ConfigError when any of that fails."""
+        self.run_dir_lock = None
+        problem = None
         if self.is_main:
-            try:
-                os.makedirs(self.run_dir, exist_ok=True)
-                probe = os.path.join(self.run_dir, f".write_test{os.getpid()}")
-                with open(probe, "w") as fh:
-                    fh.write("ok")
-                os.remove(probe)
-            except OSError as exc:
-                raise ConfigError([f"logging.run_dir: cannot write to {self.run_dir}: {exc}"]) from exc
-        _barrier()
+            problem = faults.check_writable(self.run_dir)
+            if problem is None:
+                try:
+                    self.run_dir_lock = faults.RunDirLock(self.run_dir).acquire()
+                except (faults.RunDirLocked, OSError) as exc:
+                    problem = str(exc)
+            if problem is None:
+                for path in ckpt.remove_incomplete(ckpt.checkpoint_root(self.run_dir)):
+                    print(f"[mmtrain] removed {path} (left by an interrupted checkpoint write)", flush=True)
+        problem = _from_main(problem)
+        if problem:
+            raise ConfigError([f"logging.run_dir: {problem}"])
+
+    def _check_disk_space(self) -> None:
+        """Fail before training when the run directory's disk cannot hold one checkpoint."""
+        problem = None
+        if self.is_main:
+            size = faults.checkpoint_bytes(self.model.num_params(), self.cfg.engine.precision)
+            problem, warning = faults.check_free_space(self.run_dir, size, self.cfg.checkpoint.keep_last)
+            if warning:
+                print(f"[mmtrain] warning: {warning}", file=sys.stderr, flush=True)
+        problem = _from_main(problem)
+        if problem:
+            raise ConfigError([f"logging.run_dir: {problem}"])
+
+    def release_run_dir(self) -> None:
+        """The run is over: drop the run-directory lock, and ignore further stop signals (a launcher
+        tearing down the other ranks may still send one; it must not kill this rank mid-exit)."""
+        if getattr(self, "stop_request", None) is not None:
+            self.stop_request.ignore_further()
+        if getattr(self, "run_dir_lock", None) is not None:
+            self.run_dir_lock.release()
 
     def _write_run_files(self) -> None:
         if not self.is_main:
@@ -198,7 +241,7 @@ class Trainer:
         self.tokens_seen = int(state["tokens_seen"])
         if state.get("tokenizer_hash") and state["tokenizer_hash"] != self.meta["tokenizer_sha256"]:
             raise ConfigError([f"checkpoint {root}/{tag} was trained with tokenizer "
-                               f"{state['tokenizer_hash'][:12]}, the shards use {self.meta['tokenizer_hash'][:12]}"])
+                               f"{state['tokenizer_hash'][:12]}, the shards use {self.meta['tokenizer_sha256'][:12]}"])
         self.train_loader.load_state_dict(state["loader"])
         if self.is_main:
             print(f"[mmtrain] resumed from {os.path.join(root, tag)} at step {self.step}", flush=True)
@@ -279,6 +322,7 @@ class Trainer:
     # ---- checkpoint --------------------------------------------------------------------------
 
     def save(self) -> str:
+        self.last_saved_step = self.step
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -290,6 +334,31 @@ class Trainer:
         }
         return ckpt.save(self.engine, self.run_dir, self.step, state, self.cfg.checkpoint.keep_last,
                          self.resolved_yaml, self.dist.rank)
+
+    # ---- stop signals ------------------------------------------------------------------------
+
+    def _install_stop_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 from now on only request a stop at the next step boundary."""
+        self.stop_request = faults.StopRequest().install()
+        self.stopped_by: Optional[str] = None
+        self.last_saved_step = -1
+
+    def _stop_at_step_boundary(self) -> bool:
+        """True when any rank got a stop signal: every rank then saves this step (unless it just
+        did) and the loop ends. A collective: call it on every rank after every step."""
+        if self._done():
+            return False  # finishing anyway
+        signame = self.stop_request.agreed(self.device)
+        if signame is None:
+            return False
+        if self.last_saved_step != self.step:
+            path = self.save()
+        else:
+            path = os.path.join(ckpt.checkpoint_root(self.run_dir), ckpt.tag_for(self.step))
+        self.stopped_by = signame
+        self.monitor.info(f"[mmtrain] {signame}: stopped at step {self.step} with checkpoint {path}; "
+                          f"exit code {EXIT_PREEMPTED}. Relaunch with checkpoint.resume=auto to continue.")
+        return True
 
     # ---- loop --------------------------------------------------------------------------------
 
@@ -319,6 +388,7 @@ class Trainer:
             with mon.StepTimer(self.device) as timer:
                 stats = self.train_step(batches)
             self.step += 1
+            faults.inject("step", self.step, self.dist.rank)  # test hook (MMTRAIN_FAULT); no-op otherwise
             self.tokens_seen += int(stats["tokens"])
             tps = stats["tokens"] / timer.seconds
             mfu = tps * self.flops_per_token / (self.peak_flops * self.dist.world_size)
@@ -347,6 +417,8 @@ class Trainer:
                 path = self.save()
                 m.info(f"saved {path}")
             m.flush()
+            if self._stop_at_step_boundary():
+                break
         m.close()
         return last
 
@@ -366,12 +438,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"mmtrain pretrain: {exc}; stopping. Last good checkpoint: "
               f"{latest or 'none'} in {ckpt.checkpoint_root(trainer.run_dir)}", file=sys.stderr)
         return EXIT_NONFINITE
+    finally:
+        trainer.release_run_dir()
     if dist.is_initialized():
         dist.destroy_process_group()
+    stopped = {"stopped_by": trainer.stopped_by} if trainer.stopped_by else {}
     if trainer.is_main:
         print(json.dumps({"run_dir": trainer.run_dir, "step": trainer.step,
-                          "tokens_seen": trainer.tokens_seen, **last}), flush=True)
-    return 0
+                          "tokens_seen": trainer.tokens_seen, **stopped, **last}), flush=True)
+    return EXIT_PREEMPTED if trainer.stopped_by else 0
 
 
 if __name__ == "__main__":

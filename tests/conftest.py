@@ -127,14 +127,12 @@ def trained_runs(demo_shards, tmp_path_factory) -> dict:
         args = ["--config", TINY, f"data.shard_dir={demo_shards}", f"logging.run_dir={run_dir}",
                 f"train.steps={TRAIN_STEPS}", "train.lr=1e-2", "train.eval_every=0", "checkpoint.every=6",
                 "engine.peak_flops=1e11", "data.num_workers=0", *overrides]
-        cmd = pretrain_command(launcher, nproc) + [str(a) for a in args]
-        started[name] = (run_dir, cmd, subprocess.Popen(cmd, cwd=ROOT, env=script_env(), text=True,
-                                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        started[name] = (run_dir, start_pretrain(args, launcher, nproc))
     runs = {}
-    for name, (run_dir, cmd, proc) in started.items():
+    for name, (run_dir, proc) in started.items():
         output, _ = proc.communicate(timeout=600)
         if proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{output[-6000:]}")
+            raise AssertionError(f"{' '.join(proc.args)} exited {proc.returncode}\n{output[-6000:]}")
         runs[name] = run_dir
     return runs
 
@@ -150,3 +148,60 @@ def exported_bundles(trained_runs, tmp_path_factory) -> dict:
         export(str(run_dir), str(base / name))
         bundles[name] = base / name
     return bundles
+
+
+# --------------------------------------------------------------------------------------------
+# Runs that are interrupted on purpose (test_fault_tolerance / test_launchers): start them in the
+# background, wait for their metrics, read their checkpoints.
+# --------------------------------------------------------------------------------------------
+
+def start_process(cmd, env=None, cwd=ROOT) -> subprocess.Popen:
+    """Start ``cmd`` (a list) in the background with the test environment plus ``env``; output is
+    captured (stdout and stderr together)."""
+    full_env = script_env()
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+    full_env.update(env or {})
+    return subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def start_pretrain(args, launcher="python", nproc=1, env=None) -> subprocess.Popen:
+    """mmtrain/pretrain.py started like :func:`run_pretrain`, but in the background."""
+    return start_process(pretrain_command(launcher, nproc) + [str(a) for a in args], env=env)
+
+
+def finish(proc: subprocess.Popen, timeout=300):
+    """Wait for ``proc``; returns ``(returncode, output)`` (killing it on timeout)."""
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s:\n{output[-6000:]}")
+    return proc.returncode, output
+
+
+def wait_for_step(run_dir, step: int, proc: subprocess.Popen, timeout=240) -> int:
+    """Block until ``<run_dir>/metrics.jsonl`` records a training step >= ``step``; return it."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    path = Path(run_dir) / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before step {step}:\n{proc.stdout.read()[-6000:]}")
+        if path.is_file():
+            steps = [json.loads(line)["step"] for line in path.read_text().splitlines()
+                     if line.strip().endswith("}") and '"loss"' in line]
+            if steps and max(steps) >= step:
+                return max(steps)
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"no step {step} in {path} after {timeout} s")
+
+
+def checkpoint_module(run_dir, tag=None) -> dict:
+    """The fp32 module weights of a (ZeRO 0-2) checkpoint: ``latest`` unless ``tag`` is given."""
+    root = Path(run_dir) / "checkpoints"
+    tag = tag or (root / "latest").read_text().strip()
+    return torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]

@@ -159,6 +159,21 @@ def test_logits_are_lm_head_of_hidden_states_and_bf16_runs(name):
     assert abs(low.loss.item() - out.loss.item()) < 0.05
 
 
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_mixer_runs_with_bf16_parameters_beside_fp32_mask_buffers(name):
+    """DeepSpeed's bf16 mode casts only the parameters; the non-persistent masks stay fp32."""
+    model = make(MIXERS[name])
+    tokens = random_tokens(2, N_CTX)
+    with torch.no_grad():
+        reference = model(tokens).logits
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        assert all(m.mask.dtype == torch.float32 for m in model.modules() if isinstance(m, MaskedMixingMatrix))
+        logits = model(tokens).logits
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - reference).abs().max() < 0.1
+
+
 @pytest.mark.parametrize("name", list(ALL_MODELS))
 def test_input_longer_than_n_ctx_raises(name):
     model = make(ALL_MODELS[name])

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmtrain.config import PrepareConfig, PretrainConfig, load_config
+from mmtrain.config import PairsConfig, PrepareConfig, PretrainConfig, RetrievalConfig, load_config
 from mmtrain.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = {"pretrain": PretrainConfig, "prepare": PrepareConfig}
+SCHEMAS = {"pretrain": PretrainConfig, "prepare": PrepareConfig, "retrieval": RetrievalConfig, "pairs": PairsConfig}
 YAMLS = sorted(p for p in (ROOT / "configs").rglob("*.yaml"))
 
 

@@ -1,0 +1,179 @@
+"""`mmtrain eval-lm`: loss, perplexity and bits per byte of a bundle on validation shards.
+
+For each context length L the ``n_ctx``-token blocks of ``<shard_dir>/ctx<N>/<split>`` are cut into
+``N // L`` consecutive blocks of L tokens (the tail of ``N % L`` tokens is dropped), exactly as
+training evaluates shorter lengths; every block is scored on its own (position t predicts token
+t+1; padding is never a target). A mixer built for ``n_ctx`` runs any L <= n_ctx exactly; the
+transformer runs any L <= n_ctx too (causal attention).
+
+- loss: mean next-token cross-entropy in nats over all target tokens,
+- perplexity: exp(loss),
+- bits per byte: total cross-entropy in bits / UTF-8 bytes of the target tokens' text (byte-fallback
+  pieces count 1, special tokens such as the end-of-document EOS 0, and the space SentencePiece adds
+  in front of a document's first piece 0), comparable across tokenizers.
+
+Deterministic: samples are read in shard order without shuffling and summed in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from mmtrain.bundle import BundleError, load_bundle_tokenizer, load_pretrained, read_bundle_config
+from mmtrain.data.errors import DataError
+
+
+def token_bytes(tokenizer) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per token id: UTF-8 bytes of its text, and whether it starts with SentencePiece's space mark."""
+    sp = tokenizer.sp
+    n = tokenizer.vocab_size
+    lengths = torch.zeros(n, dtype=torch.float64)
+    leading_space = torch.zeros(n, dtype=torch.bool)
+    for i in range(n):
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):
+            lengths[i] = 1
+        elif not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)):
+            lengths[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+            leading_space[i] = piece.startswith("\u2581")
+    return lengths, leading_space
+
+
+def target_bytes(ids: torch.Tensor, table: Tuple[torch.Tensor, torch.Tensor], eos_id: int) -> torch.Tensor:
+    """Bytes of each target token ids[:, 1:] ([B, L-1], float64); a document's first piece (after an
+    EOS) loses the dummy-prefix space the tokenizer added."""
+    lengths, leading_space = table
+    targets, previous = ids[:, 1:], ids[:, :-1]
+    return lengths[targets] - (leading_space[targets] & (previous == eos_id)).double()
+
+
+@torch.no_grad()
+def evaluate_blocks(model, blocks: Iterable[Tuple[torch.Tensor, torch.Tensor]], lengths: Sequence[int],
+                    table: Tuple[torch.Tensor, torch.Tensor], eos_id: int) -> List[Dict[str, Any]]:
+    """Score batches of (input_ids [B, N], attention_mask [B, N]) at every L in ``lengths``."""
+    device = next(model.parameters()).device
+    sums = {L: {"nll": 0.0, "tokens": 0, "bytes": 0.0, "sequences": 0} for L in lengths}
+    for ids, mask in blocks:
+        for L in lengths:
+            k = ids.shape[1] // L
+            x = ids[:, :k * L].reshape(-1, L)
+            m = mask[:, :k * L].reshape(-1, L)
+            logits = model(x.to(device)).logits.float()
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1).to(device),
+                                  reduction="none").double().cpu().view(x.shape[0], L - 1)
+            counted = (m[:, 1:] == 1)
+            s = sums[L]
+            s["nll"] += float((nll * counted).sum())
+            s["tokens"] += int(counted.sum())
+            s["bytes"] += float((target_bytes(x, table, eos_id) * counted).sum())
+            s["sequences"] += x.shape[0]
+    results = []
+    for L, s in sums.items():
+        loss = s["nll"] / s["tokens"] if s["tokens"] else float("nan")
+        results.append({"n_ctx": L, "loss": loss, "perplexity": math.exp(loss) if s["tokens"] else float("nan"),
+                        "bits_per_byte": s["nll"] / math.log(2) / s["bytes"] if s["bytes"] else float("nan"),
+                        "tokens": s["tokens"], "bytes": int(s["bytes"]), "sequences": s["sequences"]})
+    return results
+
+
+def read_blocks(shard_dir: str, n_ctx: int, split: str, batch_size: int, tokenizer_sha256: str,
+                vocab_size: int, max_sequences: int = 0):
+    """Batches (input_ids, attention_mask) of the split in shard order, checked against the bundle."""
+    from mmtrain.data.lm_dataset import build_lm_loader
+
+    loader = build_lm_loader(shard_dir, n_ctx, split, batch_size, shuffle=False, seed=0, num_workers=0,
+                             expected_tokenizer_hash=tokenizer_sha256, expected_vocab_size=vocab_size,
+                             drop_last=False)
+    seen = 0
+    for batch in loader:
+        ids = batch["input_ids"].long()
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.long()
+        if max_sequences:
+            ids, mask = ids[:max_sequences - seen], mask[:max_sequences - seen]
+        seen += ids.shape[0]
+        yield ids, mask
+        if max_sequences and seen >= max_sequences:
+            return
+
+
+def source_ctx(shard_dir: str, model_n_ctx: int, lengths: Sequence[int], shard_ctx: Optional[int]) -> int:
+    """Which ``ctx<N>`` shards to read: ``shard_ctx`` if given, else the model's n_ctx."""
+    from mmtrain.data.shards import existing_ctx
+
+    available = existing_ctx(shard_dir)
+    n = shard_ctx or model_n_ctx
+    if n not in available:
+        raise DataError(f"no shards for n_ctx={n} in {shard_dir} (found: "
+                        f"{', '.join(f'ctx{a}' for a in available) or 'none'}); prepare them with "
+                        f"`mmtrain prepare ... --n-ctx {n}` or pick one with --shard-ctx")
+    too_long = [L for L in lengths if L > n or L > model_n_ctx or L < 2]
+    if too_long:
+        raise DataError(f"--n-ctx {', '.join(map(str, too_long))}: every length must be in 2..{min(n, model_n_ctx)} "
+                        f"(model n_ctx {model_n_ctx}, shard blocks of {n} tokens)")
+    return n
+
+
+def eval_lm(bundle: str, shard_dir: str, lengths: Optional[Sequence[int]] = None, split: str = "val",
+            batch_size: int = 16, max_sequences: int = 0, shard_ctx: Optional[int] = None,
+            device: str = "cpu") -> Dict[str, Any]:
+    """Evaluate a bundle on ``<shard_dir>/ctx<N>/<split>``; returns {"results": [per-length dicts], ...}."""
+    section = read_bundle_config(bundle)
+    model_n_ctx = section["model"]["n_ctx"]
+    lengths = sorted(set(lengths or [model_n_ctx]))
+    n = source_ctx(shard_dir, model_n_ctx, lengths, shard_ctx)
+    model = load_pretrained(bundle, device=device)
+    tokenizer = load_bundle_tokenizer(bundle)
+    blocks = read_blocks(shard_dir, n, split, batch_size, tokenizer.sha256, model.vocab_size, max_sequences)
+    results = evaluate_blocks(model, blocks, lengths, token_bytes(tokenizer), tokenizer.eos_id)
+    return {"bundle": str(Path(bundle).resolve()), "data": str(Path(shard_dir).resolve()), "split": split,
+            "shard_n_ctx": n, "model": section["model"]["kind"], "results": results}
+
+
+def format_table(report: Dict[str, Any]) -> str:
+    rows = ["| n_ctx | sequences | tokens | loss | perplexity | bits/byte |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        rows.append(f"| {r['n_ctx']} | {r['sequences']:,} | {r['tokens']:,} | {r['loss']:.4f} | "
+                    f"{r['perplexity']:.2f} | {r['bits_per_byte']:.4f} |")
+    return "\n".join(rows)
+
+
+def _run(args) -> int:
+    try:
+        report = eval_lm(args.bundle, args.data, args.n_ctx, split=args.split, batch_size=args.batch_size,
+                         max_sequences=args.max_sequences, shard_ctx=args.shard_ctx, device=args.device)
+    except (BundleError, DataError, FileNotFoundError) as exc:
+        print(f"mmtrain eval-lm: {exc}", file=sys.stderr)
+        return 2
+    print(f"{report['model']} bundle {report['bundle']}\n{report['split']} split of "
+          f"{report['data']}/ctx{report['shard_n_ctx']}\n")
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval-lm", help="loss, perplexity and bits per byte of a bundle on validation shards",
+        description="Evaluate an exported bundle on <data>/ctx<N>/<split> at one or more context lengths.")
+    p.add_argument("bundle", help="directory written by `mmtrain export`")
+    p.add_argument("--data", required=True, metavar="SHARD_DIR", help="directory written by `mmtrain prepare`")
+    p.add_argument("--n-ctx", type=int, nargs="+", metavar="L",
+                   help="context lengths to evaluate (each <= the model's n_ctx); default: the model's n_ctx")
+    p.add_argument("--shard-ctx", type=int, default=None, metavar="N",
+                   help="read <data>/ctx<N> (default: the model's n_ctx); blocks are cut to each L")
+    p.add_argument("--split", choices=["val", "train"], default="val")
+    p.add_argument("--batch-size", type=int, default=16, help="blocks per forward pass (default 16)")
+    p.add_argument("--max-sequences", type=int, default=0, metavar="K",
+                   help="use only the first K blocks (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=_run)

@@ -1,0 +1,289 @@
+"""Fault tolerance shared by the training entry scripts (pretrain.py, retrieval.py).
+
+* **Graceful stop.** SIGTERM and SIGUSR1 (what SLURM sends before preemption and before the time
+  limit) only set a flag (:class:`StopRequest`). The training loop checks it at every step
+  boundary, agreed across ranks with one all-reduce so that every rank stops at the same step,
+  writes a checkpoint and exits with :data:`EXIT_PREEMPTED`. Relaunching with
+  ``checkpoint.resume=auto`` continues from that checkpoint.
+* **Run-directory lock** (:class:`RunDirLock`). Rank 0 holds a POSIX lock on
+  ``<run_dir>/mmtrain.lock`` for the life of the run, so two jobs pointed at one run directory
+  cannot both write it; the second fails naming the holder (pid, host). The kernel drops the
+  lock when the holder dies, even by ``kill -9``, so a relaunch is never blocked.
+* **Preflight checks** before any training: the run directory is writable
+  (:func:`check_writable`) and its file system has room for a checkpoint
+  (:func:`checkpoint_bytes`, :func:`check_free_space`).
+* **Test hook** (:func:`inject`): ``MMTRAIN_FAULT`` makes a process kill or signal itself at a
+  chosen point, so tests can interrupt a run exactly where they mean to.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+EXIT_PREEMPTED = 75
+"""Exit code after a stop signal: a checkpoint was written; relaunch to continue.
+
+75 is ``EX_TEMPFAIL`` of sysexits.h ("temporary failure, try again later"). It is deliberately not
+143 (= 128 + SIGTERM), which a shell also reports for a process *killed* by SIGTERM without saving.
+"""
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+LOCK_FILE = "mmtrain.lock"
+FAULT_ENV = "MMTRAIN_FAULT"
+
+
+# --------------------------------------------------------------------------------------------
+# Graceful stop on SIGTERM / SIGUSR1
+# --------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Remembers the first stop signal this process received; :meth:`agreed` shares it.
+
+    The handler only sets a flag: it may run while the process is inside a collective or a
+    checkpoint write, which must finish undisturbed. Repeated signals (SLURM, srun and torchrun
+    may each deliver one) change nothing.
+    """
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.signals = [getattr(signal, name) for name in signals]
+        self.signum = 0
+        self._previous = {}
+
+    def install(self) -> "StopRequest":
+        for sig in self.signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the default behaviour
+                pass
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def ignore_further(self) -> None:
+        """The run is over: ignore stop signals from now on. A launcher tearing down the other
+        ranks may still send one, and during interpreter shutdown Python puts back the default,
+        fatal handlers: the process would die by the signal instead of exiting with its code."""
+        for sig in self.signals:
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+            except ValueError:
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if not self.signum:
+            self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    def agreed(self, device: torch.device) -> Optional[str]:
+        """Name of a stop signal received by *any* rank (all ranks get the same answer), or None.
+
+        A collective: every rank must call it at the same step.
+        """
+        signum = self.signum
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([signum], dtype=torch.int64, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            signum = int(t.item())
+        return signal.Signals(signum).name if signum else None
+
+
+# --------------------------------------------------------------------------------------------
+# Run-directory lock
+# --------------------------------------------------------------------------------------------
+
+
+class RunDirLocked(RuntimeError):
+    pass
+
+
+class RunDirLock:
+    """An exclusive lock on ``<run_dir>/mmtrain.lock`` for the life of a run.
+
+    POSIX record locks (``lockf``), not ``flock``: they belong to the process, so data-loader
+    workers forked from it do not inherit them, and the kernel releases them the moment the
+    holder exits or is killed. The file itself stays (deleting a lock file races with the next
+    locker); its text names the current holder.
+    """
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, LOCK_FILE)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "RunDirLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                holder = _read_text(fd).strip() or "another process"
+                os.close(fd)
+                raise RunDirLocked(
+                    f"{os.path.dirname(self.path)} is in use by another mmtrain job ({holder}); two jobs "
+                    f"must not write one run directory. Stop that job or pick another logging.run_dir "
+                    f"(lock file: {self.path})") from None
+            if exc.errno == errno.ENOLCK:  # a file system without locks: run unprotected, say so
+                os.close(fd)
+                print(f"[mmtrain] warning: {self.path}: file locking is not supported here; nothing "
+                      "stops a second job from writing this run directory", file=sys.stderr, flush=True)
+                return self
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+def _read_text(fd: int) -> str:
+    try:
+        return os.pread(fd, 4096, 0).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------------------------
+# Preflight: writable run directory, free disk
+# --------------------------------------------------------------------------------------------
+
+
+def check_writable(run_dir: str) -> Optional[str]:
+    """None when ``run_dir`` can be created and written, else what went wrong."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write_test{os.getpid()}")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.remove(probe)
+    except OSError as exc:
+        return f"cannot write to {run_dir}: {exc.strerror or exc}"
+    return None
+
+
+def checkpoint_bytes(num_params: int, precision: str = "fp32") -> int:
+    """Estimated size of one checkpoint: fp32 weights + AdamW's two fp32 moments (12 bytes per
+    parameter), plus the 16-bit module copy in bf16 / fp16 runs. Sharding over ZeRO ranks does not
+    change the total."""
+    per_param = 12 + (2 if precision in ("bf16", "fp16") else 0)
+    return int(num_params) * per_param
+
+
+def free_bytes(path: str) -> int:
+    override = _fault_value("disk_free")
+    if override is not None:
+        return int(override)
+    return shutil.disk_usage(path).free
+
+
+def check_free_space(path: str, checkpoint_size: int, keep_last: int) -> Tuple[Optional[str], Optional[str]]:
+    """``(error, warning)`` for the free space under ``path``.
+
+    Error: not even one more checkpoint fits (training would fail at its first save). Warning: the
+    ``keep_last`` checkpoints plus the one being written (old ones are deleted only after a newer
+    one is complete) may not fit.
+    """
+    free = free_bytes(path)
+    if free < checkpoint_size:
+        return (f"{path} has {_human(free)} free, but one checkpoint of this model needs about "
+                f"{_human(checkpoint_size)} (weights + AdamW state). Free some space or point "
+                "logging.run_dir at a larger disk"), None
+    window = (keep_last + 1) if keep_last > 0 else 2
+    if free < window * checkpoint_size:
+        return None, (f"{path} has {_human(free)} free; keeping checkpoint.keep_last={keep_last} "
+                      f"checkpoints of ~{_human(checkpoint_size)} each may need {_human(window * checkpoint_size)}")
+    return None, None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# --------------------------------------------------------------------------------------------
+# Test hook: MMTRAIN_FAULT
+# --------------------------------------------------------------------------------------------
+#
+# MMTRAIN_FAULT holds comma-separated faults ``<what>[:<n>][@<rank>]``:
+#   kill_at_step:N        SIGKILL this process right after optimizer step N (before logging it)
+#   sigterm_at_step:N     send SIGTERM to this process after step N (SIGUSR1: sigusr1_at_step:N)
+#   after_model_states[:N]  SIGKILL inside a checkpoint write (step N, or any): the engine files
+#                         are written, the RNG files and the `latest` pointer are not
+#   before_latest[:N]     SIGKILL after every rank finished writing, before `latest` moves
+#   disk_free:BYTES       pretend the run directory's file system has BYTES free
+# ``@R`` limits a fault to global rank R (e.g. ``sigusr1_at_step:3@1``).
+
+_ACTIONS = {
+    "kill_at_step": ("step", signal.SIGKILL),
+    "sigterm_at_step": ("step", signal.SIGTERM),
+    "sigusr1_at_step": ("step", signal.SIGUSR1),
+    "after_model_states": ("after_model_states", signal.SIGKILL),
+    "before_latest": ("before_latest", signal.SIGKILL),
+}
+
+
+def _parse_faults() -> List[Tuple[str, Optional[int], Optional[int]]]:
+    spec = os.environ.get(FAULT_ENV, "").strip()
+    faults = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        rank = None
+        if "@" in item:
+            item, r = item.split("@", 1)
+            rank = int(r)
+        what, _, value = item.partition(":")
+        faults.append((what, int(value) if value else None, rank))
+    return faults
+
+
+def _fault_value(what: str) -> Optional[int]:
+    for name, value, _ in _parse_faults():
+        if name == what:
+            return value
+    return None
+
+
+def inject(point: str, step: Optional[int] = None, rank: Optional[int] = None) -> None:
+    """Fire the ``MMTRAIN_FAULT`` faults registered for ``point`` at this step and rank (tests only)."""
+    for what, n, only_rank in _parse_faults():
+        action = _ACTIONS.get(what)
+        if action is None or action[0] != point:
+            continue
+        if n is not None and n != step:
+            continue
+        if only_rank is not None and rank is not None and only_rank != rank:
+            continue
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), action[1])

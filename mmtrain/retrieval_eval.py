@@ -1,0 +1,171 @@
+"""`mmtrain eval-retrieval` (retrieval metrics of any bundle) and `mmtrain export-embedder`.
+
+eval-retrieval embeds the queries and documents of a held-out split (pair shards from
+``mmtrain prepare-pairs``, or a JSONL file split the same way), scores every query against every
+document by cosine similarity and reports (see :mod:`mmtrain.retrieval_metrics`):
+
+* the paper's protocol: top-1 accuracy with the positive among N candidates (N-1 random negatives
+  from the pool, fixed seed), for each ``--n-candidates`` N (N <= pool size);
+* recall@1/5/10 and MRR@10 over the whole pool;
+* with ``--bm25``, the same metrics of an Okapi BM25 baseline over the same token ids.
+
+Any bundle works: an untrained or only-pretrained one gives the frozen-embedding baseline. The
+pooling is read from the bundle's ``embedder`` section (written by export-embedder), else
+``--pooling`` (default last).
+
+Top-level imports stay light (argparse only): torch is imported when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, List, Optional
+
+DEFAULT_N = [32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+def load_eval_split(bundle: str, data: str, split: str, query_field: str, document_field: str,
+                    max_pairs: int = 0, seed: int = 0, test_fraction: float = 0.1):
+    """(split arrays, model n_ctx) from pair shards or JSONL, checked against the bundle's tokenizer."""
+    import os
+
+    from mmtrain.bundle import load_bundle_tokenizer, read_bundle_config
+    from mmtrain.data.pairs import check_pairs, load_jsonl_split, load_split
+
+    section = read_bundle_config(bundle)
+    tok = load_bundle_tokenizer(bundle)
+    n_ctx = int(section["model"]["n_ctx"])
+    if os.path.isdir(data):
+        check_pairs(data, tokenizer_sha256=tok.sha256, model_n_ctx=n_ctx, bundle=bundle)
+        return load_split(data, split, max_pairs)
+    return load_jsonl_split(data, tok, n_ctx, query_field, document_field, split, seed=seed,
+                            test_fraction=test_fraction, max_pairs=max_pairs)
+
+
+def evaluate_bundle(bundle: str, split_arrays: Dict[str, Any], n_candidates: List[int], *, pooling: Optional[str] = None,
+                    seed: int = 0, batch_size: int = 64, device: str = "cpu") -> Dict[str, float]:
+    """The retrieval report of a bundle's embeddings on a loaded split."""
+    import torch
+
+    from mmtrain.bundle import load_pretrained, read_bundle_config
+    from mmtrain.retrieval import embed, score_split
+
+    section = read_bundle_config(bundle)
+    pooling = pooling or section.get("embedder", {}).get("pooling", "last")
+    model = load_pretrained(bundle, device=device)
+    with torch.no_grad():
+        return score_split(lambda i, l: embed(model, i, l, pooling), split_arrays, n_candidates, seed,
+                           batch_size, device)
+
+
+def bm25_report(split_arrays: Dict[str, Any], n_candidates: List[int], seed: int = 0,
+                ignore_ids=(0, 3)) -> Dict[str, float]:
+    """BM25 over the token ids of the split (pad and EOS ignored)."""
+    import numpy as np
+
+    from mmtrain.retrieval_metrics import BM25, retrieval_report
+
+    def tokens(ids, lengths):
+        return [[t for t in row[:n].tolist() if t not in ignore_ids] for row, n in zip(ids, lengths)]
+
+    docs = tokens(split_arrays["document_ids"], split_arrays["document_length"])
+    queries = tokens(split_arrays["query_ids"], split_arrays["query_length"])
+    scores = BM25(docs).score_matrix(queries)
+    return retrieval_report(scores, np.arange(len(docs)), n_candidates, seed)
+
+
+def _eval(args) -> int:
+    from mmtrain.bundle import BundleError
+    from mmtrain.data.errors import DataError
+    from mmtrain.retrieval_metrics import check_n_candidates, format_table
+
+    try:
+        split = load_eval_split(args.bundle[0], args.data, args.split, args.query_field, args.document_field,
+                                args.max_pairs, args.split_seed, args.test_fraction)
+        for other in args.bundle[1:]:   # every bundle must share the tokenizer of the pairs
+            load_eval_split(other, args.data, args.split, args.query_field, args.document_field, 1,
+                            args.split_seed, args.test_fraction)
+        pool = len(split["pair_id"])
+        if args.n_candidates is None:
+            n_list = [n for n in DEFAULT_N if n <= pool]
+        else:
+            n_list = list(args.n_candidates)
+            for n in n_list:
+                check_n_candidates(n, pool)
+        rows: Dict[str, Dict[str, float]] = {}
+        for bundle in args.bundle:
+            rows[bundle] = evaluate_bundle(bundle, split, n_list, pooling=args.pooling, seed=args.seed,
+                                           batch_size=args.batch_size, device=args.device)
+        if args.bm25:
+            rows["BM25"] = bm25_report(split, n_list, args.seed)
+    except (BundleError, DataError, ValueError, FileNotFoundError) as exc:
+        print(f"mmtrain eval-retrieval: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.data} [{args.split}]: {pool} queries, pool of {pool} documents; top1@N: positive among N "
+          f"candidates (seed {args.seed})")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"data": args.data, "split": args.split, "pool": pool, "seed": args.seed,
+                       "n_candidates": n_list, "results": rows}, fh, indent=2)
+    return 0
+
+
+def _export(args) -> int:
+    """`mmtrain export` of a retrieval run, plus the embedder settings in config.json."""
+    from pathlib import Path
+
+    from mmtrain import bundle as B
+    from mmtrain.export import ExportError, export, locate, open_checkpoint
+
+    try:
+        checkpoint = open_checkpoint(*locate(args.checkpoint, args.tag))
+        info = checkpoint.states.get("embedder")
+        if info is None:
+            raise ExportError(f"{checkpoint.path}: not a retrieval checkpoint (no embedder settings); "
+                              "use `mmtrain export`")
+        config = export(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite)
+    except (ExportError, B.BundleError, FileNotFoundError) as exc:
+        print(f"mmtrain export-embedder: {exc}", file=sys.stderr)
+        return 2
+    config["mmtrain"]["embedder"] = info
+    B.rewrite_config(Path(args.out), config)
+    print(f"exported embedder ({info['pooling']} pooling, step {config['mmtrain']['source']['step']}) -> {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval-retrieval", help="retrieval metrics (top-1 among N, recall@k, MRR@10) of bundles on held-out pairs",
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  mmtrain eval-retrieval bundles/mixer bundles/mixer-retrieval --data data/pairs/demo "
+               "--n-candidates 32 64 --bm25 --json out.json")
+    p.add_argument("bundle", nargs="+", help="exported bundle directories (compared in one table)")
+    p.add_argument("--data", required=True, help="pair shard dir (mmtrain prepare-pairs) or a JSONL file")
+    p.add_argument("--query-field", default="query", help="JSONL: query key (default query)")
+    p.add_argument("--document-field", default="document", help="JSONL: document key (default document)")
+    p.add_argument("--split", choices=["test", "all"], default="test", help="held-out split (default) or all pairs")
+    p.add_argument("--n-candidates", type=int, nargs="+", default=None, metavar="N",
+                   help="N for top-1 among N (default: 32 64 ... 8192 up to the pool size)")
+    p.add_argument("--pooling", choices=["last", "second_to_last", "mean"], default=None,
+                   help="override the bundle's pooling (default: its embedder setting, else last)")
+    p.add_argument("--bm25", action="store_true", help="add an Okapi BM25 baseline row (token ids)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random negatives (default 0)")
+    p.add_argument("--max-pairs", type=int, default=0, help="evaluate the first N pairs only (0 = all)")
+    p.add_argument("--split-seed", type=int, default=0, help="JSONL: split seed (as prepare-pairs seed)")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="JSONL: test fraction (as prepare-pairs)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_eval)
+
+    p = subparsers.add_parser(
+        "export-embedder", help="export a retrieval run (mmtrain export + embedder settings in config.json)")
+    p.add_argument("checkpoint", help="retrieval run directory, its checkpoints/ or a step_XXXXXXXX directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", default=None)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_export)

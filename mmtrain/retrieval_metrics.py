@@ -1,0 +1,140 @@
+"""Retrieval metrics (pure numpy): ranks, recall@k, MRR@k, top-1 accuracy among N candidates, BM25.
+
+Conventions:
+
+* ``scores[i, j]`` = score of document j for query i (higher = better); ``positives[i]`` = the
+  index of query i's document in the pool.
+* Ties count **against** the query: the rank of the positive is the number of *other* documents
+  scoring >= it (0 = strictly best). A model that gives every document the same score therefore
+  gets recall@1 = 0, not 1.
+* Top-1 among N (the paper's protocol): the positive plus N-1 negatives drawn uniformly without
+  replacement from the rest of the pool, independently per query, from a fixed seed; correct when
+  the positive scores strictly higher than all N-1. N counts candidates (the paper's code counts
+  the query slot too, so its "N = 32" is 31 candidates: our N = 31).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+_CHUNK = 1024
+
+
+def positive_ranks(scores: np.ndarray, positives: Sequence[int]) -> np.ndarray:
+    """0-based rank of each query's positive among all documents (ties counted against it)."""
+    scores = np.asarray(scores)
+    positives = np.asarray(positives, dtype=np.int64)
+    pos = scores[np.arange(len(positives)), positives]
+    return (scores >= pos[:, None]).sum(axis=1) - 1
+
+
+def recall_at_k(ranks: np.ndarray, k: int) -> float:
+    return float(np.mean(np.asarray(ranks) < k))
+
+
+def mrr_at_k(ranks: np.ndarray, k: int) -> float:
+    ranks = np.asarray(ranks)
+    return float(np.mean(np.where(ranks < k, 1.0 / (ranks + 1.0), 0.0)))
+
+
+def check_n_candidates(n: int, pool: int) -> None:
+    if n < 2:
+        raise ValueError(f"--n-candidates: N={n} must be >= 2 (the positive and at least one negative)")
+    if n > pool:
+        raise ValueError(f"--n-candidates: N={n} is larger than the pool of {pool} documents "
+                         f"(the positive plus N-1 distinct negatives are needed); use N <= {pool}")
+
+
+def top1_among_n(scores: np.ndarray, positives: Sequence[int], n: int, seed: int = 0) -> float:
+    """Fraction of queries whose positive beats N-1 random negatives (see module docstring)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives, dtype=np.int64)
+    n_q, pool = scores.shape
+    check_n_candidates(n, pool)
+    rng = np.random.default_rng(seed)
+    correct = 0
+    for start in range(0, n_q, _CHUNK):
+        rows = np.arange(start, min(start + _CHUNK, n_q))
+        keys = rng.random((len(rows), pool))
+        keys[np.arange(len(rows)), positives[rows]] = np.inf   # never draw the positive
+        negatives = np.argpartition(keys, n - 2, axis=1)[:, : n - 1] if n - 1 < pool else \
+            np.argsort(keys, axis=1)[:, : n - 1]
+        pos = scores[rows, positives[rows]]
+        best_negative = np.take_along_axis(scores[rows], negatives, axis=1).max(axis=1)
+        correct += int((pos > best_negative).sum())
+    return correct / n_q
+
+
+def retrieval_report(scores: np.ndarray, positives: Sequence[int], n_candidates: Sequence[int] = (),
+                     seed: int = 0, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+    """recall@k, MRR@10 over the whole pool and top-1 among each N (keys ``top1@N``)."""
+    ranks = positive_ranks(scores, positives)
+    out: Dict[str, float] = {"queries": int(len(ranks)), "pool": int(np.asarray(scores).shape[1])}
+    for k in ks:
+        out[f"recall@{k}"] = recall_at_k(ranks, k)
+    out["mrr@10"] = mrr_at_k(ranks, 10)
+    for n in n_candidates:
+        out[f"top1@{n}"] = top1_among_n(scores, positives, int(n), seed)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# BM25 baseline
+# --------------------------------------------------------------------------------------------
+
+
+class BM25:
+    """Okapi BM25 (k1 = 1.2, b = 0.75) over token lists (token ids or whitespace words).
+
+    score(q, d) = sum over distinct terms t of q of
+        idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl)),
+    idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))   (Lucene's non-negative idf).
+    """
+
+    def __init__(self, documents: Sequence[Sequence], k1: float = 1.2, b: float = 0.75):
+        self.k1, self.b = k1, b
+        self.n_docs = len(documents)
+        lengths = np.array([len(d) for d in documents], dtype=np.float64)
+        avgdl = float(lengths.mean()) if self.n_docs else 0.0
+        norm = k1 * (1.0 - b + b * lengths / max(avgdl, 1e-9))
+        postings: Dict[object, List] = {}
+        for j, doc in enumerate(documents):
+            for term, tf in Counter(doc).items():
+                postings.setdefault(term, []).append((j, tf))
+        self.postings = {}
+        for term, items in postings.items():
+            docs = np.array([j for j, _ in items], dtype=np.int64)
+            tf = np.array([t for _, t in items], dtype=np.float64)
+            df = len(items)
+            idf = math.log(1.0 + (self.n_docs - df + 0.5) / (df + 0.5))
+            self.postings[term] = (docs, idf * tf * (k1 + 1.0) / (tf + norm[docs]))
+
+    def scores(self, query: Sequence) -> np.ndarray:
+        out = np.zeros(self.n_docs, dtype=np.float64)
+        for term in set(query):
+            hit = self.postings.get(term)
+            if hit is not None:
+                out[hit[0]] += hit[1]
+        return out
+
+    def score_matrix(self, queries: Sequence[Sequence]) -> np.ndarray:
+        return np.stack([self.scores(q) for q in queries]) if len(queries) else np.zeros((0, self.n_docs))
+
+
+def format_table(rows: Dict[str, Dict[str, float]], columns: Optional[List[str]] = None) -> str:
+    """A fixed-width text table: one row per model, metric columns in %."""
+    if not rows:
+        return ""
+    if columns is None:
+        columns = [k for k in next(iter(rows.values())) if k not in ("queries", "pool")]
+    name_w = max(len("model"), *(len(n) for n in rows))
+    head = f"{'model':<{name_w}}  " + "  ".join(f"{c:>9}" for c in columns)
+    lines = [head, "-" * len(head)]
+    for name, r in rows.items():
+        lines.append(f"{name:<{name_w}}  " + "  ".join(
+            f"{100 * r[c]:>8.1f}%" if c in r else f"{'-':>9}" for c in columns))
+    return "\n".join(lines)

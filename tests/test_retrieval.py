@@ -1,0 +1,137 @@
+"""End to end: pretrain tiny mixer -> export -> prepare-pairs -> InfoNCE training -> export -> eval-retrieval.
+
+Also: the engine's gradient-cached step equals the plain one, exact resume, and the user errors
+(pairs file missing a field, bundle/pairs tokenizer mismatch, N larger than the pool).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY, read_metrics, run_pretrain, script_env
+
+from mmtrain import cli
+from mmtrain.data.errors import DataError
+
+TINY_RETRIEVAL = ROOT / "configs" / "retrieval" / "tiny.yaml"
+DEMO_PAIRS = ROOT / "configs" / "pairs" / "demo.yaml"
+
+
+def run_retrieval(args, check=True, timeout=300):
+    cmd = [sys.executable, str(ROOT / "mmtrain" / "retrieval.py"), "--config", str(TINY_RETRIEVAL)]
+    proc = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=script_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"retrieval.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pipeline(demo_shards, tmp_path_factory):
+    """Pretrained tiny mixer bundle, its demo pairs, a retrieval run and its exported embedder."""
+    from mmtrain.export import export
+
+    base = tmp_path_factory.mktemp("retrieval")
+    run_pretrain(["--config", TINY, f"data.shard_dir={demo_shards}", f"logging.run_dir={base / 'pre'}",
+                  "train.steps=30", "train.lr=1e-2", "train.eval_every=0", "checkpoint.every=0",
+                  "engine.peak_flops=1e11"])
+    export(str(base / "pre"), str(base / "base"))
+    assert cli.main(["prepare-pairs", "--config", str(DEMO_PAIRS), "--bundle", str(base / "base"),
+                     "--out", str(base / "pairs"), "n_ctx=0"]) == 0
+    common = [f"retrieval.bundle={base / 'base'}", f"data.shard_dir={base / 'pairs'}"]
+    run_retrieval(common + [f"logging.run_dir={base / 'ret'}", "train.steps=200", "train.global_batch_size=32",
+                            "train.micro_batch_size=32", "train.eval_every=100", "checkpoint.every=0"])
+    assert cli.main(["export-embedder", str(base / "ret"), "--out", str(base / "embedder")]) == 0
+    return {"base": base, "common": common}
+
+
+def test_retrieval_training_improves_recall_over_the_pretrained_model(pipeline, capsys):
+    base = pipeline["base"]
+    meta = json.loads((base / "pairs" / "meta.json").read_text())
+    assert meta["padding"] == "right" and meta["n_ctx"] == 32
+    assert meta["splits"]["test"]["pairs"] > 150 and meta["splits"]["train"]["pairs"] > 1500
+    config = json.loads((base / "embedder" / "config.json").read_text())["mmtrain"]
+    assert config["embedder"]["pooling"] == "last" and config["source"]["step"] == 200
+    records = read_metrics(base / "ret")
+    assert records[0]["step"] == 0 and "eval_recall@1" in records[0]
+    assert all(r["negatives"] == 31 for r in records if "loss" in r)
+    assert (base / "ret" / "tensorboard").is_dir()
+
+    out = base / "eval.json"
+    assert cli.main(["eval-retrieval", str(base / "base"), str(base / "embedder"), "--data", str(base / "pairs"),
+                     "--n-candidates", "8", "32", "--bm25", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "recall@1" in table and "BM25" in table and "top1@32" in table
+    results = json.loads(out.read_text())["results"]
+    before, after = results[str(base / "base")], results[str(base / "embedder")]
+    assert after["recall@1"] > before["recall@1"]
+    assert after["mrr@10"] > before["mrr@10"] + 0.01
+    assert after["top1@32"] > before["top1@32"]
+    assert results["BM25"]["recall@1"] > 0.1   # docstring summaries share words with their bodies
+    # the run's own final evaluation is the same computation as eval-retrieval's
+    final = [r for r in records if r["step"] == 200 and "eval_recall@1" in r][-1]
+    assert final["eval_recall@1"] == pytest.approx(after["recall@1"], abs=1e-9)
+
+
+def test_gradient_cached_engine_step_equals_plain_step_and_resume_is_exact(pipeline):
+    base, common = pipeline["base"], pipeline["common"]
+    args = common + ["train.steps=4", "train.eval_every=0", "retrieval.extra_negatives=1",
+                     "engine.zero_stage=2", "checkpoint.every=2"]
+    run_retrieval(args + [f"logging.run_dir={base / 'plain'}"])
+    run_retrieval(args + [f"logging.run_dir={base / 'cached'}", "retrieval.grad_cache_chunk=12",
+                          "train.stop_at=2"])
+    run_retrieval(args + [f"logging.run_dir={base / 'cached'}", "retrieval.grad_cache_chunk=12"])  # resumes at 2
+    plain = {r["step"]: r["loss"] for r in read_metrics(base / "plain") if "loss" in r}
+    cached = {r["step"]: r["loss"] for r in read_metrics(base / "cached") if "loss" in r}
+    assert sorted(cached) == [1, 2, 3, 4] == sorted(plain)
+    for step in plain:
+        assert cached[step] == pytest.approx(plain[step], rel=1e-5), step
+    assert plain[4] != plain[1]
+
+
+def test_pairs_file_missing_a_field_names_file_and_line(tmp_path, pipeline):
+    from mmtrain.config import PairsConfig, load_config
+    from mmtrain.data.pairs import prepare_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"summary": "a", "story": "b c"}\n\n{"summary": "d", "text": "e"}\n')
+    cfg = load_config(PairsConfig, [], [f"input=[{path}]", "query_field=summary", "document_field=story",
+                                        f"bundle={pipeline['base'] / 'base'}", f"out={tmp_path / 'out'}"])
+    with pytest.raises(DataError, match=rf"{path}:3: record has no field 'story'"):
+        prepare_pairs(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pairs_from_another_tokenizer_are_refused(tmp_path, pipeline, capsys):
+    from mmtrain.data.demo_corpus import demo_documents
+    from mmtrain.data.pairs import check_pairs
+    from mmtrain.tokenizer import train_tokenizer
+
+    tok_path = tmp_path / "other.model"
+    train_tokenizer(demo_documents(max_docs=300), {"vocab_size": 600}, out=tok_path)
+    pairs = tmp_path / "pairs"
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("".join(json.dumps({"query": f"query {i}", "document": f"document number {i}"}) + "\n"
+                             for i in range(40)))
+    assert cli.main(["prepare-pairs", "--input", str(jsonl), "--out", str(pairs), f"tokenizer={tok_path}",
+                     "n_ctx=16", "test_fraction=0.3"]) == 0
+    bundle = pipeline["base"] / "base"
+    with pytest.raises(DataError, match="tokenized with tokenizer sha256"):
+        check_pairs(pairs, tokenizer_sha256=json.loads((bundle / "config.json").read_text())
+                    ["mmtrain"]["tokenizer"]["sha256"], bundle=str(bundle))
+    assert cli.main(["eval-retrieval", str(bundle), "--data", str(pairs)]) == 2
+    assert "prepare the pairs with this bundle" in capsys.readouterr().err
+    proc = run_retrieval(pipeline["common"][:1] + [f"data.shard_dir={pairs}", f"logging.run_dir={tmp_path / 'r'}"],
+                         check=False)
+    assert proc.returncode == 2 and "tokenized with tokenizer sha256" in proc.stderr
+
+
+def test_n_larger_than_the_pool_is_refused(pipeline, capsys):
+    base = pipeline["base"]
+    pool = json.loads((base / "pairs" / "meta.json").read_text())["splits"]["test"]["pairs"]
+    assert cli.main(["eval-retrieval", str(base / "base"), "--data", str(base / "pairs"),
+                     "--n-candidates", "32", str(pool + 1)]) == 2
+    assert f"N={pool + 1} is larger than the pool of {pool} documents" in capsys.readouterr().err

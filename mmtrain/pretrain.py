@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import random
-import time
 from datetime import datetime
 from typing import Dict, List, Optional
 
@@ -423,19 +422,20 @@ class Trainer:
         return last
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def run_entry(argv: Optional[List[str]], schema, trainer_cls, prog: str) -> int:
+    """Shared body of the training entry scripts: config -> trainer -> run -> exit code."""
     args = parse_args(argv)
     try:
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
-        trainer = Trainer(cfg)
+        cfg = load_config(schema, args.config, args.overrides)
+        trainer = trainer_cls(cfg)
     except ConfigError as exc:
-        print(f"mmtrain pretrain: {exc}", file=sys.stderr)
+        print(f"mmtrain {prog}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         last = trainer.run()
     except NonFiniteLoss as exc:
         latest = ckpt.read_latest(ckpt.checkpoint_root(trainer.run_dir))
-        print(f"mmtrain pretrain: {exc}; stopping. Last good checkpoint: "
+        print(f"mmtrain {prog}: {exc}; stopping. Last good checkpoint: "
               f"{latest or 'none'} in {ckpt.checkpoint_root(trainer.run_dir)}", file=sys.stderr)
         return EXIT_NONFINITE
     finally:
@@ -447,6 +447,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps({"run_dir": trainer.run_dir, "step": trainer.step,
                           "tokens_seen": trainer.tokens_seen, **stopped, **last}), flush=True)
     return EXIT_PREEMPTED if trainer.stopped_by else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_entry(argv, PretrainConfig, Trainer, "pretrain")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import copy
-import json
 import math
 from typing import Any, Dict, List, Optional
 
@@ -45,9 +44,9 @@ from omegaconf import OmegaConf
 
 from mmtrain import checkpoint as ckpt
 from mmtrain import monitor as mon
-from mmtrain.config import ConfigError, RetrievalConfig, load_config, save_yaml, to_dict, to_yaml
-from mmtrain.pretrain import (EXIT_CONFIG, EXIT_NONFINITE, NonFiniteLoss, Trainer, _all_reduce_sum, _barrier,
-                              parse_args, resolve_run_dir, seed_everything)
+from mmtrain.config import ConfigError, RetrievalConfig, to_dict, to_yaml
+from mmtrain.pretrain import (NonFiniteLoss, Trainer, _all_reduce_sum, resolve_run_dir, run_entry,
+                              seed_everything)
 
 POOLINGS = ("last", "second_to_last", "mean")
 NEGATIVES = "retrieval/negatives"
@@ -172,6 +171,7 @@ class RetrievalTrainer(Trainer):
             with _unlocked(engine_cfg):
                 engine_cfg.train.micro_batch_size = 1
                 engine_cfg.train.global_batch_size = self.gas * self.n_backward * self.dist.world_size
+        self._check_disk_space()
         self.engine, self.ds_config = build_engine(engine_cfg, self.model, self.dist.world_size)
         self.step = 0
         self.tokens_seen = 0
@@ -190,6 +190,7 @@ class RetrievalTrainer(Trainer):
         if self.is_main:
             mon.truncate_metrics(self.run_dir, self.step)
         self.monitor = mon.Monitor(self.run_dir, self.is_main, cfg.train.steps, self.step, cfg.logging.progress_bar)
+        self._install_stop_handlers()
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -299,6 +300,7 @@ class RetrievalTrainer(Trainer):
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.train_loader.state_dict(),
                  "config": config, "tokenizer_hash": self.meta["tokenizer_sha256"], "vocab_size": self.vocab_size,
                  "world_size": self.dist.world_size, "embedder": self.embedder_info()}
+        self.last_saved_step = self.step
         return ckpt.save(self.engine, self.run_dir, self.step, state, self.cfg.checkpoint.keep_last,
                          self.resolved_yaml, self.dist.rank)
 
@@ -343,6 +345,8 @@ class RetrievalTrainer(Trainer):
             if (ckpt_every > 0 and self.step % ckpt_every == 0) or self._done():
                 m.info(f"saved {self.save()}")
             m.flush()
+            if self._stop_at_step_boundary():
+                break
         m.close()
         return last
 
@@ -368,27 +372,7 @@ class _unlocked:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    import torch.distributed as dist
-
-    args = parse_args(argv)
-    try:
-        cfg = load_config(RetrievalConfig, args.config, args.overrides)
-        trainer = RetrievalTrainer(cfg)
-    except ConfigError as exc:
-        print(f"mmtrain retrieval: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        last = trainer.run()
-    except NonFiniteLoss as exc:
-        latest = ckpt.read_latest(ckpt.checkpoint_root(trainer.run_dir))
-        print(f"mmtrain retrieval: {exc}; stopping. Last good checkpoint: {latest or 'none'}", file=sys.stderr)
-        return EXIT_NONFINITE
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if trainer.is_main:
-        print(json.dumps({"run_dir": trainer.run_dir, "step": trainer.step, "tokens_seen": trainer.tokens_seen,
-                          **last}), flush=True)
-    return 0
+    return run_entry(argv, RetrievalConfig, RetrievalTrainer, "retrieval")
 
 
 if __name__ == "__main__":

@@ -257,8 +257,7 @@ class Trainer:
 
     def train_step(self, batches) -> Dict[str, float]:
         self.engine.train()
-        lr = self.engine.optimizer.param_groups[0]["lr"] if hasattr(self.engine.optimizer, "param_groups") \
-            else self.engine.lr_scheduler.get_last_lr()[0]
+        lr = self._current_lr()
         loss_tokens, n_targets, n_tokens = 0.0, 0.0, 0.0
         grad_norm = None
         for micro in range(self.gas):
@@ -274,6 +273,15 @@ class Trainer:
             n_tokens += float((labels != -100).sum())
         loss_tokens, n_targets, n_tokens = _all_reduce_sum([loss_tokens, n_targets, n_tokens], self.device)
         loss = loss_tokens / max(n_targets, 1.0)
+        return self._step_stats(loss, lr, grad_norm, n_tokens)
+
+    def _current_lr(self) -> float:
+        """The learning rate this step uses (read before the scheduler advances)."""
+        opt = self.engine.optimizer
+        return opt.param_groups[0]["lr"] if hasattr(opt, "param_groups") else self.engine.lr_scheduler.get_last_lr()[0]
+
+    def _step_stats(self, loss: float, lr: float, grad_norm, n_tokens: float) -> Dict[str, float]:
+        """Stop on a non-finite loss; take the engine's grad norm unless ZeRO 0 measured it."""
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"non-finite training loss ({loss}) at step {self.step + 1}")
         if grad_norm is None:

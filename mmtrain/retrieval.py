@@ -34,7 +34,6 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import copy
-import math
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -45,7 +44,7 @@ from omegaconf import OmegaConf
 from mmtrain import checkpoint as ckpt
 from mmtrain import monitor as mon
 from mmtrain.config import ConfigError, RetrievalConfig, to_dict, to_yaml
-from mmtrain.pretrain import (NonFiniteLoss, Trainer, _all_reduce_sum, resolve_run_dir, run_entry,
+from mmtrain.pretrain import (Trainer, _all_reduce_sum, resolve_run_dir, run_entry,
                               seed_everything)
 
 POOLINGS = ("last", "second_to_last", "mean")
@@ -226,8 +225,7 @@ class RetrievalTrainer(Trainer):
 
     def train_step(self, batches) -> Dict[str, float]:
         self.engine.train()
-        lr = self.engine.optimizer.param_groups[0]["lr"] if hasattr(self.engine.optimizer, "param_groups") \
-            else self.engine.lr_scheduler.get_last_lr()[0]
+        lr = self._current_lr()
         loss_sum, n_tokens, grad_norm = 0.0, 0.0, None
         zero0 = self.engine.zero_optimization_stage() == 0
         for micro in range(self.gas):
@@ -254,13 +252,7 @@ class RetrievalTrainer(Trainer):
         # every rank holds the same gathered loss; the sum keeps the non-gathered case honest too
         loss_sum, n_tokens = _all_reduce_sum([loss_sum, n_tokens], self.device)
         loss = loss_sum / (self.gas * self.dist.world_size)
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(f"non-finite training loss ({loss}) at step {self.step + 1}")
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
-        if isinstance(grad_norm, torch.Tensor):
-            grad_norm = float(grad_norm)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens}
+        return self._step_stats(loss, lr, grad_norm, n_tokens)
 
     # ---- evaluation --------------------------------------------------------------------------
 

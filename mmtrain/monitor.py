@@ -41,8 +41,15 @@ def truncate_metrics(run_dir: str, step: int) -> None:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return
+    keep = []
     with open(path, "r", encoding="utf-8") as fh:
-        keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:  # the last line of a killed run can be cut short; it is redone
+                continue
+            if record.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.writelines(keep)
@@ -64,7 +71,10 @@ class Monitor:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=f"{run_dir}/tensorboard")
+        # A resumed run redoes the steps after its checkpoint: purge_step hides the points an
+        # interrupted run logged past it, so every step appears once in TensorBoard.
+        self.writer = SummaryWriter(log_dir=f"{run_dir}/tensorboard",
+                                    purge_step=start_step + 1 if start_step > 0 else None)
         self.metrics = open(f"{run_dir}/metrics.jsonl", "a", encoding="utf-8")
         if progress_bar:
             from tqdm import tqdm

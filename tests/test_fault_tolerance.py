@@ -119,6 +119,13 @@ def test_kill_inside_a_checkpoint_write_never_publishes_it_nor_deletes_the_previ
     tags, pointer, entries = seen[3, "in_write", "checkpoints"]
     assert pointer == "step_00000008" and tags == {"step_00000008"}
     assert not [e for e in entries if "incomplete" in e or "replaced" in e]
+    # Steps redone after each relaunch appear once in TensorBoard and in metrics.jsonl.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+    assert sorted(train_losses(run_dir)) == list(range(1, 9))
     assert_same_weights(run_dir, runs["reference"])
 
 
@@ -227,3 +234,12 @@ def test_rng_files_load_with_weights_only(killed_runs):
     state = torch.load(rng_file, weights_only=True)  # no pickled code: plain tensors and tuples
     assert set(state) >= {"python", "numpy", "torch"}
     assert read_metrics(runs["reference"])  # the reference really trained
+
+
+def test_resume_truncation_of_metrics_drops_a_line_cut_short_by_a_kill(tmp_path):
+    from mmtrain.monitor import truncate_metrics
+
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "lo')
+    truncate_metrics(str(tmp_path), 4)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

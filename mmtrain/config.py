@@ -84,6 +84,10 @@ class DataConfig:
     prepare_input: str = _f("demo", "Corpus used by auto_prepare: `demo` (built-in Python-docstring corpus).")
     num_workers: int = _f(2, "Data-loader worker processes per rank (e.g. 2).")
     shuffle: bool = _f(True, "Shuffle training samples (seeded by train.seed).")
+    num_canonical_nodes: int = _f(0, "streaming's canonical node count, which fixes the sample order; "
+                                     "0 = the number of physical nodes (the order then changes with the "
+                                     "node count). Set it (e.g. to the largest node count you will use) "
+                                     "to keep one data order when a job is resumed on a different number of nodes.")
 
 
 @dataclass
@@ -396,6 +400,8 @@ def validate_pretrain(cfg: DictConfig) -> List[str]:
                  f"train.micro_batch_size {t.micro_batch_size}")
     if t.lr <= 0:
         p.append(f"train.lr: must be > 0, got {t.lr}")
+    if cfg.data.num_canonical_nodes < 0:
+        p.append(f"data.num_canonical_nodes: must be >= 0, got {cfg.data.num_canonical_nodes}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         p.append(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
     for n in t.eval_n_ctx:

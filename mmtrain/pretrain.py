@@ -227,7 +227,7 @@ class Trainer:
             self.cfg.data.shard_dir, self.n_ctx, split, self.cfg.train.micro_batch_size,
             shuffle=shuffle, seed=self.cfg.train.seed, num_workers=num_workers,
             expected_tokenizer_hash=self.meta["tokenizer_sha256"], expected_vocab_size=self.vocab_size,
-            drop_last=split == "train",
+            drop_last=split == "train", num_canonical_nodes=self.cfg.data.num_canonical_nodes,
         )
 
     def _resume(self) -> None:

@@ -217,26 +217,6 @@ def test_no_launcher_evaluates_strings():
 # Real runs through the launchers
 # --------------------------------------------------------------------------------------------
 
-PINNED_ENTRY = '''"""mmtrain/pretrain.py with streaming's num_canonical_nodes pinned to 1 (see the test)."""
-import sys
-
-import mmtrain.data.lm_dataset as lm_dataset
-
-_new_dataset = lm_dataset._new_dataset
-
-
-def _one_canonical_node(*args, **kwargs):
-    kwargs["num_canonical_nodes"] = 1
-    return _new_dataset(*args, **kwargs)
-
-
-lm_dataset._new_dataset = _one_canonical_node
-from mmtrain.pretrain import main  # noqa: E402
-
-sys.exit(main())
-'''
-
-
 def private_shm_prefix():
     """A command prefix that gives what follows its own /dev/shm, as a separate machine has (a
     mount namespace with a fresh tmpfs); None where that is not allowed."""
@@ -258,24 +238,20 @@ def test_two_torchrun_nodes_with_zero3_train_like_one_process(demo_shards, stubs
     (8 = micro 4 x 2 ranks there, micro 4 x 2 accumulation steps here).
 
     Each node gets its own /dev/shm, as on separate machines (mosaicml-streaming keys its shared
-    memory by node). The data order must not depend on the node count for the comparison, so the
-    nodes run pretrain.py with streaming's num_canonical_nodes pinned to 1 (what one process uses);
-    mmtrain itself sets it to the number of physical nodes.
+    memory by node). The data order must not depend on the node count for the comparison, so
+    both runs set data.num_canonical_nodes=1 (the default follows the number of physical nodes).
     """
     shm = private_shm_prefix()
     if shm is None:
         pytest.skip("cannot give each simulated node its own /dev/shm (needs unshare + mount)")
     args = ["--config", str(TINY), f"data.shard_dir={demo_shards}", "train.steps=6", "engine.zero_stage=3",
-            "train.eval_every=0", "checkpoint.every=0", "engine.peak_flops=1e11"]
+            "train.eval_every=0", "checkpoint.every=0", "engine.peak_flops=1e11", "data.num_canonical_nodes=1"]
     nodes_dir, one_dir = tmp_path / "two_nodes", tmp_path / "one_process"
     invocation = (f"launchers/pretrain.sh --nnodes 2 --nproc 1 --rdzv_endpoint 127.0.0.1:{free_port()} "
                   f"--rdzv_id two-nodes {shlex.join(args)} logging.run_dir={nodes_dir}")
     command = shlex.split(dry_run(invocation, stubs).stdout)
     assert command[:10] == ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
                             "--rdzv_endpoint", invocation.split()[6], "--rdzv_id"]
-    entry = tmp_path / "pretrain_one_canonical_node.py"
-    entry.write_text(PINNED_ENTRY)
-    command[command.index("mmtrain/pretrain.py")] = str(entry)
     env = {"PATH": launcher_env(stubs)["PATH"]}
     nodes = [start_process(shm + command, env=env) for _ in range(2)]
     reference = start_pretrain(args + [f"logging.run_dir={one_dir}"])

@@ -122,12 +122,15 @@ def build_lm_loader(shard_dir: Union[str, Path], n_ctx: int, split: str, batch_s
                     shuffle: bool, seed: int, num_workers: int,
                     expected_tokenizer_hash: Optional[str] = None,
                     expected_vocab_size: Optional[int] = None,
-                    drop_last: bool = True, verify_hashes: bool = False) -> StreamingDataLoader:
+                    drop_last: bool = True, verify_hashes: bool = False,
+                    num_canonical_nodes: int = 0) -> StreamingDataLoader:
     """Check the shards, then build a resumable ``StreamingDataLoader`` of per-rank batches.
 
     Raises :class:`DataError` before any work when the shards are missing (the message has the
     ``mmtrain prepare`` command), made for another n_ctx / tokenizer / vocabulary, or damaged.
-    Batches are dicts of ``[batch_size, n_ctx]`` long tensors.
+    Batches are dicts of ``[batch_size, n_ctx]`` long tensors. ``num_canonical_nodes`` fixes
+    streaming's sample order (0 = the number of physical nodes, streaming's default, so the order
+    then depends on how many nodes run the job).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -137,7 +140,7 @@ def build_lm_loader(shard_dir: Union[str, Path], n_ctx: int, split: str, batch_s
     # num_canonical_nodes = physical nodes is streaming's own default; passing it keeps the
     # workers from logging that they chose it.
     dataset = _new_dataset(shard_dir, n_ctx, split, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                           meta=meta, num_canonical_nodes=num_nodes)
+                           meta=meta, num_canonical_nodes=num_canonical_nodes or num_nodes)
     return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                drop_last=drop_last, persistent_workers=False,
                                pin_memory=torch.cuda.is_available())

@@ -48,8 +48,11 @@ def _f(default: Any, help: str, choices: Optional[Sequence[Any]] = None, factory
 
 @dataclass
 class ModelConfig:
-    kind: str = _f("mixer", "Model family. `mixer` = masked mixer, `transformer` = Llama baseline.",
-                   choices=["mixer", "transformer"])
+    kind: str = _f("mixer", "Model family. `mixer` = masked mixer, `transformer` = Llama baseline, "
+                            "`hybrid` = Llama + masked token mixing (transfixer), `bidirectional_mixer` = "
+                            "forward + reverse mixer streams (encoder), `mixer_autoencoder` = mixer "
+                            "encoder -> one embedding -> mixer decoder.",
+                   choices=["mixer", "transformer", "hybrid", "bidirectional_mixer", "mixer_autoencoder"])
     d_model: int = _f(256, "Hidden width d (e.g. 512).")
     n_layers: int = _f(4, "Number of blocks (e.g. 8).")
     n_ctx: int = _f(128, "Context length in tokens the model is built for (e.g. 512). A mixer's "
@@ -64,6 +67,14 @@ class ModelConfig:
     final_norm: bool = _f(True, "Apply a LayerNorm before the LM head (mixer). The paper's code has none: "
                                 "set false to match it. The transformer always has its final RMSNorm.")
     tie_embeddings: bool = _f(False, "Share the input embedding and LM head weights.")
+    hybrid_mode: str = _f("sequential", "hybrid only: where the masked token mixing sits in each Llama "
+                                         "layer. `sequential` (transfixer): a = Attn(N(h)); h + a + Mix(a). "
+                                         "`parallel`: h + Attn(N(h)) + Mix(N(h)).",
+                          choices=["sequential", "parallel"])
+    encoder_layers: int = _f(0, "mixer_autoencoder only: encoder mixer blocks; 0 = n_layers (e.g. 8).")
+    decoder_layers: int = _f(0, "mixer_autoencoder only: decoder mixer blocks; 0 = n_layers (e.g. 8).")
+    compression: int = _f(1, "mixer_autoencoder only: bottleneck factor c; c > 1 passes the embedding "
+                             "through Linear(d, d/c) -> Linear(d/c, d) before it is repeated; 1 = none.")
     n_heads: int = _f(4, "Transformer only: attention heads (paper's compute-matched baseline: 4).")
     n_kv_heads: int = _f(0, "Transformer only: key/value heads for grouped-query attention; 0 = n_heads.")
     intermediate_size: int = _f(0, "Transformer only: SwiGLU hidden width; 0 = 4 * d_model (paper).")
@@ -71,6 +82,18 @@ class ModelConfig:
     norm_eps: float = _f(1e-5, "Epsilon of LayerNorm (mixer) / RMSNorm (transformer; HF Llama uses 1e-6).")
     init_std: float = _f(0.02, "Std of the normal init of linear/embedding weights. The mixer's "
                                "token-mixing weights use U(-1/sqrt(n_ctx), 1/sqrt(n_ctx)) as in the paper.")
+    mixer_impl: str = _f("auto", "Mixer token-mixing computation (same results to fp32 rounding, different "
+                                 "speed). `dense`: (W * tril) @ U under autograd, batch-first (reference). "
+                                 "`triangular`: sequence-first activations and a block-triangular op that "
+                                 "computes only the lower half (forward and both gradients). `auto`: the "
+                                 "same op, one dense tril block for short inputs and blocks above the "
+                                 "crossover measured by benchmarks/mixing.py.",
+                         choices=["auto", "dense", "triangular"])
+    mixer_block_size: int = _f(0, "Rows per block of the triangular op (e.g. 256); 0 = the measured default "
+                                  "(auto: one dense block for L <= 256, else 128; triangular: 128).")
+    activation_checkpointing: bool = _f(False, "Recompute each block's activations in the backward pass "
+                                               "(torch.utils.checkpoint, non-reentrant): less memory, ~1/3 "
+                                               "more compute.")
 
 
 @dataclass
@@ -128,6 +151,8 @@ class EngineConfig:
     peak_flops: float = _f(0.0, "Peak FLOP/s per device used for MFU; 0 = measure a matmul at start.")
     torch_adam: bool = _f(True, "Use torch.optim.AdamW (builds nothing). false = DeepSpeed's fused/CPU "
                                 "Adam (JIT-built on first use).")
+    compile: bool = _f(False, "Experimental: torch.compile the model through DeepSpeed (engine.compile()) "
+                              "after the engine is built.")
 
 
 @dataclass
@@ -369,14 +394,18 @@ def validate_model(m: DictConfig, prefix: str = "model") -> List[str]:
             p.append(f"{prefix}.{key}: must be >= 1, got {m[key]}")
     if m.vocab_size < 0:
         p.append(f"{prefix}.vocab_size: must be >= 0, got {m.vocab_size}")
-    if m.kind == "mixer":
+    if m.kind in ("mixer", "mixer_autoencoder"):
         if m.mixer_heads < 0:
             p.append(f"{prefix}.mixer_heads: must be >= 0, got {m.mixer_heads}")
         elif m.mixer_heads > 0 and m.d_model % m.mixer_heads:
             p.append(f"{prefix}.mixer_heads: d_model {m.d_model} is not divisible by {m.mixer_heads} heads")
         if m.mixer_heads > 0 and m.mixer_expansion > 1:
             p.append(f"{prefix}: mixer_heads > 0 and mixer_expansion > 1 cannot be combined")
-    if m.kind == "transformer":
+    if m.get("mixer_impl", "auto") not in ("auto", "dense", "triangular"):
+        p.append(f"{prefix}.mixer_impl: {m.mixer_impl!r} is not one of 'auto', 'dense', 'triangular'")
+    if m.get("mixer_block_size", 0) < 0:
+        p.append(f"{prefix}.mixer_block_size: must be >= 0 (0 = auto), got {m.mixer_block_size}")
+    if m.kind in ("transformer", "hybrid"):
         if m.n_heads < 1 or m.d_model % m.n_heads:
             p.append(f"{prefix}.n_heads: d_model {m.d_model} must be divisible by n_heads {m.n_heads}")
         elif (m.d_model // m.n_heads) % 2:
@@ -384,6 +413,15 @@ def validate_model(m: DictConfig, prefix: str = "model") -> List[str]:
         kv = m.n_kv_heads or m.n_heads
         if m.n_heads >= 1 and (kv < 1 or m.n_heads % kv):
             p.append(f"{prefix}.n_kv_heads: n_heads {m.n_heads} must be divisible by n_kv_heads {kv}")
+    if m.kind == "bidirectional_mixer" and (m.mixer_heads != 0 or m.mixer_expansion != 1):
+        p.append(f"{prefix}: bidirectional_mixer has flat token mixing only; set mixer_heads=0 and "
+                 f"mixer_expansion=1 (got {m.mixer_heads} and {m.mixer_expansion})")
+    if m.kind == "mixer_autoencoder":
+        for key in ("encoder_layers", "decoder_layers"):
+            if m[key] < 0:
+                p.append(f"{prefix}.{key}: must be >= 0 (0 = n_layers), got {m[key]}")
+        if m.compression < 1 or m.d_model % m.compression:
+            p.append(f"{prefix}.compression: must be >= 1 and divide d_model {m.d_model}, got {m.compression}")
     return p
 
 
@@ -580,3 +618,97 @@ def validate_retrieval(cfg: DictConfig) -> List[str]:
 
 register_validator(PairsConfig, validate_pairs)
 register_validator(RetrievalConfig, validate_retrieval)
+
+
+# Frozen-embedding retrieval (`mmtrain frozen-retrieval`, the paper's first retrieval method): a small bidirectional mixer
+# scores candidate sets of embeddings precomputed once with a frozen bundle.
+
+
+@dataclass
+class FrozenEmbeddingsSection:
+    bundle: str = _f("", "Exported bundle (mixer or transformer) whose frozen hidden states are the embeddings.")
+    pairs: str = _f("data/pairs/demo", "Pair shards from `mmtrain prepare-pairs` made with this bundle's "
+                                       "tokenizer; both splits (train, test) are embedded.")
+    pooling: str = _f("second_to_last", "Embedding = final hidden state at the last real token (`last`), the "
+                                        "one before it (`second_to_last`, the paper's index -2) or the mean "
+                                        "(`mean`); L2-normalised.", choices=["last", "second_to_last", "mean"])
+    dir: str = _f("", "Directory of the saved embeddings (embeddings.safetensors + embeddings.json), reused "
+                      "when present; '' = <out_dir>/embeddings. Embeddings of another bundle, pooling or "
+                      "pair shards there are an error.")
+    overwrite: bool = _f(False, "Recompute the embeddings even when `dir` already holds some.")
+    batch_size: int = _f(64, "Sequences per forward pass of the frozen bundle.")
+
+
+@dataclass
+class FrozenScorerSection:
+    n_candidates: int = _f(32, "N: positions of one example [q, c_1 .. c_{N-1}], counting the query slot as "
+                               "the paper does (N = 32: 31 candidates, the positive and 30 negatives).")
+    n_layers: int = _f(8, "Bidirectional mixer blocks (paper: 8). Width = the embedding dimension.")
+    ffn_mult: int = _f(4, "MLP hidden width as a multiple of the embedding dimension.")
+    norm_eps: float = _f(1e-5, "LayerNorm epsilon.")
+
+
+@dataclass
+class FrozenTrainSection:
+    batch_size: int = _f(128, "Queries (candidate sets) per optimizer step (paper: 128).")
+    lr: float = _f(1e-4, "Peak AdamW learning rate (paper: 1e-4).")
+    warmup_steps: int = _f(500, "Linear warmup steps from 0 to lr (paper: 500).")
+    schedule: str = _f("linear", "Decay after warmup.", choices=["linear", "cosine", "constant"])
+    min_lr_ratio: float = _f(0.0, "Final learning rate as a fraction of lr.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    grad_clip: float = _f(1.0, "Global gradient-norm clip; 0 = off.")
+    steps: int = _f(0, "Optimizer steps; when > 0 it is used instead of `epochs`.")
+    epochs: float = _f(100.0, "Passes over the training queries (paper: 100-200), each with fresh candidate "
+                              "sets; steps = ceil(epochs * train pairs / batch_size). Used when steps is 0.")
+    seed: int = _f(0, "Seed of the scorer's init and of the training candidate sets.")
+    eval_every: int = _f(0, "Evaluate on the test split every N steps (always at step 0 and at the end); 0 = "
+                            "only then.")
+    eval_seed: int = _f(0, "Seed of the fixed test candidate sets (the same for the scorer and the cosine "
+                           "baseline).")
+    log_every: int = _f(50, "Print a line and log train/loss and train/lr every N steps.")
+
+
+@dataclass
+class FrozenRetrievalConfig:
+    embeddings: FrozenEmbeddingsSection = field(default_factory=FrozenEmbeddingsSection)
+    model: FrozenScorerSection = field(default_factory=FrozenScorerSection)
+    train: FrozenTrainSection = field(default_factory=FrozenTrainSection)
+    out_dir: str = _f("runs/frozen-retrieval", "Output directory: tensorboard/, embeddings/ (by default) and "
+                                               "scorer/ (model.safetensors + config.json, written atomically).")
+    device: str = _f("auto", "`auto` = CUDA when available, else CPU.", choices=["auto", "cpu", "cuda"])
+
+
+def validate_frozen_retrieval(cfg: DictConfig) -> List[str]:
+    e, m, t = cfg.embeddings, cfg.model, cfg.train
+    p: List[str] = []
+    if not e.bundle:
+        p.append("embeddings.bundle: give the exported bundle to embed with (`mmtrain export ... --out DIR`)")
+    if not e.pairs:
+        p.append("embeddings.pairs: give the pair shards (`mmtrain prepare-pairs`)")
+    if not cfg.out_dir:
+        p.append("out_dir: must not be empty")
+    if m.n_candidates < 3:
+        p.append(f"model.n_candidates: must be >= 3 (the query slot, the positive and at least one "
+                 f"negative), got {m.n_candidates}")
+    for key, section in (("embeddings.batch_size", e), ("model.n_layers", m), ("model.ffn_mult", m),
+                         ("train.batch_size", t), ("train.log_every", t)):
+        value = section[key.split(".")[1]]
+        if value < 1:
+            p.append(f"{key}: must be >= 1, got {value}")
+    if t.lr <= 0:
+        p.append(f"train.lr: must be > 0, got {t.lr}")
+    for key in ("warmup_steps", "steps", "eval_every"):
+        if t[key] < 0:
+            p.append(f"train.{key}: must be >= 0, got {t[key]}")
+    if t.epochs < 0:
+        p.append(f"train.epochs: must be >= 0, got {t.epochs}")
+    if t.steps == 0 and t.epochs <= 0:
+        p.append("train.steps / train.epochs: one of them must be > 0 (steps wins when both are)")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        p.append(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+    if t.grad_clip < 0 or t.weight_decay < 0:
+        p.append(f"train.grad_clip / train.weight_decay: must be >= 0, got {t.grad_clip} / {t.weight_decay}")
+    return p
+
+
+register_validator(FrozenRetrievalConfig, validate_frozen_retrieval)

@@ -173,6 +173,10 @@ def build_engine(cfg, model: torch.nn.Module, world_size: int) -> Tuple[object, 
         config=ds_config,
         dist_init_required=False,
     )
+    if getattr(cfg.engine, "compile", False):
+        # Experimental: torch.compile of the wrapped module (inductor). Same losses to fp32
+        # rounding; the first steps pay minutes of compilation on a CPU.
+        engine.compile()
     return engine, ds_config
 
 

@@ -234,7 +234,7 @@ def test_llama_param_count_matches_closed_form(tied, n_kv_heads):
 
 
 def test_paper_model_sizes():
-    """PAPER.md section 2 table (untied, no final norm for the mixer), built on the meta device."""
+    """The paper's parameter table (untied, no final norm for the mixer), built on the meta device."""
     with torch.device("meta"):
         mixer512 = build_model(dict(kind="mixer", d_model=512, n_layers=8, n_ctx=512, final_norm=False), 4096)
         mixer1024 = build_model(dict(kind="mixer", d_model=1024, n_layers=8, n_ctx=512, final_norm=False), 4096)
@@ -249,16 +249,17 @@ def test_flops_per_token_follow_documented_formulas(tied):
     d, n, V, L = 32, 2, VOCAB, 24
     mlp = 2 * 4 * d * d
     flat = make(MIXERS["flat"], tie_embeddings=tied)
-    assert flat.flops_per_token(L) == 6 * (n * mlp + V * d) + 6 * n * L * d
-    assert flat.flops_per_token() == 6 * (n * mlp + V * d) + 6 * n * N_CTX * d
+    # token mixing counts the lower triangle: d * (L + 1) forward FLOPs per token and layer
+    assert flat.flops_per_token(L) == 6 * (n * mlp + V * d) + 3 * n * d * (L + 1)
+    assert flat.flops_per_token() == 6 * (n * mlp + V * d) + 3 * n * d * (N_CTX + 1)
     heads = make(MIXERS["multi_head"], tie_embeddings=tied)
-    assert heads.flops_per_token(L) == 6 * (n * (mlp + 2 * d * d) + V * d) + 6 * n * L * d
+    assert heads.flops_per_token(L) == 6 * (n * (mlp + 2 * d * d) + V * d) + 3 * n * d * (L + 1)
     expanded = make(MIXERS["expanded"], tie_embeddings=tied)
-    assert expanded.flops_per_token(L) == 6 * (n * mlp + V * d) + 3 * n * 4 * 3 * L * d
+    assert expanded.flops_per_token(L) == 6 * (n * mlp + V * d) + 3 * n * 2 * 3 * d * (L + 1)
     d, kv_width, inter = 64, 2 * 16, 256
     llama = make(TRANSFORMERS["llama_gqa"], tie_embeddings=tied)
     matmul = n * (2 * d * d + 2 * d * kv_width + 3 * d * inter) + V * d
-    assert llama.flops_per_token(L) == 6 * matmul + 12 * n * d * L
+    assert llama.flops_per_token(L) == 6 * matmul + 6 * n * d * (L + 1)  # causal half of attention
 
 
 # --------------------------------------------------------------------------------------------

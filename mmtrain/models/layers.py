@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -177,7 +178,41 @@ class CausalLM(nn.Module):
         reading earlier positions from ``cache`` and writing these T into it (not ``cache.length``)."""
         raise NotImplementedError
 
+    def run_blocks(self, embeddings: torch.Tensor, k: int) -> torch.Tensor:
+        """The first k blocks applied to embeddings [B, L, d] -> [B, L, d] (no final norm).
+        Called through :meth:`block_outputs`, which checks the arguments."""
+        raise NotImplementedError(f"{type(self).__name__} (model.kind={self.kind!r}) cannot run its first k "
+                                  "blocks on given embeddings: it does not implement run_blocks "
+                                  "(needed by `mmtrain analyze-representation`)")
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of blocks :meth:`block_outputs` can run (model.n_layers)."""
+        return int(self.config_dict["n_layers"])
+
+    def block_outputs(self, embeddings: torch.Tensor, k: int) -> torch.Tensor:
+        """Output O = f_k(E) of the first ``k`` blocks (1..num_blocks) for input embeddings E [B, L, d]
+        (L <= n_ctx), before any final norm: the target of input-representation analysis.
+        Differentiable with respect to ``embeddings``."""
+        if embeddings.dim() != 3 or embeddings.shape[-1] != self.d_model:
+            raise ValueError(f"{type(self).__name__}.block_outputs: embeddings must be [batch, length, "
+                             f"d_model={self.d_model}], got shape {tuple(embeddings.shape)}")
+        if not 1 <= embeddings.shape[1] <= self.n_ctx:
+            raise ValueError(f"{type(self).__name__}.block_outputs: length {embeddings.shape[1]} is outside "
+                             f"1..n_ctx={self.n_ctx}")
+        if not 1 <= int(k) <= self.num_blocks:
+            raise ValueError(f"{type(self).__name__}.block_outputs: k={k} blocks, expected 1..{self.num_blocks}")
+        return self.run_blocks(embeddings, int(k))
+
     # -- shared ---------------------------------------------------------------------------
+    def call_block(self, block: nn.Module, *args: Any) -> torch.Tensor:
+        """``block(*args)``; with ``model.activation_checkpointing`` on (and autograd recording)
+        through ``torch.utils.checkpoint`` (non-reentrant), so the block's activations are
+        recomputed in the backward pass instead of stored."""
+        if self.config_dict.get("activation_checkpointing") and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """input_ids [B, L] (L <= n_ctx) -> logits [B, L, V]; loss when labels [B, L] are given.
@@ -186,8 +221,19 @@ class CausalLM(nn.Module):
         so right padding never changes the outputs at real tokens.
         """
         logits = self.lm_head(self.hidden_states(input_ids))
-        loss = None if labels is None else causal_lm_loss(logits, labels, attention_mask)
+        loss = None if labels is None else self.compute_loss(logits, labels, attention_mask)
         return CausalLMOutput(logits=logits, loss=loss)
+
+    #: The logits at position t are scored against the label at t + label_shift: 1 = next-token
+    #: prediction (every causal LM), 0 = reconstruction of the input (the mixer autoencoder).
+    #: Code that scores or counts targets outside ``forward`` (trainers, eval-lm) reads it.
+    label_shift: int = 1
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The loss ``forward`` returns: shifted next-token cross-entropy (:func:`causal_lm_loss`).
+        A model with another objective overrides it together with ``label_shift``."""
+        return causal_lm_loss(logits, labels, attention_mask)
 
     @torch.no_grad()
     def forward_step(self, input_ids: torch.Tensor, cache: DecodingCache) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Masked mixer language model (Badger, arXiv 2409.01482; spec in shared/PAPER.md sections 1-2).
+"""Masked mixer language model (Badger, arXiv 2409.01482).
 
 A transformer with attention replaced by a learned, causally masked ``n_ctx x n_ctx`` matrix
 over sequence positions::
@@ -21,6 +21,13 @@ after init (that is what keeps ZeRO-3 partitioning and gradient clipping honest)
 masked matrix is lower-triangular in positions, a model built for ``n_ctx`` runs any input of
 length ``L <= n_ctx`` exactly by using the top-left ``L x L`` block.
 
+Fast training path (``model.mixer_impl``: auto | triangular; ``dense`` is the formula above under
+autograd): the model runs sequence-first, H [L, B, d], so flat token mixing is one
+``[L, L] x [L, B*d]`` product per layer, computed by the block-triangular op of
+:mod:`mmtrain.models.mixing_ops` (only the lower half, forward and both gradients; entries above
+the diagonal are never read and get exactly zero gradient). Multi-head mixing does the same per
+head on [h, L, B*d/h]; expanded mixing stays a dense masked product, on the [L, B*d] view.
+
 Incremental decoding (``init_cache`` / ``forward_step``): output row t of a masked matrix reads
 only inputs j <= t, so each block caches what its token mixing reads (the normalised inputs U,
 the projected heads, or the expanded hidden rows) and computes just the new rows:
@@ -37,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtrain.models.layers import CausalLM, DecodingCache, init_normal_
+from mmtrain.models.mixing_ops import AUTO_BLOCK_SIZE, triangular_mix
 
 Cache = Dict[str, torch.Tensor]
 
@@ -94,12 +102,21 @@ def causal_mask(n_ctx: int) -> torch.Tensor:
 class FlatTokenMixing(MaskedMixingMatrix):
     """The paper's main token mixing: ``(W ⊙ tril)[:L, :L] · U + b[:L, None]``.
 
-    U [B, L, d] -> [B, L, d]; one batched matmul. Parameters: weight [n_ctx, n_ctx], bias [n_ctx].
-    Forward cost per token: 2 * L * d FLOPs (computed dense over the L x L block).
+    U [B, L, d] -> [B, L, d] (dense masked matmul), or sequence-first U [L, B, d] -> [L, B, d]
+    through :func:`triangular_mix` on the [L, B*d] view. Parameters: weight [n_ctx, n_ctx],
+    bias [n_ctx]. Forward cost per token averaged over positions: 2 * d * (L + 1) / 2 FLOPs
+    (the lower triangle).
     """
 
-    def __init__(self, n_ctx: int):
+    def __init__(self, n_ctx: int, block_size: int = 0):
         super().__init__(causal_mask(n_ctx))
+        self.block_size = block_size
+
+    def mix_sequence_first(self, u: torch.Tensor) -> torch.Tensor:
+        """u [L, B, d] -> tril(W)[:L, :L] · u + b[:L]: [L, B, d] (one block-triangular product)."""
+        length, batch, width = u.shape
+        mixed = triangular_mix(self.weight, u.reshape(length, batch * width), self.block_size)
+        return (mixed + self.bias[:length, None].to(mixed.dtype)).view(length, batch, width)
 
     def init_cache(self, batch: int, width: int, new) -> Cache:
         return {"u": new(batch, self.weight.shape[-1], width)}
@@ -111,7 +128,7 @@ class FlatTokenMixing(MaskedMixingMatrix):
         return self(cache["u"][:, :end], n_out=end, start=start)
 
     def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
-        return 2.0 * seq_len * d_model
+        return float(d_model * (seq_len + 1))
 
 
 class MultiHeadTokenMixing(nn.Module):
@@ -122,11 +139,12 @@ class MultiHeadTokenMixing(nn.Module):
     weight. Both projections are Linear(d, d) with bias (as the original's MixerHead).
     """
 
-    def __init__(self, d_model: int, n_ctx: int, heads: int):
+    def __init__(self, d_model: int, n_ctx: int, heads: int, block_size: int = 0):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model {d_model} is not divisible by mixer_heads {heads}")
         self.heads = heads
+        self.block_size = block_size
         self.in_proj = nn.Linear(d_model, d_model)
         self.mixing = MaskedMixingMatrix(causal_mask(n_ctx), heads=heads)
         self.out_proj = nn.Linear(d_model, d_model)
@@ -136,6 +154,18 @@ class MultiHeadTokenMixing(nn.Module):
         per_head = self.in_proj(u).view(batch, length, self.heads, width // self.heads).transpose(1, 2)
         mixed = self.mixing(per_head)                              # [B, h, L, d/h]
         return self.out_proj(mixed.transpose(1, 2).reshape(batch, length, width))
+
+    def mix_sequence_first(self, u: torch.Tensor) -> torch.Tensor:
+        """u [L, B, d] -> [L, B, d]: heads laid out as [h, L, B*d/h] so each head's mixing is one
+        block-triangular product (two copies of size L*B*d, small next to the L^2 product)."""
+        length, batch, width = u.shape
+        head_width = width // self.heads
+        per_head = (self.in_proj(u).view(length, batch, self.heads, head_width)
+                    .permute(2, 0, 1, 3).reshape(self.heads, length, batch * head_width))
+        mixed = triangular_mix(self.mixing.weight, per_head, self.block_size)           # [h, L, B*d/h]
+        mixed = mixed + self.mixing.bias[:, :length, None].to(mixed.dtype)
+        mixed = mixed.view(self.heads, length, batch, head_width).permute(1, 2, 0, 3).reshape(length, batch, width)
+        return self.out_proj(mixed)
 
     def init_cache(self, batch: int, width: int, new) -> Cache:
         n_ctx = self.mixing.weight.shape[-1]
@@ -151,8 +181,9 @@ class MultiHeadTokenMixing(nn.Module):
         return self.out_proj(mixed.transpose(1, 2).reshape(batch, length, width))
 
     def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
-        # h heads x (L x L) @ (L x d/h): 2 * L * d per token; projections are in matmul_params.
-        return 2.0 * seq_len * d_model
+        # h heads x tril(L x L) @ (L x d/h): 2 * d * (L + 1) / 2 per token averaged over positions;
+        # the projections are in matmul_params.
+        return float(d_model * (seq_len + 1))
 
 
 def expanded_masks(n_ctx: int, expansion: int):
@@ -193,6 +224,12 @@ class ExpandedTokenMixing(nn.Module):
         hidden = F.gelu(self.expand(u, n_out=self.expansion * length))   # [B, e*L, d]
         return self.contract(hidden, n_out=length)                       # [B, L, d]
 
+    def mix_sequence_first(self, u: torch.Tensor) -> torch.Tensor:
+        """u [L, B, d] -> [L, B, d]: the same two masked products, each one GEMM on [rows, B*d]."""
+        length, batch, width = u.shape
+        hidden = F.gelu(self.expand(u.reshape(length, batch * width), n_out=self.expansion * length))
+        return self.contract(hidden, n_out=length).view(length, batch, width)
+
     def init_cache(self, batch: int, width: int, new) -> Cache:
         n_ctx = self.expand.weight.shape[-1]
         return {"u": new(batch, n_ctx, width), "hidden": new(batch, self.expansion * n_ctx, width)}
@@ -206,8 +243,9 @@ class ExpandedTokenMixing(nn.Module):
         return self.contract(cache["hidden"][:, :e * end], n_out=end, start=start)
 
     def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
-        # (eL x L) @ (L x d) and (L x eL) @ (eL x d): 2 * 2 * e * L * d per token.
-        return 4.0 * self.expansion * seq_len * d_model
+        # Unmasked entries: e * L (L + 1) / 2 in each of the two matrices, so averaged over
+        # positions 2 * 2 * e * d * (L + 1) / 2 per token (the dense product computes twice that).
+        return 2.0 * self.expansion * d_model * (seq_len + 1)
 
 
 class MLP(nn.Module):
@@ -222,28 +260,35 @@ class MLP(nn.Module):
         return self.fc_out(F.gelu(self.fc_in(x)))
 
 
-def build_token_mixing(d_model: int, n_ctx: int, heads: int, expansion: int) -> nn.Module:
+def build_token_mixing(d_model: int, n_ctx: int, heads: int, expansion: int, block_size: int = 0) -> nn.Module:
+    """Flat, multi-head or expanded token mixing; block_size is the triangular op's (0 = auto)."""
     if heads > 0 and expansion > 1:
         raise ValueError("mixer_heads > 0 and mixer_expansion > 1 cannot be combined")
     if heads > 0:
-        return MultiHeadTokenMixing(d_model, n_ctx, heads)
+        return MultiHeadTokenMixing(d_model, n_ctx, heads, block_size)
     if expansion > 1:
         return ExpandedTokenMixing(n_ctx, expansion)
-    return FlatTokenMixing(n_ctx)
+    return FlatTokenMixing(n_ctx, block_size)
 
 
 class MixerBlock(nn.Module):
-    """Pre-norm block: ``H += TokenMixing(LN(H)); H += MLP(LN(H))``. H [B, L, d] -> [B, L, d]."""
+    """Pre-norm block: ``H += TokenMixing(LN(H)); H += MLP(LN(H))``.
 
-    def __init__(self, d_model: int, n_ctx: int, ffn_mult: int, heads: int, expansion: int, eps: float):
+    H [B, L, d] -> [B, L, d], or with ``sequence_first=True`` H [L, B, d] -> [L, B, d] (the
+    token mixing's fast path; everything else is position-wise and layout-agnostic).
+    """
+
+    def __init__(self, d_model: int, n_ctx: int, ffn_mult: int, heads: int, expansion: int, eps: float,
+                 block_size: int = 0):
         super().__init__()
         self.token_norm = nn.LayerNorm(d_model, eps=eps)
-        self.token_mixing = build_token_mixing(d_model, n_ctx, heads, expansion)
+        self.token_mixing = build_token_mixing(d_model, n_ctx, heads, expansion, block_size)
         self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
         self.mlp = MLP(d_model, ffn_mult * d_model)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.token_mixing(self.token_norm(h))
+    def forward(self, h: torch.Tensor, sequence_first: bool = False) -> torch.Tensor:
+        u = self.token_norm(h)
+        h = h + (self.token_mixing.mix_sequence_first(u) if sequence_first else self.token_mixing(u))
         return h + self.mlp(self.mlp_norm(h))
 
     def forward_step(self, h: torch.Tensor, cache: Cache, start: int) -> torch.Tensor:
@@ -268,9 +313,14 @@ class MaskedMixerLM(CausalLM):
         c = self.config_dict
         d = c["d_model"]
         self.wte = nn.Embedding(c["vocab_size"], d)
+        # Block size 0 = per input length (mixing_ops.auto_block_size); `triangular` always blocks.
+        block_size = c["mixer_block_size"] or (AUTO_BLOCK_SIZE if c["mixer_impl"] == "triangular" else 0)
         self.blocks = nn.ModuleList(
-            MixerBlock(d, c["n_ctx"], c["ffn_mult"], c["mixer_heads"], c["mixer_expansion"], c["norm_eps"])
+            MixerBlock(d, c["n_ctx"], c["ffn_mult"], c["mixer_heads"], c["mixer_expansion"], c["norm_eps"],
+                       block_size)
             for _ in range(c["n_layers"]))
+        # auto / triangular: run sequence-first so token mixing is one large triangular GEMM.
+        self.sequence_first = c["mixer_impl"] != "dense"
         self.final_norm = nn.LayerNorm(d, eps=c["norm_eps"]) if c["final_norm"] else nn.Identity()
         self.lm_head = nn.Linear(d, c["vocab_size"], bias=False)
         self.apply(lambda m: init_normal_(m, c["init_std"]))  # token mixing keeps its own init
@@ -284,10 +334,23 @@ class MaskedMixerLM(CausalLM):
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, L] (L <= n_ctx) -> [B, L, d], after the final LayerNorm when enabled."""
         self.check_length(input_ids)
-        h = self.wte(input_ids)
-        for block in self.blocks:
-            h = block(h)
-        return self.final_norm(h)
+        if not self.sequence_first:
+            return self.final_norm(self._run_blocks(self.wte(input_ids), len(self.blocks)))
+        h = self._run_blocks(self.wte(input_ids.t()), len(self.blocks))             # [L, B, d]
+        return self.final_norm(h).transpose(0, 1).contiguous()
+
+    def run_blocks(self, embeddings: torch.Tensor, k: int) -> torch.Tensor:
+        """embeddings [B, L, d] through blocks 0..k-1 -> [B, L, d] (no final LayerNorm)."""
+        if not self.sequence_first:
+            return self._run_blocks(embeddings, k)
+        return self._run_blocks(embeddings.transpose(0, 1).contiguous(), k).transpose(0, 1).contiguous()
+
+    def _run_blocks(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        """h through blocks 0..k-1, in the model's layout ([L, B, d] when sequence_first, else
+        [B, L, d]), each block checkpointed when model.activation_checkpointing is on."""
+        for block in self.blocks[:k]:
+            h = self.call_block(block, h, self.sequence_first)
+        return h
 
     def init_cache(self, batch_size: int = 1) -> DecodingCache:
         """Per block, preallocated [B, n_ctx, ...] buffers of what its token mixing reads."""
@@ -308,9 +371,10 @@ class MaskedMixerLM(CausalLM):
 
         matmul_params = all Linear weights incl. the LM head (not the embedding lookup):
         n_layers * 2 * ffn_mult * d^2 (+ 2 d^2 per layer for multi-head) + V * d.
-        mixing_forward_flops_per_token, with the L x L product computed dense (not triangular):
-        flat 2 * L * d, multi-head 2 * L * d, expanded 4 * e * L * d.
-        So a flat mixer costs 6 * matmul_params + 6 * n_layers * L * d.
+        mixing_forward_flops_per_token counts the lower triangle only (position t reads t + 1
+        positions), averaged over the L positions: flat d * (L + 1), multi-head d * (L + 1),
+        expanded 2 * e * d * (L + 1) (the dense formulation computes twice as many).
+        So a flat mixer costs 6 * matmul_params + 3 * n_layers * d * (L + 1).
         """
         length = self._sequence_length_for_flops(seq_len)
         mixing = sum(block.token_mixing.forward_flops_per_token(length, self.d_model) for block in self.blocks)

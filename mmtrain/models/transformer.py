@@ -198,8 +198,17 @@ class LlamaLM(CausalLM):
         h = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(length, self.head_dim, self.rope_theta, h.device, h.dtype)
         for layer in self.model.layers:
-            h = layer(h, cos, sin)
+            h = self.call_block(layer, h, cos, sin)
         return self.model.norm(h)
+
+    def run_blocks(self, embeddings: torch.Tensor, k: int) -> torch.Tensor:
+        """embeddings [B, L, d] through decoder layers 0..k-1 at positions 0..L-1 -> [B, L, d]
+        (no final RMSNorm)."""
+        h = embeddings
+        cos, sin = rotary_cos_sin(h.shape[1], self.head_dim, self.rope_theta, h.device, h.dtype)
+        for layer in self.model.layers[:k]:
+            h = layer(h, cos, sin)
+        return h
 
     def init_cache(self, batch_size: int = 1) -> DecodingCache:
         """Per layer a KV cache: rotated keys and values [B, n_kv_heads, n_ctx, head_dim]."""
@@ -220,15 +229,16 @@ class LlamaLM(CausalLM):
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B::
 
-            6 * matmul_params  +  12 * n_layers * d * L
+            6 * matmul_params  +  6 * n_layers * d * (L + 1)
 
         matmul_params = all Linear weights incl. the LM head (not the embedding lookup):
         n_layers * (2 d^2 + 2 d * n_kv_heads * head_dim + 3 d * intermediate_size) + V * d.
-        12 * n_layers * d * L covers QK^T and AV (2 * 2 * L * d forward per token, x3 for
-        training) over the full L x L scores, as PaLM counts it (not halved for causality).
+        6 * n_layers * d * (L + 1) covers QK^T and AV over the causal half only: position t
+        attends to t + 1 keys, 2 * 2 * d * (L + 1) / 2 forward FLOPs per token averaged over
+        positions, x3 for training (PaLM's 12 * n_layers * d * L counts the full L x L scores).
         """
         length = self._sequence_length_for_flops(seq_len)
-        return 6.0 * self.matmul_params() + 12.0 * self.config_dict["n_layers"] * self.d_model * length
+        return 6.0 * self.matmul_params() + 6.0 * self.config_dict["n_layers"] * self.d_model * (length + 1)
 
     def hf_config_dict(self) -> Dict[str, Any]:
         """Keyword arguments for ``transformers.LlamaConfig`` that rebuild this exact model."""

@@ -175,6 +175,12 @@ _TENSOR_DOCS = [
     ("token_mixing.contract.weight", "expanded mixing, second matrix [n_ctx, e*n_ctx]; output i reads "
                                      "hidden rows r with r // e <= i (masked)"),
     ("token_mixing.contract.bias", "expanded mixing, per-position bias [n_ctx]"),
+    ("reverse_norm.", "bidirectional mixer: LayerNorm before the reverse stream's token mixing"),
+    ("reverse_mixing.weight", "bidirectional mixer, reverse stream: W_r [n_ctx, n_ctx], stored masked with "
+                              "triu(diagonal=2) (output n reads inputs n+2 ..)"),
+    ("reverse_mixing.bias", "bidirectional mixer, reverse stream: per-position bias [n_ctx]"),
+    ("bottleneck.down.", "mixer autoencoder: bottleneck Linear(d, d/compression) on the embedding"),
+    ("bottleneck.up.", "mixer autoencoder: bottleneck Linear(d/compression, d)"),
     ("mlp.fc_in.", "MLP Linear(d, ffn_mult*d), then exact-erf GELU"),
     ("mlp.fc_out.", "MLP Linear(ffn_mult*d, d)"),
     ("final_norm.", "final LayerNorm before the LM head"),

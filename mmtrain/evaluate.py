@@ -4,7 +4,8 @@ For each context length L the ``n_ctx``-token blocks of ``<shard_dir>/ctx<N>/<sp
 ``N // L`` consecutive blocks of L tokens (the tail of ``N % L`` tokens is dropped), exactly as
 training evaluates shorter lengths; every block is scored on its own (position t predicts token
 t+1; padding is never a target). A mixer built for ``n_ctx`` runs any L <= n_ctx exactly; the
-transformer runs any L <= n_ctx too (causal attention).
+transformer runs any L <= n_ctx too (causal attention). A model whose ``label_shift`` is 0 (the mixer
+autoencoder) is scored the way it is trained: position t against token t (reconstruction).
 
 - loss: mean next-token cross-entropy in nats over all target tokens,
 - perplexity: exp(loss),
@@ -46,11 +47,13 @@ def token_bytes(tokenizer) -> Tuple[torch.Tensor, torch.Tensor]:
     return lengths, leading_space
 
 
-def target_bytes(ids: torch.Tensor, table: Tuple[torch.Tensor, torch.Tensor], eos_id: int) -> torch.Tensor:
-    """Bytes of each target token ids[:, 1:] ([B, L-1], float64); a document's first piece (after an
-    EOS) loses the dummy-prefix space the tokenizer added."""
+def target_bytes(ids: torch.Tensor, table: Tuple[torch.Tensor, torch.Tensor], eos_id: int,
+                 shift: int = 1) -> torch.Tensor:
+    """Bytes of each target token ids[:, shift:] ([B, L-shift], float64); a document's first piece
+    (after an EOS) loses the dummy-prefix space the tokenizer added."""
     lengths, leading_space = table
-    targets, previous = ids[:, 1:], ids[:, :-1]
+    targets = ids[:, shift:]
+    previous = torch.cat((torch.full_like(ids[:, :1], -1), ids), dim=1)[:, shift:-1]  # -1: not seen
     return lengths[targets] - (leading_space[targets] & (previous == eos_id)).double()
 
 
@@ -59,6 +62,7 @@ def evaluate_blocks(model, blocks: Iterable[Tuple[torch.Tensor, torch.Tensor]], 
                     table: Tuple[torch.Tensor, torch.Tensor], eos_id: int) -> List[Dict[str, Any]]:
     """Score batches of (input_ids [B, N], attention_mask [B, N]) at every L in ``lengths``."""
     device = next(model.parameters()).device
+    shift = getattr(model, "label_shift", 1)   # logits at t are scored against token t + shift
     sums = {L: {"nll": 0.0, "tokens": 0, "bytes": 0.0, "sequences": 0} for L in lengths}
     for ids, mask in blocks:
         for L in lengths:
@@ -66,13 +70,14 @@ def evaluate_blocks(model, blocks: Iterable[Tuple[torch.Tensor, torch.Tensor]], 
             x = ids[:, :k * L].reshape(-1, L)
             m = mask[:, :k * L].reshape(-1, L)
             logits = model(x.to(device)).logits.float()
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1).to(device),
-                                  reduction="none").double().cpu().view(x.shape[0], L - 1)
-            counted = (m[:, 1:] == 1)
+            nll = F.cross_entropy(logits[:, :L - shift].reshape(-1, logits.shape[-1]),
+                                  x[:, shift:].reshape(-1).to(device),
+                                  reduction="none").double().cpu().view(x.shape[0], L - shift)
+            counted = (m[:, shift:] == 1)
             s = sums[L]
             s["nll"] += float((nll * counted).sum())
             s["tokens"] += int(counted.sum())
-            s["bytes"] += float((target_bytes(x, table, eos_id) * counted).sum())
+            s["bytes"] += float((target_bytes(x, table, eos_id, shift) * counted).sum())
             s["sequences"] += x.shape[0]
     results = []
     for L, s in sums.items():

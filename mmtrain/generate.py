@@ -1,10 +1,11 @@
 """`mmtrain generate`: sample text from a bundle, streaming tokens to stdout.
 
-Both model kinds decode incrementally by default (``use_cache=True``): the prompt goes through
-``model.forward_step`` once, then each new token costs one step over the cached state of the
-earlier positions (mixer: every layer's normalised inputs, O(L * d) per layer; transformer: a KV
-cache). ``use_cache=False`` runs a full forward pass over the whole sequence for every token (the
-reference the cached path is tested against).
+The mixer, the transformer and the hybrid decode incrementally by default (``use_cache=True``;
+the bidirectional mixer and the mixer autoencoder cannot generate and are refused): the prompt
+goes through ``model.forward_step`` once, then each new token costs one step over the cached
+state of the earlier positions (mixer: every layer's normalised inputs, O(L * d) per layer;
+transformer: a KV cache; hybrid: both). ``use_cache=False`` runs a full forward pass over the
+whole sequence for every token (the reference the cached path is tested against).
 
 A sequence never grows past the model's ``n_ctx`` (the length it was trained on): generation stops
 there with a message saying so. The prompt is prefixed with EOS, the end-of-document token that
@@ -56,6 +57,14 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def generation_refusal(model) -> str:
+    """Why ``model`` cannot continue a text ('' when it can): models that read tokens after the
+    predicted one (bidirectional mixer) or reconstruct their input (autoencoder) set
+    ``generation_unsupported`` to the reason."""
+    reason = getattr(model, "generation_unsupported", "")
+    return f"cannot generate with model.kind={model.kind!r}: {reason}" if reason else ""
+
+
 @torch.no_grad()
 def generate(model, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, use_cache: bool = True, eos_id: Optional[int] = 3,
@@ -64,8 +73,12 @@ def generate(model, prompt: Sequence[int], max_new_tokens: int, temperature: flo
 
     Stops at ``eos_id`` (None: never), after ``max_new_tokens``, or when the sequence reaches the
     model's n_ctx. ``on_token`` is called with every new token as soon as it is sampled.
-    Deterministic for a given ``seed``.
+    Deterministic for a given ``seed``. ValueError for a model that cannot generate
+    (:func:`generation_refusal`).
     """
+    refusal = generation_refusal(model)
+    if refusal:
+        raise ValueError(refusal)
     n_ctx = model.n_ctx
     if not 1 <= len(prompt) <= n_ctx:
         raise ValueError(f"the prompt is {len(prompt)} tokens; it must be 1..{n_ctx} (the model's n_ctx)")
@@ -128,6 +141,10 @@ def _run(args) -> int:
         tokenizer = load_bundle_tokenizer(args.bundle)
     except (BundleError, FileNotFoundError) as exc:
         print(f"mmtrain generate: {exc}", file=sys.stderr)
+        return 2
+    refusal = generation_refusal(model)
+    if refusal:
+        print(f"mmtrain generate: {args.bundle}: {refusal}", file=sys.stderr)
         return 2
     prompt = encode_prompt(tokenizer, args.prompt, not args.no_doc_start)
     if len(prompt) > model.n_ctx:

@@ -24,10 +24,48 @@ tie_embeddings). Tensor names and config.json keys are Hugging Face's, so this l
 `transformers.LlamaForCausalLM.from_pretrained(<this directory>)` and gives the same logits."""
 
 
-# Config keys that mean nothing for the other kind (left out of the card's table).
+_HYBRID_MATH = """\
+Transformer + masked mixer hybrid ("transfixer"): Llama decoder layers (RMSNorm, rotary
+embeddings, SwiGLU MLP) whose token mixing adds a causally masked n_ctx x n_ctx matrix
+`Mix(U) = W[:L, :L] @ U + b[:L, None]` (W stored lower-triangular) to the attention:
+
+    sequential:  a = Attn(RMSNorm(h));  h = h + a + Mix(a)
+    parallel:    u = RMSNorm(h);        h = h + Attn(u) + Mix(u)
+    both:        h = h + SwiGLU(RMSNorm(h))
+
+Tensor names follow Hugging Face's Llama plus `model.layers.{i}.token_mixing.{weight,bias}`, which
+`LlamaForCausalLM` does not have: load it with mmtrain."""
+
+_BIDIRECTIONAL_MATH = """\
+Bidirectional masked mixer: a forward stream (token mixing masked with tril) and a reverse stream
+(masked with triu, diagonal 2) over the same embeddings, with a shared MLP, summed after the last
+block: `logits = lm_head(final_norm(x + y))`. Position n predicts token n+1 from the tokens <= n and
+>= n+2 (a fill-in task, not left-to-right language modelling), so it cannot generate text and its
+loss is not comparable with a causal model's."""
+
+_AUTOENCODER_MATH = """\
+Masked mixer autoencoder: encoder mixer blocks read the tokens; the last position's final hidden
+state e (through an optional bottleneck) is repeated L times and decoded by causal mixer blocks;
+`logits = lm_head(final_norm(decoder(repeat(e))))` with an unshifted loss: position t reconstructs
+token t. It reconstructs a given text and cannot continue one."""
+
+_MATH = {"mixer": _MIXER_MATH, "transformer": _LLAMA_MATH, "hybrid": _HYBRID_MATH,
+         "bidirectional_mixer": _BIDIRECTIONAL_MATH, "mixer_autoencoder": _AUTOENCODER_MATH}
+_TITLES = {"mixer": "masked mixer", "transformer": "Llama transformer",
+           "hybrid": "transformer + masked mixer hybrid", "bidirectional_mixer": "bidirectional masked mixer",
+           "mixer_autoencoder": "masked mixer autoencoder"}
+_GENERATIVE = {"mixer", "transformer", "hybrid"}
+
+# Config keys that mean nothing for a kind (left out of the card's table).
+_MIXER_KEYS = {"mixer_heads", "mixer_expansion", "ffn_mult", "final_norm"}
+_LLAMA_KEYS = {"n_heads", "n_kv_heads", "intermediate_size", "rope_theta"}
+_VARIANT_KEYS = {"hybrid_mode", "encoder_layers", "decoder_layers", "compression"}
 _OTHER_KIND_KEYS = {
-    "mixer": {"n_heads", "n_kv_heads", "intermediate_size", "rope_theta"},
-    "transformer": {"mixer_heads", "mixer_expansion", "ffn_mult", "final_norm"},
+    "mixer": _LLAMA_KEYS | _VARIANT_KEYS,
+    "transformer": _MIXER_KEYS | _VARIANT_KEYS,
+    "hybrid": _MIXER_KEYS | (_VARIANT_KEYS - {"hybrid_mode"}),
+    "bidirectional_mixer": _LLAMA_KEYS | _VARIANT_KEYS,
+    "mixer_autoencoder": _LLAMA_KEYS | {"hybrid_mode"},
 }
 
 
@@ -47,7 +85,7 @@ def render_model_card(config: Dict[str, Any]) -> str:
     m = config["mmtrain"]
     model, source, training = m["model"], m.get("source", {}), m.get("training", {})
     kind = model["kind"]
-    title = "masked mixer" if kind == "mixer" else "Llama transformer"
+    title = _TITLES.get(kind, kind)
     lines = [f"# {title}: d_model {model['d_model']}, {model['n_layers']} layers, n_ctx {model['n_ctx']}", ""]
     lines += [f"Exported by mmtrain {m['mmtrain_version']} from "
               f"`{source.get('checkpoint', 'a model in memory')}`"
@@ -56,8 +94,10 @@ def render_model_card(config: Dict[str, Any]) -> str:
     lines += ["## Load it", "", "```python", "from mmtrain import load_pretrained",
               "model = load_pretrained(\"<this directory>\")   # no training config, no deepspeed",
               "```", "",
-              "```bash", "mmtrain generate <this directory> --prompt \"def \"",
-              "mmtrain eval-lm <this directory> --data <shard_dir>", "```", ""]
+              "```bash"]
+    if kind in _GENERATIVE:
+        lines += ["mmtrain generate <this directory> --prompt \"def \""]
+    lines += ["mmtrain eval-lm <this directory> --data <shard_dir>", "```", ""]
     if kind == "transformer":
         lines += ["```python", "from transformers import LlamaForCausalLM",
                   "hf = LlamaForCausalLM.from_pretrained(\"<this directory>\")", "```", ""]
@@ -65,7 +105,7 @@ def render_model_card(config: Dict[str, Any]) -> str:
     lines += _table([[k, _fmt(v)] for k, v in model.items() if k not in _OTHER_KIND_KEYS.get(kind, ())] + [["parameters", f"{m['num_params']:,}"],
                                                                    ["stored dtype", m["dtype"]]],
                     ["key", "value"])
-    lines += ["", _MIXER_MATH if kind == "mixer" else _LLAMA_MATH, ""]
+    lines += ["", _MATH.get(kind, ""), ""]
     if training:
         lines += ["## Training", ""]
         lines += _table([[k, _fmt(v)] for k, v in training.items()], ["key", "value"])

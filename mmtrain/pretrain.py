@@ -146,6 +146,7 @@ class Trainer:
         from mmtrain.models import build_model
 
         self.model = build_model(cfg.model, self.vocab_size)
+        self.label_shift = self.model.label_shift  # targets of out.loss: labels[:, shift:] (0 = autoencoder)
         self._check_disk_space()
         self.engine, self.ds_config = build_engine(cfg, self.model, self.dist.world_size)
         self.device = self.dist.device
@@ -267,7 +268,7 @@ class Trainer:
             if micro == self.gas - 1 and self.engine.zero_optimization_stage() == 0:
                 grad_norm = self._grad_norm()  # ZeRO 0 does not report it; pre-clip, like ZeRO >= 1
             self.engine.step()
-            targets = float((labels[:, 1:] != -100).sum())
+            targets = float((labels[:, self.label_shift:] != -100).sum())
             loss_tokens += float(out.loss.detach().float()) * targets
             n_targets += targets
             n_tokens += float((labels != -100).sum())
@@ -319,7 +320,7 @@ class Trainer:
                 ids = input_ids[:, : k * n].reshape(-1, n)
                 lab = labels[:, : k * n].reshape(-1, n)
                 out = self.engine(ids, labels=lab)
-                targets = float((lab[:, 1:] != -100).sum())
+                targets = float((lab[:, self.label_shift:] != -100).sum())
                 sums[n][0] += float(out.loss.float()) * targets
                 sums[n][1] += targets
         flat = _all_reduce_sum([v for n in sums for v in sums[n]], self.device)

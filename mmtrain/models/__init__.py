@@ -10,12 +10,18 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Type
 
 from mmtrain.models.layers import CausalLM, CausalLMOutput, causal_lm_loss, resolve_model_config
+from mmtrain.models.autoencoder import MixerAutoencoderLM
+from mmtrain.models.bidirectional import BidirectionalMixerLM
+from mmtrain.models.hybrid import HybridLM
 from mmtrain.models.mixer import MaskedMixerLM
 from mmtrain.models.transformer import LlamaLM
 
 MODELS: Dict[str, Type[CausalLM]] = {
     "mixer": MaskedMixerLM,
     "transformer": LlamaLM,
+    "hybrid": HybridLM,
+    "bidirectional_mixer": BidirectionalMixerLM,
+    "mixer_autoencoder": MixerAutoencoderLM,
 }
 
 
@@ -37,5 +43,6 @@ def build_model(model_cfg: Any, vocab_size: Optional[int] = None) -> CausalLM:
     return MODELS[kind](config)
 
 
-__all__ = ["MODELS", "CausalLM", "CausalLMOutput", "LlamaLM", "MaskedMixerLM", "build_model",
+__all__ = ["MODELS", "BidirectionalMixerLM", "CausalLM", "CausalLMOutput", "HybridLM", "LlamaLM",
+           "MaskedMixerLM", "MixerAutoencoderLM", "build_model",
            "causal_lm_loss", "register_model", "resolve_model_config"]

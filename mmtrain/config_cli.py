@@ -5,7 +5,7 @@ from __future__ import annotations
 from mmtrain import config as C
 
 SCHEMAS = {"pretrain": C.PretrainConfig, "prepare": C.PrepareConfig, "retrieval": C.RetrievalConfig,
-           "pairs": C.PairsConfig}
+           "pairs": C.PairsConfig, "frozen_retrieval": C.FrozenRetrievalConfig}
 
 
 def _reference(args) -> int:

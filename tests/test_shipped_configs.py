@@ -5,16 +5,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmtrain.config import PairsConfig, PrepareConfig, PretrainConfig, RetrievalConfig, load_config
+from mmtrain.cli import main as cli_main
+from mmtrain.config import PretrainConfig, load_config
+from mmtrain.config_cli import SCHEMAS  # configs/<dir>/ -> schema, as `mmtrain config-reference <dir>`
 from mmtrain.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = {"pretrain": PretrainConfig, "prepare": PrepareConfig, "retrieval": RetrievalConfig, "pairs": PairsConfig}
 YAMLS = sorted(p for p in (ROOT / "configs").rglob("*.yaml"))
 
 
 def test_configs_are_discovered():
     assert any(p.parent.name == "pretrain" for p in YAMLS)
+
+
+@pytest.mark.parametrize("schema", sorted(SCHEMAS))
+def test_config_reference_documents_every_schema(schema, capsys):
+    assert cli_main(["config-reference", schema]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert rows and all(line.count("|") >= 5 for line in rows)
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -21,7 +21,10 @@ COMMANDS = {
     "export-embedder": "mmtrain.retrieval_eval",
     "eval-lm": "mmtrain.evaluate",
     "eval-retrieval": "mmtrain.retrieval_eval",
+    "frozen-retrieval": "mmtrain.frozen_retrieval",
     "generate": "mmtrain.generate",
+    "analyze-representation": "mmtrain.representation",
+    "report": "mmtrain.report",
     "config-reference": "mmtrain.config_cli",
     "show-config": "mmtrain.config_cli",
 }

@@ -1,0 +1,139 @@
+"""The benchmarks run as a user runs them (their quickest form) and print complete tables.
+
+The three benchmark scripts start together (one BLAS thread each) and are shared by the tests;
+the tests check the tables' rows, columns and numbers, and the files written. They do not judge
+speed: timings on a shared machine are not test material.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, script_env
+
+BENCH = ROOT / "benchmarks"
+
+
+def _number(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("x%"))
+
+
+def markdown_rows(output: str, first_header: str):
+    """Header cells and data rows (lists of cells) of the markdown table whose first header cell
+    is ``first_header``."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return header, rows
+
+
+@pytest.fixture(scope="module")
+def bench_runs(demo_shards, tmp_path_factory):
+    """{name: (returncode, stdout, out_dir)} of the three benchmarks in their quick form."""
+    base = tmp_path_factory.mktemp("benchmarks")
+    commands = {
+        "throughput": ["throughput.py", "--quick"],
+        "zero_memory": ["zero_memory.py", "--quick", "--world-sizes", "2"],
+        "data": ["data.py", "--quick", "--shard-dir", str(demo_shards), "--n-ctx", "64", "--batches", "10",
+                 "--threads", "1"],
+    }
+    procs = {}
+    for name, (script, *args) in commands.items():
+        out_dir = base / name
+        procs[name] = (subprocess.Popen([sys.executable, str(BENCH / script), *args, "--out-dir", str(out_dir)],
+                                        cwd=ROOT, env=script_env(), text=True, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE), out_dir)
+    runs = {}
+    for name, (proc, out_dir) in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        if proc.returncode != 0:
+            raise AssertionError(f"benchmarks/{commands[name][0]} exited {proc.returncode}\n"
+                                 f"{stdout[-4000:]}\n{stderr[-6000:]}")
+        runs[name] = (stdout, out_dir)
+    return runs
+
+
+def test_throughput_quick_prints_every_model_at_both_lengths_with_ratios(bench_runs):
+    stdout, out_dir = bench_runs["throughput"]
+    header, rows = markdown_rows(stdout, "model")
+    assert header == ["model", "n_ctx", "ZeRO", "params (M)", "step (ms)", "tokens/s", "peak mem (MiB)", "MFU",
+                      "tokens/s ratio", "mem ratio", "ratio vs"]
+    by_name = {}
+    for row in rows:
+        by_name.setdefault(row[0], []).append(row)
+        for cell in row[3:8]:  # params, step, tokens/s, memory, MFU
+            assert _number(cell) > 0, row
+    for label in ("mixer (ours)", "mixer multi-head (ours)", "paper mixer, Conv1d (ref)", "transformer (ours)",
+                  "HF LlamaForCausalLM (ref)"):
+        assert sorted(int(r[1]) for r in by_name[label]) == [32, 64], label
+    for row in by_name["mixer (ours)"] + by_name["transformer (ours)"]:
+        assert _number(row[8]) > 0 and _number(row[9]) > 0
+    assert {r[10] for r in by_name["mixer (ours)"]} == {"paper mixer, Conv1d (ref)"}
+    assert {r[10] for r in by_name["transformer (ours)"]} == {"HF LlamaForCausalLM (ref)"}
+    # engine overhead: plain loop and ZeRO 1-3, each engine row with its ratio to the plain loop
+    assert [r[2] for r in by_name["mixer, plain PyTorch loop"]] == ["—"]
+    for stage in (1, 2, 3):
+        (row,) = by_name[f"mixer, engine ZeRO {stage}"]
+        assert row[2] == str(stage) and row[10] == "plain loop" and _number(row[8]) > 0
+    assert re.search(r"fp32 matmul peak \(measured in this run\): [\d,.]+ GFLOP/s", stdout)
+
+    with open(out_dir / "throughput.csv", newline="") as fh:
+        records = list(csv.DictReader(fh))
+    assert len(records) == len(rows)
+    assert all(float(r["tokens_per_s"]) > 0 and float(r["peak_flops"]) > 0 for r in records)
+    assert (out_dir / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out_dir / "throughput.md").read_text().count("| mixer (ours) |") == 2
+
+
+def test_zero_memory_quick_reports_every_stage_per_rank_with_expected_bytes(bench_runs):
+    stdout, out_dir = bench_runs["zero_memory"]
+    header, rows = markdown_rows(stdout, "ZeRO")
+    assert header[:3] == ["ZeRO", "world", "expected B/param"]
+    assert [(r[0], r[1]) for r in rows] == [(str(s), "2") for s in range(4)]
+    expected = {"0": "16 = 16.0", "1": "8 + 12/N = 14.0", "2": "4 + 16/N = 12.0", "3": "20/N = 10.0"}
+    for row in rows:
+        assert row[2] == expected[row[0]]
+        per_rank = [_number(x) for x in row[4].split(" / ")]
+        assert len(per_rank) == 2 and all(x > 0 for x in per_rank)
+        assert _number(row[5]) > 0 and _number(row[6]) > 0 and _number(row[7]) > 0
+    with open(out_dir / "zero_memory.csv", newline="") as fh:
+        assert [int(r["zero_stage"]) for r in csv.DictReader(fh)] == [0, 1, 2, 3]
+
+
+def test_data_quick_compares_each_worker_setting_with_training_consumption(bench_runs):
+    stdout, out_dir = bench_runs["data"]
+    header, rows = markdown_rows(stdout, "what")
+    assert header == ["what", "samples/s", "tokens/s", "first batch (s)", "ratio vs training"]
+    assert [r[0] for r in rows] == [f"streaming loader, num_workers {w}" for w in (0, 1, 2)] + [
+        "training consumption (default config)"]
+    train_tps = _number(rows[-1][2])
+    for row in rows[:3]:
+        samples, tokens = _number(row[1]), _number(row[2])
+        assert samples > 0 and tokens == pytest.approx(64 * samples, abs=64)
+        assert _number(row[4]) == pytest.approx(tokens / train_tps, rel=0.06)
+    assert (out_dir / "data.csv").is_file() and (out_dir / "data.md").is_file()
+
+
+def test_bad_arguments_are_refused_before_any_work(capsys, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("mmtrain_bench_throughput", BENCH / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    with pytest.raises(SystemExit) as exc:
+        throughput.parse_args(["--dtype", "bf16", "--zero-stage", "0", "--d-model", "30", "--heads", "4"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dtype bf16 needs --zero-stage >= 1" in err
+    assert "--d-model 30 is not divisible by --heads 4" in err

@@ -31,7 +31,7 @@ SLURM_JOB = {"SLURM_JOB_ID": "1234", "SLURM_JOB_NAME": "mmtrain", "SLURM_NNODES"
 
 # (what, launcher invocation from the repository root, GPUs on the machine, extra env, the command it runs)
 COMMANDS = [
-    ("cpu", f"launchers/pretrain.sh --config configs/pretrain/tiny.yaml", 0, {},
+    ("cpu", "launchers/pretrain.sh --config configs/pretrain/tiny.yaml", 0, {},
      f"torchrun --standalone --nproc_per_node 1 --signals_to_handle {SIGNALS} mmtrain/pretrain.py "
      f"--config configs/pretrain/tiny.yaml"),
     ("1 gpu", f"launchers/pretrain.sh --nproc 1 --config {CONFIG}", 8, {},

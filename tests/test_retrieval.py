@@ -7,7 +7,6 @@ Also: the engine's gradient-cached step equals the plain one, exact resume, and 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -18,6 +18,7 @@ from mmtrain.generate import generate
 from mmtrain.models import build_model, causal_lm_loss
 from mmtrain.models.bidirectional import ReverseTokenMixing
 from mmtrain.models.mixer import MaskedMixingMatrix
+from mmtrain.models.transformer import rotary_cos_sin
 from mmtrain.tokenizer import DEMO_TOKENIZER
 
 from conftest import TINY, read_metrics, run_pretrain
@@ -405,3 +406,15 @@ def test_autoencoder_trains_exports_and_eval_lm_reports_its_reconstruction_loss(
         by_hand = F.cross_entropy(model(ids).logits.reshape(-1, 4096), ids.reshape(-1))
     assert result["loss"] == pytest.approx(float(by_hand), rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_hybrid_runs_its_first_k_blocks_for_representation_analysis(mode):
+    model = make(HYBRIDS[mode])
+    tokens = random_tokens(2, N_CTX)
+    with torch.no_grad():
+        embeddings = model.embedding(tokens)
+        assert torch.allclose(model.model.norm(model.block_outputs(embeddings, model.num_blocks)),
+                              model.hidden_states(tokens), atol=1e-6)
+        cos, sin = rotary_cos_sin(N_CTX, model.head_dim, model.rope_theta, embeddings.device, embeddings.dtype)
+        assert torch.equal(model.block_outputs(embeddings, 1), model.model.layers[0](embeddings, cos, sin))

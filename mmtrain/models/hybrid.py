@@ -26,9 +26,9 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from mmtrain.models.layers import CausalLM, DecodingCache, init_normal_
+from mmtrain.models.layers import DecodingCache
 from mmtrain.models.mixer import FlatTokenMixing
-from mmtrain.models.transformer import LlamaAttention, LlamaLM, LlamaMLP, RMSNorm, rotary_cos_sin
+from mmtrain.models.transformer import LlamaAttention, LlamaLM, LlamaMLP, RMSNorm
 
 Cache = Dict[str, torch.Tensor]
 MODES = ("sequential", "parallel")
@@ -78,42 +78,20 @@ class HybridBackbone(nn.Module):
         self.norm = RMSNorm(c["d_model"], c["norm_eps"])
 
 
-class HybridLM(CausalLM):
+class HybridLM(LlamaLM):
     """Transformer + masked mixer hybrid (``model.kind: hybrid``); ``HybridLM(model_cfg, vocab_size=None)``.
 
-    Config keys: the transformer's (n_heads, n_kv_heads, intermediate_size, rope_theta, norm_eps)
-    plus ``hybrid_mode`` (sequential | parallel). Token mixing keeps the mixer's init
+    The Llama model of :class:`~mmtrain.models.transformer.LlamaLM` (same construction, forward,
+    incremental decoding and ``run_blocks``) with :class:`HybridDecoderLayer` layers. Config keys:
+    the transformer's (n_heads, n_kv_heads, intermediate_size, rope_theta, norm_eps) plus
+    ``hybrid_mode`` (sequential | parallel). Token mixing keeps the mixer's init
     U(-1/sqrt(n_ctx), 1/sqrt(n_ctx)); linear and embedding weights are N(0, init_std).
     """
 
     kind = "hybrid"
 
-    def __init__(self, model_cfg: Any, vocab_size: Optional[int] = None):
-        super().__init__(model_cfg, vocab_size)
-        c = self.config_dict
-        self.n_heads = c["n_heads"]
-        self.n_kv_heads = c["n_kv_heads"] or c["n_heads"]
-        self.head_dim = c["d_model"] // c["n_heads"]
-        self.intermediate_size = c["intermediate_size"] or 4 * c["d_model"]
-        self.rope_theta = float(c["rope_theta"])
-        self.model = HybridBackbone(c, self.n_kv_heads, self.intermediate_size)
-        self.lm_head = nn.Linear(c["d_model"], c["vocab_size"], bias=False)
-        self.apply(lambda m: init_normal_(m, c["init_std"]))  # RMSNorm and token mixing keep their init
-        if c["tie_embeddings"]:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @property
-    def embedding(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, L] (L <= n_ctx) -> [B, L, d] after the final RMSNorm."""
-        length = self.check_length(input_ids)
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(length, self.head_dim, self.rope_theta, h.device, h.dtype)
-        for layer in self.model.layers:
-            h = self.call_block(layer, h, cos, sin)
-        return self.model.norm(h)
+    def _build_backbone(self, c: Dict[str, Any]) -> nn.Module:
+        return HybridBackbone(c, self.n_kv_heads, self.intermediate_size)
 
     def init_cache(self, batch_size: int = 1) -> DecodingCache:
         """Per layer: rotated keys and values [B, n_kv_heads, n_ctx, head_dim] and what its token
@@ -126,15 +104,6 @@ class HybridLM(CausalLM):
                 raise RuntimeError(f"token-mixing cache keys {sorted(mixing)} clash with the KV cache's k/v")
             layers.append({"k": self._cache_tensor(*shape), "v": self._cache_tensor(*shape), **mixing})
         return DecodingCache(length=0, layers=layers)
-
-    def step_hidden_states(self, input_ids: torch.Tensor, cache: DecodingCache) -> torch.Tensor:
-        start, end = cache.length, cache.length + input_ids.shape[1]
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(end, self.head_dim, self.rope_theta, h.device, h.dtype)
-        cos, sin = cos[start:end], sin[start:end]
-        for layer, layer_cache in zip(self.model.layers, cache.layers):
-            h = layer.forward_step(h, layer_cache, start, cos, sin)
-        return self.model.norm(h)
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Training FLOPs per token (forward + backward = 3 x forward) at sequence length L
@@ -150,4 +119,4 @@ class HybridLM(CausalLM):
         length = self._sequence_length_for_flops(seq_len)
         mixing = sum(layer.token_mixing.forward_flops_per_token(length, self.d_model)
                      for layer in self.model.layers)
-        return LlamaLM.flops_per_token(self, length) + 3.0 * mixing
+        return super().flops_per_token(length) + 3.0 * mixing

@@ -181,12 +181,16 @@ class LlamaLM(CausalLM):
         self.head_dim = c["d_model"] // c["n_heads"]
         self.intermediate_size = c["intermediate_size"] or 4 * c["d_model"]
         self.rope_theta = float(c["rope_theta"])
-        self.model = LlamaBackbone(c["vocab_size"], c["d_model"], c["n_layers"], self.n_heads,
-                                   self.n_kv_heads, self.intermediate_size, c["norm_eps"])
+        self.model = self._build_backbone(c)
         self.lm_head = nn.Linear(c["d_model"], c["vocab_size"], bias=False)
         self.apply(lambda m: init_normal_(m, c["init_std"]))  # RMSNorm weights stay 1
         if c["tie_embeddings"]:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _build_backbone(self, c: Dict[str, Any]) -> nn.Module:
+        """embed_tokens -> layers -> norm; subclasses swap in their own decoder layers."""
+        return LlamaBackbone(c["vocab_size"], c["d_model"], c["n_layers"], self.n_heads,
+                             self.n_kv_heads, self.intermediate_size, c["norm_eps"])
 
     @property
     def embedding(self) -> nn.Embedding:

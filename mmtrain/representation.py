@@ -1,7 +1,6 @@
 """`mmtrain analyze-representation`: how much of its input a model's hidden states keep.
 
-The input-representation test of the masked-mixer paper (Badger, arXiv 2409.01482; spec in
-arXiv 2409.01482). For an input of L token ids x with embeddings E = W_E[x] [1, L, d]
+The input-representation test of the masked-mixer paper (Badger, arXiv 2409.01482). For an input of L token ids x with embeddings E = W_E[x] [1, L, d]
 and the output O = f_k(E) [1, L, d] of the model's first k blocks (before any final norm):
 
 1. start from a random embedding a0 ~ N(0, 1) [1, L, d] (seeded),

@@ -282,6 +282,22 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align:
     return "\n".join(lines)
 
 
+def report(out_dir: Path, name: str, info: Dict[str, str], header: str, text: str,
+           records: List[Dict[str, Any]]) -> None:
+    """Print the machine line, ``header`` and the table ``text``; write ``<name>.md`` (the same)
+    and ``<name>.csv`` (``records``) into ``out_dir``."""
+    print()
+    print_machine(info)
+    print(header)
+    print()
+    print(text, flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.md").write_text(
+        "; ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n" + header + "\n\n" + text + "\n", encoding="utf-8")
+    write_csv(out_dir / f"{name}.csv", records)
+    print(f"\nwrote {out_dir / (name + '.md')}, {name}.csv")
+
+
 def write_csv(path: Path, records: List[Dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fields: List[str] = []

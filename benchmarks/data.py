@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from _common import (ROOT, fmt, machine_info, markdown_table, median, preload_engine_modules, print_machine,
-                     quiet_deepspeed, run_isolated, single_process_env, timed_repeats, write_csv)
+from _common import (ROOT, fmt, machine_info, markdown_table, median, preload_engine_modules,
+                     quiet_deepspeed, report, run_isolated, single_process_env, timed_repeats)
 
 
 def training_rate(n_ctx: int, vocab_size: int, warmup: int, steps: int, threads: int) -> Dict[str, Any]:
@@ -166,16 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = markdown_table(["what", "samples/s", "tokens/s", "first batch (s)", "ratio vs training"], rows)
     setup = (f"shards {args.shard_dir} (ctx{args.n_ctx}, train split), batch {args.batch}, {args.batches} timed "
              f"batches per setting; training: {train['description']}, median of {args.train_steps} steps")
-    print()
-    print_machine(info)
-    print(setup)
-    print()
-    print(text, flush=True)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "data.md").write_text(
-        "; ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n" + setup + "\n\n" + text + "\n", encoding="utf-8")
-    write_csv(args.out_dir / "data.csv", records)
-    print(f"\nwrote {args.out_dir / 'data.md'}, data.csv")
+    report(args.out_dir, "data", info, setup, text, records)
     return 0
 
 

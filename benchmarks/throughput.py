@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from _common import (ROOT, fmt, machine_info, markdown_table, matmul_peak, median, memory_meter,
-                     preload_engine_modules, print_machine, quiet_deepspeed, run_isolated, single_process_env, timed_repeats,
-                     write_csv)
+                     preload_engine_modules, quiet_deepspeed, report, run_isolated, single_process_env,
+                     timed_repeats)
 
 import torch
 from torch import nn
@@ -436,22 +436,12 @@ def main(argv: Optional[List[str]] = None) -> int:
              f"vocab {VOCAB}, sweep ZeRO {args.zero_stage}, median of {args.repeats} steps after "
              f"{args.warmup} warm-up")
     peak_line = f"{args.dtype} matmul peak (measured in this run): {result['peak_flops'] / 1e9:,.1f} GFLOP/s"
-    print()
-    print_machine(info)
-    print(setup)
-    print(peak_line + f"; memory: {memory}")
-    print()
     text = table(records)
-    print(text, flush=True)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "throughput.md").write_text(
-        "; ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n" + setup + "\n\n" + peak_line
-        + f"; memory: {memory}\n\n" + text + "\n", encoding="utf-8")
     for r in records:
         r["peak_flops"] = result["peak_flops"]
-    write_csv(args.out_dir / "throughput.csv", records)
+    report(args.out_dir, "throughput", info, f"{setup}\n{peak_line}; memory: {memory}", text, records)
     plot(records, args.out_dir / "throughput.png", setup)
-    print(f"\nwrote {args.out_dir / 'throughput.md'}, throughput.csv, throughput.png")
+    print(f"wrote {args.out_dir / 'throughput.png'}")
     return 0 if all("error" not in r for r in records) else 1
 
 

@@ -36,8 +36,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from _common import (ROOT, PeakRSS, fmt, free_port, machine_info, markdown_table, median,
-                     preload_engine_modules, print_machine, quiet_deepspeed, run_isolated, timed_repeats, write_csv)
+from _common import (ROOT, fmt, free_port, machine_info, markdown_table, median, PeakRSS,
+                     preload_engine_modules, quiet_deepspeed, report, run_isolated, timed_repeats)
 
 VOCAB = 4096
 PRESETS = {
@@ -232,16 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              f"median of {args.repeats} steps after {args.warmup} warm-up; "
              "memory: peak RSS of each stage's own process minus its RSS after imports, per rank")
     text = table(records)
-    print()
-    print_machine(info)
-    print(setup)
-    print()
-    print(text, flush=True)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "zero_memory.md").write_text(
-        "; ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n" + setup + "\n\n" + text + "\n", encoding="utf-8")
-    write_csv(args.out_dir / "zero_memory.csv", records)
-    print(f"\nwrote {args.out_dir / 'zero_memory.md'}, zero_memory.csv")
+    report(args.out_dir, "zero_memory", info, setup, text, records)
     return 0 if all("error" not in r for r in records) else 1
 
 

@@ -131,17 +131,6 @@ def check_embeddings_match(meta: Dict[str, Any], source: Dict[str, Any], directo
         "embeddings.overwrite=true to recompute them.")
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete directory ``tmp`` to ``final`` (replacing an older one) by renames."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def compute_embeddings(source: Dict[str, Any], batch_size: int, device: str,
                        log: Callable[[str], None] = print) -> Dict[str, Any]:
     """{"train.query": [n, d], ...} float32 tensors of both splits, embedded by the frozen bundle."""
@@ -170,7 +159,7 @@ def load_or_compute_embeddings(source: Dict[str, Any], directory: Path, *, overw
     """(embeddings, reused?): the saved ones when they match ``source``, else computed and saved."""
     from safetensors.torch import load_file, save_file
 
-    from mmtrain.data.shards import write_json_atomic
+    from mmtrain.data.shards import replace_dir, write_json_atomic
 
     meta = None if overwrite else read_embeddings_meta(directory)
     if meta is not None:
@@ -195,7 +184,7 @@ def load_or_compute_embeddings(source: Dict[str, Any], directory: Path, *, overw
             "format_version": EMBEDDINGS_FORMAT_VERSION, "kind": "frozen-embeddings", **source,
             "dim": int(tensors["train.query"].shape[1]),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return tensors, False
@@ -346,7 +335,7 @@ def save_scorer(model, out_dir: Path, info: Dict[str, Any]) -> Path:
     """``<out_dir>/scorer/{model.safetensors,config.json}``, built in a temporary directory and renamed."""
     from safetensors.torch import save_file
 
-    from mmtrain.data.shards import write_json_atomic
+    from mmtrain.data.shards import replace_dir, write_json_atomic
 
     final = Path(out_dir) / SCORER_DIR
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -358,7 +347,7 @@ def save_scorer(model, out_dir: Path, info: Dict[str, Any]) -> Path:
         save_file(state, str(tmp / SCORER_WEIGHTS), metadata={"format": "pt"})
         write_json_atomic(tmp / SCORER_CONFIG, {"kind": "frozen-embedding-scorer", "format_version": 1,
                                                 "model": dict(model.config_dict), **info})
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

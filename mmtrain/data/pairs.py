@@ -201,7 +201,7 @@ def prepare_pairs(cfg) -> Dict[str, Any]:
     from mmtrain.data.demo_pairs import DEMO_PAIRS, demo_pairs_description
     from mmtrain.data.errors import DataError
     from mmtrain.data.packing import token_dtype
-    from mmtrain.data.shards import write_json_atomic
+    from mmtrain.data.shards import replace_dir, write_json_atomic
     from mmtrain.data.streaming_compat import STREAMING_VERSION
 
     tok, n_ctx, _ = resolve_tokenizer(cfg.bundle, cfg.tokenizer, int(cfg.n_ctx))
@@ -239,13 +239,7 @@ def prepare_pairs(cfg) -> Dict[str, Any]:
             "streaming_version": STREAMING_VERSION,
         }
         write_json_atomic(tmp / META_NAME, meta)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta

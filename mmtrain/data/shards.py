@@ -222,6 +222,21 @@ def write_json_atomic(path: PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def replace_dir(tmp: PathLike, final: PathLike) -> None:
+    """Move the finished directory ``tmp`` to ``final`` by renames; an older ``final`` is renamed
+    aside first and removed after, so ``final`` is never a half-written directory."""
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def existing_ctx(shard_dir: PathLike) -> List[int]:
     """Context lengths with a complete (meta.json present) directory under ``shard_dir``."""
     out = []

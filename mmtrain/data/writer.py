@@ -111,17 +111,6 @@ def _meta(n_ctx: int, cfg: DictConfig, tok: Tokenizer, tok_source_path: str, dty
     }
 
 
-def _install(tmp: Path, final: Path) -> None:
-    """Move a finished temporary ctx dir into place (the old one, if any, is removed after)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_shards(cfg: DictConfig, corpus: Corpus, tok: Tokenizer, n_ctx_list: List[int], out: Path,
                  recipe: Dict[str, Any], progress: bool = True) -> Dict[int, Dict[str, Any]]:
     """Tokenize the corpus once and write ``<out>/ctx<N>`` for every N in ``n_ctx_list``."""
@@ -170,7 +159,7 @@ def write_shards(cfg: DictConfig, corpus: Corpus, tok: Tokenizer, n_ctx_list: Li
             S.write_json_atomic(tmp / S.META_NAME, meta)  # last: marks the directory complete
             results[n] = meta
         for n, tmp in tmp_dirs.items():
-            _install(tmp, S.ctx_dir(out, n))
+            S.replace_dir(tmp, S.ctx_dir(out, n))
         return results
     except BaseException:
         for w in writers.values():

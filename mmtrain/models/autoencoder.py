@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtrain.models.layers import IGNORE_INDEX, CausalLM, DecodingCache, _numel, init_normal_
+from mmtrain.models.layers import IGNORE_INDEX, CausalLM, DecodingCache, _numel
 from mmtrain.models.mixer import MixerBlock
 
 NOT_GENERATIVE = ("a mixer_autoencoder reconstructs its whole input from one embedding of it; it does not "
@@ -90,11 +90,7 @@ class MixerAutoencoderLM(CausalLM):
         self.encoder = nn.ModuleList(block() for _ in range(self.encoder_layers))
         self.bottleneck = Bottleneck(d, c["compression"]) if c["compression"] > 1 else nn.Identity()
         self.decoder = nn.ModuleList(block() for _ in range(self.decoder_layers))
-        self.final_norm = nn.LayerNorm(d, eps=c["norm_eps"]) if c["final_norm"] else nn.Identity()
-        self.lm_head = nn.Linear(d, c["vocab_size"], bias=False)
-        self.apply(lambda m: init_normal_(m, c["init_std"]))  # token mixing keeps its own init
-        if c["tie_embeddings"]:
-            self.lm_head.weight = self.wte.weight
+        self._finish_mixer_lm()
 
     @property
     def embedding(self) -> nn.Embedding:

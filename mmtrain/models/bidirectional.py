@@ -32,7 +32,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import nn
 
-from mmtrain.models.layers import CausalLM, DecodingCache, _numel, init_normal_
+from mmtrain.models.layers import CausalLM, DecodingCache, _numel
 from mmtrain.models.mixer import MLP, FlatTokenMixing, MaskedMixingMatrix
 
 NOT_GENERATIVE = ("a bidirectional_mixer reads tokens after the position it predicts (n+2 onwards), so "
@@ -96,11 +96,7 @@ class BidirectionalMixerLM(CausalLM):
         self.wte = nn.Embedding(c["vocab_size"], d)
         self.blocks = nn.ModuleList(BidirectionalMixerBlock(d, c["n_ctx"], c["ffn_mult"], c["norm_eps"])
                                     for _ in range(c["n_layers"]))
-        self.final_norm = nn.LayerNorm(d, eps=c["norm_eps"]) if c["final_norm"] else nn.Identity()
-        self.lm_head = nn.Linear(d, c["vocab_size"], bias=False)
-        self.apply(lambda m: init_normal_(m, c["init_std"]))  # token mixing keeps its own init
-        if c["tie_embeddings"]:
-            self.lm_head.weight = self.wte.weight
+        self._finish_mixer_lm()
 
     @property
     def embedding(self) -> nn.Embedding:

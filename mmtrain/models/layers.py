@@ -162,6 +162,18 @@ class CausalLM(nn.Module):
     def embedding(self) -> nn.Embedding:
         raise NotImplementedError
 
+    def _finish_mixer_lm(self) -> None:
+        """The end of every mixer-family constructor (after ``self.wte`` and the blocks exist):
+        ``final_norm`` (LayerNorm when model.final_norm, else identity), the bias-free LM head,
+        the N(0, init_std) init of Linear / Embedding weights (token mixing keeps its own init),
+        and the tied head when model.tie_embeddings."""
+        c = self.config_dict
+        self.final_norm = nn.LayerNorm(c["d_model"], eps=c["norm_eps"]) if c["final_norm"] else nn.Identity()
+        self.lm_head = nn.Linear(c["d_model"], c["vocab_size"], bias=False)
+        self.apply(lambda m: init_normal_(m, c["init_std"]))
+        if c["tie_embeddings"]:
+            self.lm_head.weight = self.wte.weight
+
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, L, d] for input_ids [B, L] (after the final norm, if any)."""
         raise NotImplementedError

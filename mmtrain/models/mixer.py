@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtrain.models.layers import CausalLM, DecodingCache, init_normal_
+from mmtrain.models.layers import CausalLM, DecodingCache
 from mmtrain.models.mixing_ops import AUTO_BLOCK_SIZE, triangular_mix
 
 Cache = Dict[str, torch.Tensor]
@@ -321,11 +321,7 @@ class MaskedMixerLM(CausalLM):
             for _ in range(c["n_layers"]))
         # auto / triangular: run sequence-first so token mixing is one large triangular GEMM.
         self.sequence_first = c["mixer_impl"] != "dense"
-        self.final_norm = nn.LayerNorm(d, eps=c["norm_eps"]) if c["final_norm"] else nn.Identity()
-        self.lm_head = nn.Linear(d, c["vocab_size"], bias=False)
-        self.apply(lambda m: init_normal_(m, c["init_std"]))  # token mixing keeps its own init
-        if c["tie_embeddings"]:
-            self.lm_head.weight = self.wte.weight
+        self._finish_mixer_lm()
 
     @property
     def embedding(self) -> nn.Embedding:

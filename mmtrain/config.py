@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -80,8 +81,27 @@ class ModelConfig:
     intermediate_size: int = _f(0, "Transformer only: SwiGLU hidden width; 0 = 4 * d_model (paper).")
     rope_theta: float = _f(10000.0, "Transformer only: RoPE base frequency.")
     norm_eps: float = _f(1e-5, "Epsilon of LayerNorm (mixer) / RMSNorm (transformer; HF Llama uses 1e-6).")
-    init_std: float = _f(0.02, "Std of the normal init of linear/embedding weights. The mixer's "
-                               "token-mixing weights use U(-1/sqrt(n_ctx), 1/sqrt(n_ctx)) as in the paper.")
+    init: str = _f("auto", "Initialisation scheme. `paper`: PyTorch's defaults, as the paper's code "
+                           "(embedding N(0, 1), Linear Kaiming-uniform with U(+-1/sqrt(fan_in)) biases, "
+                           "token mixing U(+-1/sqrt(n_ctx))). `gpt`: N(0, init_std) for every Linear and "
+                           "embedding weight, zero biases (Hugging Face Llama's init). `auto`: paper for "
+                           "the mixer family (mixer, bidirectional_mixer, mixer_autoencoder), gpt for "
+                           "transformer and hybrid. The three keys below override parts of it.",
+                   choices=["auto", "paper", "gpt"])
+    embedding_init_std: float = _f(0.0, "Std of the N(0, std) token-embedding init; 0 = the scheme's "
+                                        "(paper: 1.0, gpt: init_std). A mixer needs it near 1: its token "
+                                        "mixing adds unit-scale normalised neighbours to the residual stream.")
+    linear_init: str = _f("auto", "Init of Linear layers (LM head included). `kaiming`: PyTorch's default "
+                                  "Kaiming-uniform weights, U(+-1/sqrt(fan_in)) biases. `normal`: N(0, "
+                                  "init_std) weights, zero biases. `auto` = the scheme's (paper: kaiming, "
+                                  "gpt: normal).", choices=["auto", "kaiming", "normal"])
+    mixing_init: str = _f("auto", "Init of the masked token-mixing matrices (mixer family, hybrid). "
+                                  "`uniform`: U(+-1/sqrt(n_in)) for weights and biases, PyTorch's Conv1d "
+                                  "default the paper relies on. `position`: row i (which sums i+1 live "
+                                  "inputs) drawn U(+-1/sqrt(i+1)), so every output position starts at the "
+                                  "same scale. `auto` = uniform.", choices=["auto", "uniform", "position"])
+    init_std: float = _f(0.02, "Std of the normal init (linear_init=normal, and the embedding under the "
+                               "gpt scheme), e.g. 0.02.")
     mixer_impl: str = _f("auto", "Mixer token-mixing computation (same results to fp32 rounding, different "
                                  "speed). `dense`: (W * tril) @ U under autograd, batch-first (reference). "
                                  "`triangular`: sequence-first activations and a block-triangular op that "
@@ -129,6 +149,8 @@ class TrainConfig:
     schedule: str = _f("cosine", "Decay after warmup.", choices=["cosine", "linear", "constant"])
     weight_decay: float = _f(0.1, "AdamW weight decay (not applied to norms, biases, embeddings, "
                                   "token-mixing biases).")
+    mixing_weight_decay: bool = _f(True, "Apply weight_decay to the masked token-mixing matrices too; "
+                                         "false exempts them like norms and biases.")
     beta1: float = _f(0.9, "AdamW beta1.")
     beta2: float = _f(0.95, "AdamW beta2.")
     adam_eps: float = _f(1e-8, "AdamW epsilon.")
@@ -394,6 +416,15 @@ def validate_model(m: DictConfig, prefix: str = "model") -> List[str]:
             p.append(f"{prefix}.{key}: must be >= 1, got {m[key]}")
     if m.vocab_size < 0:
         p.append(f"{prefix}.vocab_size: must be >= 0, got {m.vocab_size}")
+    if not (math.isfinite(m.init_std) and m.init_std > 0):
+        p.append(f"{prefix}.init_std: must be a finite number > 0, got {m.init_std}")
+    if not (math.isfinite(m.embedding_init_std) and m.embedding_init_std >= 0):
+        p.append(f"{prefix}.embedding_init_std: must be a finite number >= 0 (0 = the init scheme's), "
+                 f"got {m.embedding_init_std}")
+    for key, allowed in (("init", ("auto", "paper", "gpt")), ("linear_init", ("auto", "kaiming", "normal")),
+                         ("mixing_init", ("auto", "uniform", "position"))):
+        if m[key] not in allowed:
+            p.append(f"{prefix}.{key}: {m[key]!r} is not one of {', '.join(map(repr, allowed))}")
     if m.kind in ("mixer", "mixer_autoencoder"):
         if m.mixer_heads < 0:
             p.append(f"{prefix}.mixer_heads: must be >= 0, got {m.mixer_heads}")

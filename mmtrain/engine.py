@@ -116,14 +116,17 @@ def deepspeed_config(cfg, world_size: int) -> Dict:
     return ds
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
-    """AdamW groups: decay on matrices; none on norms, biases, embeddings (and tied heads)."""
-    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+def param_groups(model: torch.nn.Module, weight_decay: float, mixing_weight_decay: bool = True) -> List[Dict]:
+    """AdamW groups: decay on matrices; none on norms, biases, embeddings (and tied heads), nor on
+    the masked token-mixing matrices when ``mixing_weight_decay`` is false."""
+    exempt = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    if not mixing_weight_decay:
+        exempt |= {id(m.weight) for m in model.modules() if getattr(m, "is_token_mixing", False)}
     decay, no_decay = [], []
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or id(param) in embedding_params:
+        if param.ndim < 2 or id(param) in exempt:
             no_decay.append(param)
         else:
             decay.append(param)
@@ -157,7 +160,7 @@ def build_engine(cfg, model: torch.nn.Module, world_size: int) -> Tuple[object, 
 
     ds_config = deepspeed_config(cfg, world_size)
     t = cfg.train
-    groups = param_groups(model, t.weight_decay)
+    groups = param_groups(model, t.weight_decay, t.get("mixing_weight_decay", True))
     optimizer = None
     if cfg.engine.torch_adam:
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)

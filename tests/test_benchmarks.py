@@ -1,6 +1,6 @@
 """The benchmarks run as a user runs them (their quickest form) and print complete tables.
 
-The three benchmark scripts start together (one BLAS thread each) and are shared by the tests;
+The benchmark scripts start together (one BLAS thread each) and are shared by the tests;
 the tests check the tables' rows, columns and numbers, and the files written. They do not judge
 speed: timings on a shared machine are not test material.
 """
@@ -8,9 +8,11 @@ speed: timings on a shared machine are not test material.
 from __future__ import annotations
 
 import csv
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,13 +41,14 @@ def markdown_rows(output: str, first_header: str):
 
 @pytest.fixture(scope="module")
 def bench_runs(demo_shards, tmp_path_factory):
-    """{name: (returncode, stdout, out_dir)} of the three benchmarks in their quick form."""
+    """{name: (stdout, out_dir)} of the four benchmarks in their quick form."""
     base = tmp_path_factory.mktemp("benchmarks")
     commands = {
         "throughput": ["throughput.py", "--quick"],
         "zero_memory": ["zero_memory.py", "--quick", "--world-sizes", "2"],
         "data": ["data.py", "--quick", "--shard-dir", str(demo_shards), "--n-ctx", "64", "--batches", "10",
                  "--threads", "1"],
+        "learning": ["learning.py", "--quick", "--shard-dir", str(demo_shards), "--threads", "1"],
     }
     procs = {}
     for name, (script, *args) in commands.items():
@@ -137,3 +140,55 @@ def test_bad_arguments_are_refused_before_any_work(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "--dtype bf16 needs --zero-stage >= 1" in err
     assert "--d-model 30 is not divisible by --heads 4" in err
+
+
+def test_learning_quick_reports_loss_unigram_entropy_and_crossing_step(bench_runs, demo_shards, monkeypatch):
+    stdout, out_dir = bench_runs["learning"]
+    header, rows = markdown_rows(stdout, "sweep")
+    assert header == ["sweep", "model", "n_ctx", "params (M)", "tokens", "eval loss", "unigram H1", "H1 - eval",
+                      "step < H1-0.3", "tokens/s"]
+    assert [(r[1], r[2]) for r in rows] == [("mixer", "64"), ("transformer", "64")]
+    monkeypatch.syspath_prepend(str(BENCH))
+    import learning
+
+    # H1 recomputed sample by sample from the dataset (no loader, no batching); concat packing: no pads
+    import numpy as np
+
+    from mmtrain.data.lm_dataset import LMDataset
+
+    ds = LMDataset(demo_shards, 64, "val", batch_size=1)
+    counts = np.bincount(np.concatenate([ds.get_item(i)["input_ids"].numpy()[1:] for i in range(ds.num_samples)]))
+    p = counts[counts > 0] / counts.sum()
+    entropy = float(-(p * np.log(p)).sum())
+    with open(out_dir / "learning.csv", newline="") as fh:
+        records = list(csv.DictReader(fh))
+    assert [r["model"] for r in records] == ["mixer", "transformer"]
+    for row, record in zip(rows, records):
+        assert float(record["unigram_entropy"]) == pytest.approx(entropy, abs=1e-6)
+        assert _number(row[6]) == pytest.approx(entropy, abs=1e-3)
+        curve = json.loads(record["curve"])
+        metrics = [json.loads(line) for line in open(Path(record["run_dir"]) / "metrics.jsonl")]
+        evals = [[m["step"], m["eval_loss_ctx64"]] for m in metrics if "eval_loss_ctx64" in m]
+        assert curve == evals and len(curve) >= 8 and curve[-1][0] == 200
+        assert _number(row[5]) == pytest.approx(curve[-1][1], abs=1e-3)
+        assert _number(row[7]) == pytest.approx(entropy - curve[-1][1], abs=2e-3)
+        crossing = learning.first_step_below(curve, entropy - 0.3)
+        assert row[8] == ("never" if crossing is None else str(crossing))
+        assert int(record["params"]) > 0 and _number(row[9]) > 0
+        assert curve[-1][1] < curve[0][1]              # eval loss fell over the run
+    assert (out_dir / "learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_learning_first_step_below_and_argument_checks(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import learning
+
+    curve = [[10, 6.5], [20, 6.2], [30, 5.9], [40, 6.0]]
+    assert learning.first_step_below(curve, 6.0) == 30
+    assert learning.first_step_below(curve, 5.0) is None
+    with pytest.raises(SystemExit):
+        learning.parse_args(["--n-ctx", "96", "--tokens-per-step", "2048"])
+    assert "--tokens-per-step 2048 is not a multiple of n_ctx 96" in capsys.readouterr().err
+    args = learning.parse_args(["--quick", "--set", "model.init=gpt"])
+    overrides = learning.run_overrides("mixer", 64, args.spec, args, Path("/tmp/x"))
+    assert "train.steps=200" in overrides and overrides[-2:] == ["train.lr=3e-3", "model.init=gpt"]

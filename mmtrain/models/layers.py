@@ -165,12 +165,12 @@ class CausalLM(nn.Module):
     def _finish_mixer_lm(self) -> None:
         """The end of every mixer-family constructor (after ``self.wte`` and the blocks exist):
         ``final_norm`` (LayerNorm when model.final_norm, else identity), the bias-free LM head,
-        the N(0, init_std) init of Linear / Embedding weights (token mixing keeps its own init),
+        the model.init scheme (:func:`initialize_`; ``auto`` = ``paper`` for the mixer family),
         and the tied head when model.tie_embeddings."""
         c = self.config_dict
         self.final_norm = nn.LayerNorm(c["d_model"], eps=c["norm_eps"]) if c["final_norm"] else nn.Identity()
         self.lm_head = nn.Linear(c["d_model"], c["vocab_size"], bias=False)
-        self.apply(lambda m: init_normal_(m, c["init_std"]))
+        initialize_(self, c, default_scheme="paper")
         if c["tie_embeddings"]:
             self.lm_head.weight = self.wte.weight
 
@@ -315,6 +315,70 @@ class CausalLM(nn.Module):
 
     def _sequence_length_for_flops(self, seq_len: Optional[int]) -> int:
         return self.n_ctx if seq_len is None else int(seq_len)
+
+
+#: Embedding std of the ``paper`` scheme: PyTorch's ``nn.Embedding`` default, N(0, 1).
+PAPER_EMBEDDING_STD = 1.0
+
+
+@dataclass(frozen=True)
+class InitPlan:
+    """What :func:`initialize_` does, resolved from a model config (see :func:`resolve_init`)."""
+
+    scheme: str             # paper | gpt
+    embedding_std: float    # N(0, embedding_std) token embeddings
+    linear: str             # kaiming | normal
+    linear_std: float       # std of the normal Linear init
+    mixing: str             # uniform | position
+
+
+def resolve_init(c: Mapping[str, Any], default_scheme: str) -> InitPlan:
+    """The init a model config asks for. ``model.init: auto`` takes ``default_scheme`` (the
+    family's: ``paper`` for the mixer family, ``gpt`` for transformer / hybrid);
+    ``embedding_init_std`` (0 = scheme's), ``linear_init`` and ``mixing_init`` (``auto`` =
+    scheme's) override its parts."""
+    scheme = default_scheme if c.get("init", "auto") == "auto" else c["init"]
+    std = float(c.get("init_std", 0.02))
+    embedding_std = float(c.get("embedding_init_std", 0.0)) or (PAPER_EMBEDDING_STD if scheme == "paper" else std)
+    linear = c.get("linear_init", "auto")
+    linear = ("kaiming" if scheme == "paper" else "normal") if linear == "auto" else linear
+    mixing = c.get("mixing_init", "auto")
+    mixing = "uniform" if mixing == "auto" else mixing
+    return InitPlan(scheme, embedding_std, linear, std, mixing)
+
+
+def initialize_(model: nn.Module, c: Mapping[str, Any], default_scheme: str) -> InitPlan:
+    """Initialise every parameter of a freshly built model as the config's init asks.
+
+    - Linear: ``normal`` = N(0, init_std) weights and zero biases; ``kaiming`` = PyTorch's
+      default (``nn.Linear.reset_parameters``: Kaiming-uniform(a=sqrt 5), i.e. U(+-1/sqrt(fan_in))
+      weights, and U(+-1/sqrt(fan_in)) biases).
+    - Embedding: N(0, embedding_std).
+    - LayerNorm: weight 1, bias 0 (RMSNorm weights stay 1).
+    - Masked token mixing (modules with ``is_token_mixing = True`` and ``reset_parameters(mode)``): ``uniform``
+      U(+-1/sqrt(n_in)) or ``position`` (row i U(+-1/sqrt(i+1))), masked entries zeroed.
+
+    Modules are visited in ``model.modules()`` order, so a seed gives one init. The ``gpt``
+    scheme draws exactly what ``model.apply(init_normal_)`` draws (the init of earlier versions).
+    Returns the resolved :class:`InitPlan`.
+    """
+    plan = resolve_init(c, default_scheme)
+
+    def visit(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            if plan.linear == "normal":
+                init_normal_(module, plan.linear_std)
+            else:
+                module.reset_parameters()
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=plan.embedding_std)
+        elif isinstance(module, nn.LayerNorm):
+            init_normal_(module, plan.linear_std)
+        elif plan.mixing != "uniform" and getattr(module, "is_token_mixing", False):
+            module.reset_parameters(plan.mixing)
+
+    model.apply(visit)
+    return plan
 
 
 def init_normal_(module: nn.Module, std: float) -> None:

@@ -58,9 +58,14 @@ class MaskedMixingMatrix(nn.Module):
 
     ``forward(u, n_out, n_in)`` uses the top-left ``n_out x n_in`` block, so the masks must make
     every prefix self-contained (true for all masks in this file).
-    Init: ``U(-1/sqrt(n_in), 1/sqrt(n_in))`` for weight and bias, PyTorch's Conv1d default that the
-    paper relies on; the masked entries are then zeroed once so exported weights look clean.
+    Init (:meth:`reset_parameters`): ``U(-1/sqrt(n_in), 1/sqrt(n_in))`` for weight and bias,
+    PyTorch's Conv1d default that the paper relies on, or (``model.mixing_init: position``) row
+    i drawn ``U(-1/sqrt(k_i), 1/sqrt(k_i))`` with k_i its number of live inputs; the masked
+    entries are then zeroed once so exported weights look clean.
     """
+
+    #: Marks the module for :func:`mmtrain.models.layers.initialize_` (model.mixing_init).
+    is_token_mixing = True
 
     def __init__(self, mask: torch.Tensor, heads: Optional[int] = None):
         super().__init__()
@@ -71,11 +76,20 @@ class MaskedMixingMatrix(nn.Module):
         self.register_buffer("mask", mask.to(torch.get_default_dtype()), persistent=False)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.weight.shape[-1])
+    def reset_parameters(self, mode: str = "uniform") -> None:
+        """``uniform``: U(+-1/sqrt(n_in)) everywhere; ``position``: row i U(+-1/sqrt(k_i)) for
+        weight and bias, k_i = live (unmasked) inputs of row i. Masked entries are zeroed."""
+        if mode not in ("uniform", "position"):
+            raise ValueError(f"mixing init {mode!r} is not one of 'uniform', 'position'")
         with torch.no_grad():
-            self.weight.uniform_(-bound, bound)
-            self.bias.uniform_(-bound, bound)
+            if mode == "uniform":
+                bound = 1.0 / math.sqrt(self.weight.shape[-1])
+                self.weight.uniform_(-bound, bound)
+                self.bias.uniform_(-bound, bound)
+            else:
+                rows = self.mask.sum(dim=-1).clamp(min=1.0).rsqrt().to(self.weight.dtype)   # [n_out]
+                self.weight.uniform_(-1.0, 1.0).mul_(rows[:, None])
+                self.bias.uniform_(-1.0, 1.0).mul_(rows)
             self.weight.mul_(self.mask)
 
     def masked_weight(self, n_out: int, n_in: int, start: int = 0) -> torch.Tensor:

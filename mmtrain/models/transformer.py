@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtrain.models.layers import CausalLM, DecodingCache, init_normal_
+from mmtrain.models.layers import CausalLM, DecodingCache, initialize_
 
 
 class RMSNorm(nn.Module):
@@ -183,7 +183,7 @@ class LlamaLM(CausalLM):
         self.rope_theta = float(c["rope_theta"])
         self.model = self._build_backbone(c)
         self.lm_head = nn.Linear(c["d_model"], c["vocab_size"], bias=False)
-        self.apply(lambda m: init_normal_(m, c["init_std"]))  # RMSNorm weights stay 1
+        initialize_(self, c, default_scheme="gpt")  # RMSNorm weights stay 1
         if c["tie_embeddings"]:
             self.lm_head.weight = self.model.embed_tokens.weight
 

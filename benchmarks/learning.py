@@ -234,7 +234,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                             f"step < H1-{args.margin:g}", "tokens/s"], rows, align="lllrrrrrrr")
     header = (f"Learning benchmark, d {spec['d_model']} x {spec['n_layers']} layers, {spec['tokens']:,} tokens "
               f"per run ({spec['tokens_per_step']} per step), seed {args.seed}; unigram H1 = entropy of the "
-              f"validation targets (nats); eval every {max(1, steps // spec['evals'])} steps"
+              f"validation targets (nats); eval every {max(1, steps // spec['evals'])} steps; {threads} torch "
+              f"thread(s) per run, {max(1, args.parallel)} run(s) at a time"
               + (f"; overrides: {' '.join(extra)}" if extra else ""))
     report(out, "learning" if label in ("default", "quick") else f"learning-{label}", machine_info(), header,
            table, records)

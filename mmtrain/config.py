@@ -65,8 +65,9 @@ class ModelConfig:
     mixer_expansion: int = _f(1, "Mixer only. 1 = flat token mixing; e > 1 = expanded mixing "
                                  "n_ctx -> e*n_ctx -> n_ctx with GELU between (both masked).")
     ffn_mult: int = _f(4, "Mixer MLP hidden width as a multiple of d_model (paper: 4).")
-    final_norm: bool = _f(True, "Apply a LayerNorm before the LM head (mixer). The paper's code has none: "
-                                "set false to match it. The transformer always has its final RMSNorm.")
+    final_norm: bool = _f(False, "Mixer family: apply a LayerNorm before the LM head. Off by default, as in "
+                                 "the paper's code (with the paper init it learned faster without one: "
+                                 "benchmarks/learning.py). The transformer always has its final RMSNorm.")
     tie_embeddings: bool = _f(False, "Share the input embedding and LM head weights.")
     hybrid_mode: str = _f("sequential", "hybrid only: where the masked token mixing sits in each Llama "
                                          "layer. `sequential` (transfixer): a = Attn(N(h)); h + a + Mix(a). "
@@ -143,7 +144,9 @@ class TrainConfig:
     global_batch_size: int = _f(16, "Sequences per optimizer step over all ranks "
                                     "(= micro_batch_size * grad_accum * world_size).")
     micro_batch_size: int = _f(8, "Sequences per forward/backward on one rank.")
-    lr: float = _f(1e-3, "Peak learning rate (e.g. 5e-4).")
+    lr: float = _f(4e-3, "Peak learning rate (e.g. 5e-4). The default suits the quick-start size (d 256, 4 "
+                         "layers): of 5e-4 ... 8e-3 it was among the best for both families "
+                         "(benchmarks/learning.py); larger models want less.")
     min_lr_ratio: float = _f(0.1, "Final learning rate as a fraction of lr.")
     warmup_steps: int = _f(20, "Linear warmup steps from 0 to lr.")
     schedule: str = _f("cosine", "Decay after warmup.", choices=["cosine", "linear", "constant"])

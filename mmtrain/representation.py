@@ -119,7 +119,7 @@ def analyze(model, inputs: Sequence[Sequence[int]], layers: Sequence[int], steps
     Each input is analysed alone (its own a0, seeded ``seed + index``). ``init``: ``unit`` = the
     paper's a0 ~ N(0, 1) with the given learning rates; ``embedding`` = a0 ~ N(0, s^2) and both
     learning rates times s, where s = std(W_E), so the search starts at the scale of the model's
-    real embeddings (with init_std 0.02 they are 50x smaller than N(0, 1)).
+    real embeddings (under the gpt init, std 0.02, they are 50x smaller than N(0, 1)).
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
@@ -184,8 +184,10 @@ def untrained_model(config_files: Sequence[str], overrides: Sequence[str], vocab
                     embedding_std: Optional[float] = None):
     """The model of a pretrain config, freshly initialised with ``torch.manual_seed(seed)``.
 
-    ``embedding_std``: re-draw the input embedding from N(0, embedding_std^2) (the paper's mixer
-    keeps PyTorch's nn.Embedding default N(0, 1); its Llama, like mmtrain, uses 0.02).
+    ``embedding_std``: re-draw the input embedding from N(0, embedding_std^2) (the paper's mixer,
+    like mmtrain's mixer family by default, keeps PyTorch's nn.Embedding default N(0, 1); its
+    Llama, like mmtrain's transformer, uses 0.02). ``model.embedding_init_std=S`` as an override
+    does the same through the model's own init.
     """
     from mmtrain.config import PretrainConfig, load_config
     from mmtrain.models import build_model

@@ -77,8 +77,12 @@ def test_bundle_of_every_zero_stage_has_the_trained_models_logits(name, trained_
 def test_two_process_zero3_bundle_matches_the_one_process_run(exported_bundles):
     one = B.load_pretrained(exported_bundles["mixer_heads_tied_zero3"])
     two = B.load_pretrained(exported_bundles["mixer_heads_tied_zero3_2proc"])
-    # the same run: only the gradient reduction order differs between 1 and 2 processes
-    assert max_logit_diff(one, two, tokens(2, 32)) <= 1e-4
+    # the same run: only the gradient reduction order differs between 1 and 2 processes, so the
+    # logits agree to fp32 rounding relative to their scale (tied N(0, 1) embeddings: |logit| ~ 20)
+    ids = tokens(2, 32)
+    with torch.no_grad():
+        scale = float(one(ids).logits.abs().max())
+    assert max_logit_diff(one, two, ids) <= 2e-5 * max(1.0, scale)
 
 
 def test_tag_selects_an_earlier_checkpoint(trained_runs, tmp_path):
@@ -102,7 +106,7 @@ def test_config_json_describes_the_model_and_its_tensors(exported_bundles, demo_
     assert {k: m["model"][k] for k in ("kind", "d_model", "n_layers", "n_ctx", "vocab_size", "mixer_expansion",
                                        "final_norm", "tie_embeddings")} == dict(
         kind="mixer", d_model=32, n_layers=2, n_ctx=32, vocab_size=VOCAB, mixer_expansion=2,
-        final_norm=True, tie_embeddings=False)
+        final_norm=False, tie_embeddings=False)
     assert m["mmtrain_version"] == "0.1.0"
     stored = load_file(str(bundle / "model.safetensors"))
     assert {n: info["shape"] for n, info in m["tensors"].items()} == {n: list(t.shape) for n, t in stored.items()}

@@ -28,6 +28,15 @@ autograd): the model runs sequence-first, H [L, B, d], so flat token mixing is o
 the diagonal are never read and get exactly zero gradient). Multi-head mixing does the same per
 head on [h, L, B*d/h]; expanded mixing stays a dense masked product, on the [L, B*d] view.
 
+Initialisation (``model.init``, default ``paper`` for the mixer family; see
+:func:`mmtrain.models.layers.initialize_`): PyTorch's defaults, as in the paper's code, i.e.
+embedding N(0, 1), Linear layers Kaiming-uniform, token mixing U(+-1/sqrt(n_ctx)). The embedding
+scale is what matters: each block adds ``(W ⊙ M) · LN(H)``, a mixture of unit-scale normalised
+vectors of earlier positions (per-coordinate std up to ~0.58 at init), to the residual stream. A
+GPT-style N(0, 0.02) embedding (``model.init: gpt``) is buried under that mixture, so the model
+cannot tell which token it is at and sits on the unigram plateau for hundreds of steps
+(``benchmarks/learning.py``; ``tests/test_learning.py`` fails on it).
+
 Incremental decoding (``init_cache`` / ``forward_step``): output row t of a masked matrix reads
 only inputs j <= t, so each block caches what its token mixing reads (the normalised inputs U,
 the projected heads, or the expanded hidden rows) and computes just the new rows:

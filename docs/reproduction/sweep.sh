@@ -3,10 +3,12 @@
 # then seeds 1 and 2 at each family's best LR. Equal training FLOPs inside each n_ctx pair (the
 # steps in configs/pretrain/repro-*.yaml). Two runs at a time, one torch thread each.
 #   bash docs/reproduction/sweep.sh lr            # 12 runs: lr in LRS x {mixer, transformer} x {128, 512}
+#   LRS=1e-3 MODELS="transformer-ctx128 transformer-ctx512" bash docs/reproduction/sweep.sh lr   # extend it
 #   BEST="mixer-ctx128=2e-3 ..." bash docs/reproduction/sweep.sh seeds   # 3 seeds at the chosen LRs
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-LRS=${LRS:-"1e-3 2e-3 4e-3"}
+LRS=${LRS:-"2e-3 4e-3 8e-3"}
+MODELS=${MODELS:-"mixer-ctx128 transformer-ctx128 mixer-ctx512 transformer-ctx512"}
 OUT=${OUT:-runs/repro}
 run() {  # run <family-ctxN> <lr> <seed>
   local dir="$OUT/$1-lr$2-s$3"
@@ -18,7 +20,7 @@ run() {  # run <family-ctxN> <lr> <seed>
 export -f run; export OUT
 mkdir -p "$OUT"
 case "${1:-lr}" in
-  lr) for lr in $LRS; do for m in mixer-ctx128 transformer-ctx128 mixer-ctx512 transformer-ctx512; do
+  lr) for lr in $LRS; do for m in $MODELS; do
         echo "$m $lr 0"; done; done ;;
   seeds) for pair in $BEST; do for s in 1 2; do echo "${pair%=*} ${pair#*=} $s"; done; done ;;
 esac | xargs -P 2 -L 1 bash -c 'run "$@"' _

@@ -101,20 +101,17 @@ def unigram_entropy(shard_dir: Path, n_ctx: int, split: str = "val") -> Dict[str
     import numpy as np
 
     from mmtrain.data.lm_dataset import build_lm_loader
+    from mmtrain.data.shards import read_meta
 
+    vocab = int(read_meta(shard_dir, n_ctx)["vocab_size"])
     loader = build_lm_loader(shard_dir, n_ctx, split, batch_size=1, shuffle=False, seed=0, num_workers=0)
-    counts: Optional[np.ndarray] = None
+    counts = np.zeros(vocab, dtype=np.int64)
     for batch in loader:
         ids = batch["input_ids"][:, 1:]
         if "attention_mask" in batch:
             ids = ids[batch["attention_mask"][:, 1:] > 0]
-        c = np.bincount(ids.reshape(-1).numpy(), minlength=1)
-        if counts is None:
-            counts = c
-        else:
-            size = max(len(counts), len(c))
-            counts = np.pad(counts, (0, size - len(counts))) + np.pad(c, (0, size - len(c)))
-    if counts is None or counts.sum() == 0:
+        counts += np.bincount(ids.reshape(-1).numpy(), minlength=vocab)
+    if counts.sum() == 0:
         raise ValueError(f"no tokens in {shard_dir}/ctx{n_ctx}/{split}")
     p = counts[counts > 0] / counts.sum()
     return {"entropy": float(-(p * np.log(p)).sum()), "tokens": int(counts.sum())}

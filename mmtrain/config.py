@@ -424,8 +424,8 @@ def validate_model(m: DictConfig, prefix: str = "model") -> List[str]:
     if not (math.isfinite(m.embedding_init_std) and m.embedding_init_std >= 0):
         p.append(f"{prefix}.embedding_init_std: must be a finite number >= 0 (0 = the init scheme's), "
                  f"got {m.embedding_init_std}")
-    for key, allowed in (("init", ("auto", "paper", "gpt")), ("linear_init", ("auto", "kaiming", "normal")),
-                         ("mixing_init", ("auto", "uniform", "position"))):
+    for key in ("init", "linear_init", "mixing_init"):
+        allowed = ModelConfig.__dataclass_fields__[key].metadata["choices"]
         if m[key] not in allowed:
             p.append(f"{prefix}.{key}: {m[key]!r} is not one of {', '.join(map(repr, allowed))}")
     if m.kind in ("mixer", "mixer_autoencoder"):

@@ -233,6 +233,9 @@ class PrepareConfig:
     seed: int = _f(0, "Seed of the train/validation split.")
     num_proc: int = _f(2, "Tokenizer worker processes.")
     max_docs: int = _f(0, "Use only the first N documents; 0 = all.")
+    exclude_pairs: List[str] = _f(list, "Pair directories (`mmtrain prepare-pairs`) whose held-out val and test "
+                                        "pairs must not leak into pretraining: documents containing the text "
+                                        "of any held-out query or document are dropped.", factory=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,8 +558,31 @@ class PairsConfig:
     append_eos: bool = _f(True, "End every query and document with EOS (kept when truncating), so "
                                 "last-token pooling reads the same token everywhere.")
     test_fraction: float = _f(0.1, "Fraction of (distinct) documents held out as the test split.")
-    seed: int = _f(0, "Seed of the train/test split (a hash of seed and document text).")
+    val_fraction: float = _f(0.1, "Fraction of documents held out as the validation split (carved from "
+                                  "what would be training pairs; the test split does not depend on it). "
+                                  "Retrieval training evaluates on it; 0 = no val split.")
+    seed: int = _f(0, "Seed of the train/val/test split (a hash of seed and document text).")
     max_pairs: int = _f(0, "Use only the first N pairs read (before deduplication); 0 = all.")
+    from_documents: str = _f("", "Build pairs from unlabeled documents instead of reading labeled pairs: "
+                                 "`crop` = two independent random token spans of a document (Contriever), "
+                                 "`ict` = one sentence -> the rest of its passage (inverse cloze task). "
+                                 "`input` is then a corpus as for `mmtrain prepare`.",
+                             choices=["", "crop", "ict"])
+    text_field: str = _f("text", "from_documents: JSONL key / Parquet column of the document text.")
+    delimiter: str = _f("", "from_documents: plain-text separator between documents ('' = one per file).")
+    max_documents: int = _f(0, "from_documents: use only the first N documents; 0 = all.")
+    pairs_per_document: int = _f(1, "from_documents: pairs drawn from each document (each an independent "
+                                    "crop / sentence).")
+    crop_min_ratio: float = _f(0.1, "crop: shortest span as a fraction of the document's tokens.")
+    crop_max_ratio: float = _f(0.5, "crop: longest span as a fraction of the document's tokens.")
+    min_span_tokens: int = _f(4, "crop / ict: shortest span (query or document) in tokens.")
+    min_document_tokens: int = _f(16, "from_documents: skip documents shorter than this many tokens.")
+    ict_keep_fraction: float = _f(0.1, "ict: probability that the query sentence is left in its passage.")
+    exclude_pairs: List[str] = _f(list, "Pair directories whose held-out (val and test) pairs must not leak "
+                                        "in: input documents containing the text of any of their held-out "
+                                        "queries or documents are dropped.", factory=True)
+    hard_negatives: int = _f(0, "BM25-mined negatives stored per training query (top-ranked training "
+                                "documents other than the query's own, via bm25s); 0 = none.")
 
 
 @dataclass
@@ -567,16 +593,25 @@ class RetrievalSection:
                               "tokens (`mean`); L2-normalised. Inputs are right-padded.",
                       choices=["last", "second_to_last", "mean"])
     temperature: float = _f(0.02, "InfoNCE temperature t (logits = cosine / t); the paper's code: 0.02.")
+    learn_temperature: bool = _f(False, "Learn the temperature (CLIP's logit scale, starting at `temperature`, "
+                                        "kept >= 0.01); not with grad_cache_chunk or ZeRO 3.")
     symmetric: bool = _f(False, "Average the query->document and document->query InfoNCE.")
     extra_negatives: int = _f(0, "Extra random training documents per query, added as negatives for all "
                                  "queries (seeded per step).")
+    hard_negatives: int = _f(0, "BM25-mined negatives per query (from `prepare-pairs hard_negatives=K`, "
+                                "K >= this), added as negatives for all queries; 0 = none.")
     grad_cache_chunk: int = _f(0, "Gradient caching: embed in chunks of this many sequences (queries, "
                                   "documents and extras together); 0 = off (one forward pass).")
     gather_negatives: bool = _f(True, "All-gather embeddings across ranks (with gradient) so every "
                                       "rank's documents are negatives for every query.")
     eval_n_candidates: List[int] = _f(lambda: [32], "N values of the top-1-among-N evaluation (capped "
                                                     "at the test pool size).", factory=True)
-    eval_max_pairs: int = _f(0, "Evaluate on the first N test pairs only; 0 = all.")
+    eval_split: str = _f("val", "Split evaluated during training: `val` (carved from the training pairs by "
+                                "prepare-pairs; choose settings and checkpoints on it) or `test`.",
+                         choices=["val", "test"])
+    eval_train_pairs: int = _f(256, "Also report recall on the first N training pairs (metrics train_*), to "
+                                    "tell learning from memorising; 0 = off.")
+    eval_max_pairs: int = _f(0, "Evaluate on the first N pairs of eval_split only; 0 = all.")
     eval_seed: int = _f(0, "Seed of the negatives drawn for top-1 among N.")
 
 
@@ -609,6 +644,19 @@ def validate_pairs(cfg: DictConfig) -> List[str]:
         p.append("n_ctx: 0 means the bundle's n_ctx, but no bundle is given")
     if not 0.0 < cfg.test_fraction < 1.0:
         p.append(f"test_fraction: must be in (0, 1), got {cfg.test_fraction}")
+    if not 0.0 <= cfg.val_fraction < 1.0 or cfg.test_fraction + cfg.val_fraction >= 1.0:
+        p.append(f"val_fraction: must be >= 0 with test_fraction + val_fraction < 1, got {cfg.val_fraction}")
+    if cfg.pairs_per_document < 1:
+        p.append(f"pairs_per_document: must be >= 1, got {cfg.pairs_per_document}")
+    if not 0.0 < cfg.crop_min_ratio <= cfg.crop_max_ratio <= 1.0:
+        p.append(f"crop_min_ratio / crop_max_ratio: need 0 < min <= max <= 1, got {cfg.crop_min_ratio} / "
+                 f"{cfg.crop_max_ratio}")
+    if cfg.min_span_tokens < 1 or cfg.min_document_tokens < 2:
+        p.append("min_span_tokens must be >= 1 and min_document_tokens >= 2")
+    if not 0.0 <= cfg.ict_keep_fraction <= 1.0:
+        p.append(f"ict_keep_fraction: must be in [0, 1], got {cfg.ict_keep_fraction}")
+    if cfg.hard_negatives < 0:
+        p.append(f"hard_negatives: must be >= 0, got {cfg.hard_negatives}")
     if not cfg.query_field or not cfg.document_field:
         p.append("query_field / document_field: must not be empty")
     return p
@@ -623,6 +671,13 @@ def validate_retrieval(cfg: DictConfig) -> List[str]:
         p.append(f"retrieval.temperature: must be > 0, got {r.temperature}")
     if r.extra_negatives < 0:
         p.append(f"retrieval.extra_negatives: must be >= 0, got {r.extra_negatives}")
+    if r.learn_temperature and (r.grad_cache_chunk > 0 or e.zero_stage == 3):
+        p.append("retrieval.learn_temperature: not available with retrieval.grad_cache_chunk > 0 or "
+                 "engine.zero_stage 3 (the temperature would get no gradient / is partitioned)")
+    if r.hard_negatives < 0:
+        p.append(f"retrieval.hard_negatives: must be >= 0, got {r.hard_negatives}")
+    if r.eval_train_pairs < 0:
+        p.append(f"retrieval.eval_train_pairs: must be >= 0, got {r.eval_train_pairs}")
     if r.grad_cache_chunk < 0:
         p.append(f"retrieval.grad_cache_chunk: must be >= 0, got {r.grad_cache_chunk}")
     for n in r.eval_n_candidates:

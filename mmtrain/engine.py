@@ -116,24 +116,28 @@ def deepspeed_config(cfg, world_size: int) -> Dict:
     return ds
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, mixing_weight_decay: bool = True) -> List[Dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, mixing_weight_decay: bool = True,
+                 base_lr: float = 0.0) -> List[Dict]:
     """AdamW groups: decay on matrices; none on norms, biases, embeddings (and tied heads), nor on
-    the masked token-mixing matrices when ``mixing_weight_decay`` is false."""
+    the masked token-mixing matrices when ``mixing_weight_decay`` is false. A parameter with an
+    ``lr_scale`` attribute gets a group of its own, without decay, at ``base_lr * lr_scale``."""
     exempt = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     if not mixing_weight_decay:
         exempt |= {id(m.weight) for m in model.modules() if getattr(m, "is_token_mixing", False)}
-    decay, no_decay = [], []
+    decay, no_decay, scaled = [], [], []
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or id(param) in exempt:
+        if getattr(param, "lr_scale", None) is not None:
+            scaled.append({"params": [param], "weight_decay": 0.0, "lr": base_lr * float(param.lr_scale)})
+        elif param.ndim < 2 or id(param) in exempt:
             no_decay.append(param)
         else:
             decay.append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
-    ]
+    ] + scaled
 
 
 def lr_factor(step: int, train_cfg) -> float:
@@ -160,7 +164,7 @@ def build_engine(cfg, model: torch.nn.Module, world_size: int) -> Tuple[object, 
 
     ds_config = deepspeed_config(cfg, world_size)
     t = cfg.train
-    groups = param_groups(model, t.weight_decay, t.get("mixing_weight_decay", True))
+    groups = param_groups(model, t.weight_decay, t.get("mixing_weight_decay", True), base_lr=t.lr)
     optimizer = None
     if cfg.engine.torch_adam:
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)

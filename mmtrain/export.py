@@ -204,6 +204,7 @@ def build_checkpoint_model(checkpoint: Checkpoint):
 
     model = build_model(checkpoint.config["model"], checkpoint.states["vocab_size"])
     state = fp32_state_dict(checkpoint)
+    state.pop("logit_scale", None)   # a retrieval run's learned temperature: kept in the embedder settings
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

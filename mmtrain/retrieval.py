@@ -17,8 +17,10 @@ Negatives per query = micro_batch_size x world size - 1 (+ extras); gradient acc
 add negatives (each micro-batch is its own contrastive batch): use grad caching for larger batches.
 
 Monitoring, checkpoints and exact resume work as in pretraining (same run-dir layout), plus the
-retrieval evaluation of :mod:`mmtrain.retrieval_metrics` on the test split (at step 0, every
-``train.eval_every`` steps and at the end). Export the result with ``mmtrain export-embedder
+retrieval evaluation of :mod:`mmtrain.retrieval_metrics` on ``retrieval.eval_split`` (default
+``val``, carved from the training pairs by prepare-pairs) at step 0, every ``train.eval_every``
+steps and at the end, next to recall on as many training pairs (``train_recall@1``: a run that
+only memorises shows it rising alone). Export the result with ``mmtrain export-embedder
 <run_dir> --out DIR`` (``mmtrain export`` + the embedder settings in config.json).
 
 Exit codes: 0 done, 2 configuration / data error, 3 non-finite loss.
@@ -34,6 +36,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import copy
+import math
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -49,6 +52,12 @@ from mmtrain.pretrain import (Trainer, _all_reduce_sum, resolve_run_dir, run_ent
 
 POOLINGS = ("last", "second_to_last", "mean")
 NEGATIVES = "retrieval/negatives"
+TEMPERATURE = "retrieval/temperature"
+LOGIT_SCALE = "logit_scale"   # the learned temperature's parameter (retrieval.learn_temperature); not exported
+MIN_TEMPERATURE = 0.01
+# temperature = exp(-logit_scale), trained at LOGIT_SCALE_LR x train.lr: Adam steps are ~lr in parameter
+# space, and at retrieval LRs the log-temperature would otherwise barely move in a run
+LOGIT_SCALE_LR = 100.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,9 +166,20 @@ class RetrievalTrainer(Trainer):
         self._check_run_dir()
 
         self.model = as_embedder(load_pretrained(r.bundle).train(), r.pooling)
+        if r.learn_temperature:
+            scale = torch.nn.Parameter(torch.full((1,), -math.log(r.temperature)))
+            scale.lr_scale = LOGIT_SCALE_LR   # its own AdamW group (engine.param_groups)
+            self.model.register_parameter(LOGIT_SCALE, scale)
         self.vocab_size = self.model.vocab_size
         self.micro = cfg.train.micro_batch_size
-        self.extra = r.extra_negatives * self.micro
+        stored = int(self.meta.get("hard_negatives", 0) or 0)
+        if r.hard_negatives > stored:
+            raise ConfigError([f"retrieval.hard_negatives: {r.hard_negatives} per query, but {cfg.data.shard_dir} "
+                               f"stores {stored}; prepare the pairs with `mmtrain prepare-pairs ... "
+                               f"hard_negatives={r.hard_negatives}`"])
+        self.n_random = r.extra_negatives * self.micro
+        self.n_hard = r.hard_negatives * self.micro
+        self.extra = self.n_random + self.n_hard
         self.grad_cache = GradCache(r.grad_cache_chunk) if r.grad_cache_chunk > 0 else None
         self.n_backward = 1
         engine_cfg = cfg
@@ -178,14 +198,19 @@ class RetrievalTrainer(Trainer):
         self._write_run_files()
         self.train_loader = build_pair_loader(cfg.data.shard_dir, "train", self.micro, shuffle=cfg.data.shuffle,
                                               seed=cfg.train.seed, num_workers=cfg.data.num_workers)
-        self.test_split = load_split(cfg.data.shard_dir, "test", r.eval_max_pairs)
-        pool_size = len(self.test_split["pair_id"])
+        try:
+            self.eval_split = load_split(cfg.data.shard_dir, r.eval_split, r.eval_max_pairs)
+        except DataError as exc:
+            raise ConfigError([f"retrieval.eval_split: {exc} (or set retrieval.eval_split=test)"]) from exc
+        self.train_sample = (load_split(cfg.data.shard_dir, "train", r.eval_train_pairs)
+                             if r.eval_train_pairs > 0 else None)
+        pool_size = len(self.eval_split["pair_id"])
         self.eval_n = sorted({min(int(n), pool_size) for n in r.eval_n_candidates if pool_size >= 2})
         self._resume()
         self.world_negatives = self.dist.world_size if r.gather_negatives else 1
         from mmtrain.losses import num_negatives
 
-        self.negatives = num_negatives(self.micro, self.world_negatives, r.extra_negatives)
+        self.negatives = num_negatives(self.micro, self.world_negatives, r.extra_negatives + r.hard_negatives)
         if self.is_main:
             mon.truncate_metrics(self.run_dir, self.step)
         self.monitor = mon.Monitor(self.run_dir, self.is_main, cfg.train.steps, self.step, cfg.logging.progress_bar)
@@ -193,12 +218,15 @@ class RetrievalTrainer(Trainer):
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def _extra_documents(self, micro: int):
-        """``extra`` random training documents, seeded by (seed, step, rank, micro-batch)."""
+    def _extra_documents(self, batch, micro: int):
+        """``n_random`` random training documents, seeded by (seed, step, rank, micro-batch), then the
+        first ``hard_negatives`` mined negatives of each query of the batch."""
         ds = self.train_loader.dataset
         gen = torch.Generator().manual_seed(
             ((self.cfg.train.seed * 1_000_003 + self.step) * 4099 + self.dist.rank) * 131 + micro)
-        idx = torch.randint(0, ds.size, (self.extra,), generator=gen).tolist()
+        idx = torch.randint(0, ds.size, (self.n_random,), generator=gen).tolist()
+        if self.n_hard:
+            idx += batch["negatives"][:, : self.cfg.retrieval.hard_negatives].reshape(-1).tolist()
         items = [ds.get_item(i) for i in idx]
         return (torch.stack([it["document_ids"] for it in items]),
                 torch.stack([it["document_length"] for it in items]))
@@ -207,7 +235,7 @@ class RetrievalTrainer(Trainer):
         ids = [batch["query_ids"], batch["document_ids"]]
         lengths = [batch["query_length"], batch["document_length"]]
         if self.extra:
-            e_ids, e_len = self._extra_documents(micro)
+            e_ids, e_len = self._extra_documents(batch, micro)
             ids.append(e_ids)
             lengths.append(e_len)
         ids = torch.cat(ids).to(self.device).long()
@@ -219,9 +247,18 @@ class RetrievalTrainer(Trainer):
 
         r = self.cfg.retrieval
         parts = split_embeddings(embeddings, self.micro, self.extra)
-        return info_nce(parts["queries"], parts["positives"], r.temperature,
+        return info_nce(parts["queries"], parts["positives"], self._temperature(),
                         extra_negatives=parts["extra_negatives"], symmetric=r.symmetric,
                         gather=r.gather_negatives)
+
+    def _temperature(self):
+        """The InfoNCE temperature: the configured one, or the learned exp(-logit_scale) (>= MIN_TEMPERATURE)."""
+        if not self.cfg.retrieval.learn_temperature:
+            return self.cfg.retrieval.temperature
+        return torch.exp(-getattr(self.engine.module, LOGIT_SCALE)[0]).clamp(min=MIN_TEMPERATURE)
+
+    def temperature(self) -> float:
+        return float(self._temperature())
 
     def train_step(self, batches) -> Dict[str, float]:
         self.engine.train()
@@ -257,10 +294,12 @@ class RetrievalTrainer(Trainer):
     # ---- evaluation --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self) -> Dict[str, float]:
-        """Retrieval metrics on the test split (every rank embeds it: ZeRO-3 forwards are collective)."""
+    def evaluate(self, split: Optional[Dict[str, np.ndarray]] = None, n_candidates=None) -> Dict[str, float]:
+        """Retrieval metrics on ``retrieval.eval_split`` (or ``split``); every rank embeds it (ZeRO-3
+        forwards are collective)."""
         self.engine.eval()
-        report = score_split(lambda i, l: self.engine(i, l), self.test_split, self.eval_n,
+        report = score_split(lambda i, l: self.engine(i, l), self.eval_split if split is None else split,
+                             self.eval_n if n_candidates is None else n_candidates,
                              self.cfg.retrieval.eval_seed, batch_size=max(self.micro, 16), device=self.device)
         self.engine.train()
         return report
@@ -268,9 +307,15 @@ class RetrievalTrainer(Trainer):
     def _log_eval(self) -> Dict[str, float]:
         report = self.evaluate()
         metrics = {k: v for k, v in report.items() if k not in ("queries", "pool")}
+        if self.train_sample is not None:
+            # the same pool size as the eval split, so the two recalls are comparable
+            pool = min(len(self.train_sample["pair_id"]), report["pool"])
+            sample = {k: v[:pool] for k, v in self.train_sample.items()}
+            train = self.evaluate(sample, [])
+            metrics.update({f"train_{k}": train[k] for k in ("recall@1", "mrr@10")})
         self.monitor.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items()})
         self.monitor.record({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
-        self.monitor.info(f"eval   step {self.step} | pool {report['pool']} | "
+        self.monitor.info(f"eval   step {self.step} | {self.cfg.retrieval.eval_split} pool {report['pool']} | "
                           + " | ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()))
         return {f"eval_{k}": v for k, v in metrics.items()}
 
@@ -278,7 +323,8 @@ class RetrievalTrainer(Trainer):
 
     def embedder_info(self) -> Dict[str, Any]:
         r = self.cfg.retrieval
-        return {"pooling": r.pooling, "padding": "right", "normalize": True, "temperature": r.temperature,
+        return {"pooling": r.pooling, "padding": "right", "normalize": True, "temperature": self.temperature(),
+                "learned_temperature": bool(r.learn_temperature),
                 "symmetric": r.symmetric, "base_bundle": os.path.abspath(r.bundle),
                 "pairs": os.path.abspath(self.cfg.data.shard_dir), "append_eos": self.meta.get("append_eos", True),
                 "n_ctx": self.meta["n_ctx"]}
@@ -322,12 +368,14 @@ class RetrievalTrainer(Trainer):
             last.update({"loss": stats["loss"], "tokens_per_s": tps})
             m.record({"step": self.step, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
                       "tokens_seen": self.tokens_seen, "tokens_per_s": tps, "negatives": self.negatives,
+                      "temperature": self.temperature(),
                       "step_time_s": timer.seconds})
             m.advance(1, {"loss": f"{stats['loss']:.4f}"})
             if self.step % cfg.logging.log_every == 0 or self.step == 1 or self._done():
                 m.scalars(self.step, {
                     mon.TRAIN_LOSS: stats["loss"], mon.LR: stats["lr"], mon.GRAD_NORM: stats["grad_norm"],
                     mon.TOKENS_SEEN: self.tokens_seen, mon.TOKENS_PER_S: tps, NEGATIVES: self.negatives,
+                    TEMPERATURE: self.temperature(),
                     mon.STEP_TIME: timer.seconds, mon.MEMORY: mon.peak_memory_gb(self.device)})
                 gn = "n/a" if stats["grad_norm"] is None else f"{stats['grad_norm']:.3f}"
                 m.info(f"step {self.step:>6}/{cfg.train.steps} | loss {stats['loss']:.4f} | lr {stats['lr']:.2e} | "

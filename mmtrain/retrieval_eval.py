@@ -10,8 +10,9 @@ document by cosine similarity and reports (see :mod:`mmtrain.retrieval_metrics`)
 * with ``--bm25``, the same metrics of an Okapi BM25 baseline over the same token ids.
 
 Any bundle works: an untrained or only-pretrained one gives the frozen-embedding baseline. The
-pooling is read from the bundle's ``embedder`` section (written by export-embedder), else
-``--pooling`` (default last).
+pooling of a trained embedder is read from its ``embedder`` section (written by export-embedder);
+bundles without one (pretrained LMs: the frozen-embedding baseline) pool with ``--pooling``
+(default last; give the embedders' pooling to compare like with like).
 
 Top-level imports stay light (argparse only): torch is imported when a command runs.
 """
@@ -27,7 +28,7 @@ DEFAULT_N = [32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 
 
 def load_eval_split(bundle: str, data: str, split: str, query_field: str, document_field: str,
-                    max_pairs: int = 0, seed: int = 0, test_fraction: float = 0.1):
+                    max_pairs: int = 0, seed: int = 0, test_fraction: float = 0.1, val_fraction: float = 0.1):
     """(split arrays, model n_ctx) from pair shards or JSONL, checked against the bundle's tokenizer."""
     import os
 
@@ -41,7 +42,7 @@ def load_eval_split(bundle: str, data: str, split: str, query_field: str, docume
         check_pairs(data, tokenizer_sha256=tok.sha256, model_n_ctx=n_ctx, bundle=bundle)
         return load_split(data, split, max_pairs)
     return load_jsonl_split(data, tok, n_ctx, query_field, document_field, split, seed=seed,
-                            test_fraction=test_fraction, max_pairs=max_pairs)
+                            test_fraction=test_fraction, val_fraction=val_fraction, max_pairs=max_pairs)
 
 
 def evaluate_bundle(bundle: str, split_arrays: Dict[str, Any], n_candidates: List[int], *, pooling: Optional[str] = None,
@@ -53,7 +54,8 @@ def evaluate_bundle(bundle: str, split_arrays: Dict[str, Any], n_candidates: Lis
     from mmtrain.retrieval import embed, score_split
 
     section = read_bundle_config(bundle)
-    pooling = pooling or section.get("embedder", {}).get("pooling", "last")
+    # a trained embedder always pools as it was trained; ``pooling`` is for LM-only bundles
+    pooling = section.get("embedder", {}).get("pooling") or pooling or "last"
     model = load_pretrained(bundle, device=device)
     with torch.no_grad():
         return score_split(lambda i, l: embed(model, i, l, pooling), split_arrays, n_candidates, seed,
@@ -83,10 +85,10 @@ def _eval(args) -> int:
 
     try:
         split = load_eval_split(args.bundle[0], args.data, args.split, args.query_field, args.document_field,
-                                args.max_pairs, args.split_seed, args.test_fraction)
+                                args.max_pairs, args.split_seed, args.test_fraction, args.val_fraction)
         for other in args.bundle[1:]:   # every bundle must share the tokenizer of the pairs
             load_eval_split(other, args.data, args.split, args.query_field, args.document_field, 1,
-                            args.split_seed, args.test_fraction)
+                            args.split_seed, args.test_fraction, args.val_fraction)
         pool = len(split["pair_id"])
         if args.n_candidates is None:
             n_list = [n for n in DEFAULT_N if n <= pool]
@@ -146,17 +148,20 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="pair shard dir (mmtrain prepare-pairs) or a JSONL file")
     p.add_argument("--query-field", default="query", help="JSONL: query key (default query)")
     p.add_argument("--document-field", default="document", help="JSONL: document key (default document)")
-    p.add_argument("--split", choices=["test", "all"], default="test", help="held-out split (default) or all pairs")
+    p.add_argument("--split", choices=["test", "val", "all"], default="test",
+                   help="held-out test split (default), the val split carved from the training pairs, or all pairs")
     p.add_argument("--n-candidates", type=int, nargs="+", default=None, metavar="N",
                    help="N for top-1 among N (default: 32 64 ... 8192 up to the pool size)")
     p.add_argument("--pooling", choices=["last", "second_to_last", "mean"], default=None,
-                   help="override the bundle's pooling (default: its embedder setting, else last)")
+                   help="pooling of bundles without embedder settings, i.e. pretrained-only LMs (default last); "
+                        "exported embedders always use their own")
     p.add_argument("--bm25", action="store_true", help="add an Okapi BM25 baseline row (token ids)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--seed", type=int, default=0, help="seed of the random negatives (default 0)")
     p.add_argument("--max-pairs", type=int, default=0, help="evaluate the first N pairs only (0 = all)")
     p.add_argument("--split-seed", type=int, default=0, help="JSONL: split seed (as prepare-pairs seed)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="JSONL: test fraction (as prepare-pairs)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="JSONL: val fraction (as prepare-pairs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_eval)

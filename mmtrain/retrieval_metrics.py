@@ -15,8 +15,6 @@ Conventions:
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -88,41 +86,52 @@ def retrieval_report(scores: np.ndarray, positives: Sequence[int], n_candidates:
 
 
 class BM25:
-    """Okapi BM25 (k1 = 1.2, b = 0.75) over token lists (token ids or whitespace words).
+    """Okapi BM25 over token lists (token ids or words), computed by the `bm25s` library.
 
-    score(q, d) = sum over distinct terms t of q of
-        idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl)),
-    idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))   (Lucene's non-negative idf).
+    Lucene's variant (bm25s ``method="lucene"``, k1 = 1.2, b = 0.75): score(q, d) = sum over the
+    *distinct* terms t of q of ``idf(t) * tf(t, d) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))``
+    with ``idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))``. (Classic Okapi multiplies each
+    term by k1 + 1, a constant factor that changes no ranking.) Query terms absent from every
+    document score nothing. Both the evaluation baseline and hard-negative mining use this class.
     """
 
     def __init__(self, documents: Sequence[Sequence], k1: float = 1.2, b: float = 0.75):
+        import bm25s
+
         self.k1, self.b = k1, b
         self.n_docs = len(documents)
-        lengths = np.array([len(d) for d in documents], dtype=np.float64)
-        avgdl = float(lengths.mean()) if self.n_docs else 0.0
-        norm = k1 * (1.0 - b + b * lengths / max(avgdl, 1e-9))
-        postings: Dict[object, List] = {}
-        for j, doc in enumerate(documents):
-            for term, tf in Counter(doc).items():
-                postings.setdefault(term, []).append((j, tf))
-        self.postings = {}
-        for term, items in postings.items():
-            docs = np.array([j for j, _ in items], dtype=np.int64)
-            tf = np.array([t for _, t in items], dtype=np.float64)
-            df = len(items)
-            idf = math.log(1.0 + (self.n_docs - df + 0.5) / (df + 0.5))
-            self.postings[term] = (docs, idf * tf * (k1 + 1.0) / (tf + norm[docs]))
+        self._vocab: Dict[object, int] = {}
+        ids = [[self._vocab.setdefault(t, len(self._vocab)) for t in doc] for doc in documents]
+        self._names = {str(i): i for i in self._vocab.values()}
+        self._index = bm25s.BM25(k1=k1, b=b, method="lucene")
+        if self.n_docs:
+            self._index.index(bm25s.tokenization.Tokenized(ids=ids, vocab=self._names), show_progress=False)
+
+    def _query(self, query: Sequence) -> List[int]:
+        return sorted({self._vocab[t] for t in query if t in self._vocab})
 
     def scores(self, query: Sequence) -> np.ndarray:
-        out = np.zeros(self.n_docs, dtype=np.float64)
-        for term in set(query):
-            hit = self.postings.get(term)
-            if hit is not None:
-                out[hit[0]] += hit[1]
-        return out
+        """[n_docs] scores of one query."""
+        q = self._query(query)
+        if not q:
+            return np.zeros(self.n_docs, dtype=np.float64)
+        return np.asarray(self._index.get_scores(q), dtype=np.float64)
 
     def score_matrix(self, queries: Sequence[Sequence]) -> np.ndarray:
         return np.stack([self.scores(q) for q in queries]) if len(queries) else np.zeros((0, self.n_docs))
+
+    def top_k(self, queries: Sequence[Sequence], k: int) -> np.ndarray:
+        """[n_queries, k] document indices, best first (ties in bm25s's order; k <= n_docs)."""
+        import bm25s
+
+        k = min(int(k), self.n_docs)
+        qs = [self._query(q) for q in queries]
+        out = np.zeros((len(qs), k), dtype=np.int64)
+        if not qs or k == 0:
+            return out
+        docs, _ = self._index.retrieve(bm25s.tokenization.Tokenized(ids=qs, vocab=self._names), k=k,
+                                       show_progress=False, n_threads=1)
+        return np.asarray(docs, dtype=np.int64)
 
 
 def format_table(rows: Dict[str, Dict[str, float]], columns: Optional[List[str]] = None) -> str:

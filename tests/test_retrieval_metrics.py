@@ -54,7 +54,7 @@ def test_report_keys():
                       "mrr@10": 1.0, "top1@2": 1.0, "top1@3": 1.0}
 
 
-def test_bm25_matches_the_okapi_formula():
+def test_bm25_matches_the_lucene_formula():
     docs = [["a", "b", "b"], ["b", "c"], ["c", "c", "c", "d"]]
     bm = BM25(docs)
     avgdl = 3.0
@@ -64,10 +64,12 @@ def test_bm25_matches_the_okapi_formula():
         return math.log(1 + (n - df + 0.5) / (df + 0.5))
 
     def term(tf, dl, df):
-        return idf(df) * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * dl / avgdl))
+        return idf(df) * tf / (tf + 1.2 * (0.25 + 0.75 * dl / avgdl))
 
     s = bm.scores(["b", "d", "b"])   # repeated query terms count once
     assert s[0] == pytest.approx(term(2, 3, 2))
     assert s[1] == pytest.approx(term(1, 2, 2))
     assert s[2] == pytest.approx(term(1, 4, 1))
     assert bm.scores(["zzz"]).tolist() == [0, 0, 0]
+    assert bm.score_matrix([["b", "d"], ["a"]]).argmax(1).tolist() == [2, 0]
+    assert bm.top_k([["b", "d", "b"], ["c"]], 3).tolist() == [[2, 0, 1], [2, 1, 0]]

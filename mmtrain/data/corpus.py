@@ -214,19 +214,27 @@ class Corpus:
     text_field: str = "text"
     delimiter: str = ""
     max_docs: int = 0
+    exclude: Sequence[str] = ()
     files: List[str] = field(init=False)
+    excluded: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.inputs = [str(i) for i in self.inputs]
         self.files = resolve_inputs(self.inputs)
 
     def __iter__(self) -> Iterator[str]:
+        """Documents in order, stripped; empty ones and those containing an ``exclude`` text skipped
+        (``excluded`` counts the latter in the last pass)."""
         n = 0
+        self.excluded = 0
         for path in self.files:
             raw = demo_documents() if path == DEMO_INPUT else read_file(path, self.text_field, self.delimiter)
             for text in raw:
                 text = text.strip()
                 if not text:
+                    continue
+                if self.exclude and any(h in text for h in self.exclude):
+                    self.excluded += 1
                     continue
                 yield text
                 n += 1
@@ -249,4 +257,6 @@ class Corpus:
             text += ")"
         if self.max_docs:
             text += f"; first {self.max_docs} documents"
+        if self.exclude:
+            text += f"; without documents containing any of {len(self.exclude)} held-out texts"
         return text

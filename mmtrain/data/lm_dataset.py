@@ -35,7 +35,7 @@ run are harmless (their prefix is skipped), so mmtrain
 never calls ``streaming.base.util.clean_stale_shared_memory()``: it unlinks the blocks of *live*
 datasets too, including other jobs' on a shared machine. Two processes that register at the very
 same moment can collide (``FileExistsError``, the reason streaming tests must not run under
-pytest-xdist); :func:`build_lm_loader` retries then.
+pytest-xdist); :func:`build_lm_loader` and the pair loaders retry then.
 """
 
 from __future__ import annotations
@@ -106,11 +106,15 @@ def _launcher_env() -> int:
 
 
 def _new_dataset(*args: Any, **kwargs: Any) -> LMDataset:
-    """Create the dataset; a single process retries when a concurrent one took the same shm prefix."""
+    return new_streaming_dataset(LMDataset, *args, **kwargs)
+
+
+def new_streaming_dataset(cls, *args: Any, **kwargs: Any):
+    """Create a StreamingDataset; a single process retries when a concurrent one took the same shm prefix."""
     single = int(os.environ.get("WORLD_SIZE", 1)) == 1
     for attempt in range(5):
         try:
-            return LMDataset(*args, **kwargs)
+            return cls(*args, **kwargs)
         except FileExistsError:  # two processes registered the same /dev/shm prefix at once
             if attempt == 4 or not single:
                 raise

@@ -4,7 +4,9 @@ Layout of ``<out>`` (written into a temporary sibling, renamed into place when c
 
     <out>/meta.json        written last: n_ctx, tokenizer sha256, padding, fields, split sizes, recipe
     <out>/tokenizer.model  copy of the tokenizer used
-    <out>/train/  <out>/test/   MDS: query [n_ctx], query_length, document [n_ctx], document_length, pair_id
+    <out>/heldout.jsonl    the raw text of the val and test pairs (what `exclude_pairs` keeps out of a corpus)
+<out>/train/ <out>/val/ <out>/test/   MDS: query [n_ctx], query_length, document [n_ctx],
+                       document_length, pair_id (train also ``negatives`` [k] with hard negatives)
 
 Every query and document is tokenized separately, truncated to n_ctx (EOS kept last when
 ``append_eos``) and **right-padded** with the pad id: the models are causal, so right padding never
@@ -12,8 +14,11 @@ changes the hidden states of real tokens, and the last real token sits at ``leng
 
 Cleaning and split: pairs with an empty side are dropped; a document that occurred before
 (exact text) is dropped with its pair, so documents are unique and a query's positive is
-unambiguous. The split is by document: ``sha1(seed, document) < test_fraction`` puts a pair in
-``test`` -- deterministic, independent of input order, and no document is in both splits.
+unambiguous. The split is by document: ``u = sha1(seed, document)`` mapped to [0, 1) puts a pair
+in ``test`` when ``u < test_fraction``, in ``val`` when ``u < test_fraction + val_fraction``, else
+in ``train`` -- deterministic, independent of input order, and no document is in two splits. The
+test split does not depend on ``val_fraction``. ``val`` is carved from what would otherwise be
+training pairs, for choosing hyperparameters and checkpoints; ``test`` is for the final table.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from datetime import datetime, timezone
@@ -33,7 +39,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 PAIRS_FORMAT_VERSION = 1
 META_NAME = "meta.json"
 TOKENIZER_NAME = "tokenizer.model"
-PAIR_SPLITS = ("train", "test")
+PAIR_SPLITS = ("train", "val", "test")
+REQUIRED_SPLITS = ("train", "test")
+HELDOUT_NAME = "heldout.jsonl"
 
 PathLike = Union[str, Path]
 
@@ -97,12 +105,18 @@ def read_pairs(inputs: Sequence[str], query_field: str = "query", document_field
                 return
 
 
-def is_test(document: str, seed: int, test_fraction: float) -> bool:
+def split_of(document: str, seed: int, test_fraction: float, val_fraction: float = 0.0) -> str:
+    """``train`` | ``val`` | ``test`` of a document (see module docstring)."""
     digest = hashlib.sha1(f"{seed}\0{document}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64 < test_fraction
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
-def clean_and_split(pairs: Iterator[Tuple[str, str]], seed: int, test_fraction: float
+def is_test(document: str, seed: int, test_fraction: float) -> bool:
+    return split_of(document, seed, test_fraction) == "test"
+
+
+def clean_and_split(pairs: Iterator[Tuple[str, str]], seed: int, test_fraction: float, val_fraction: float = 0.0
                     ) -> Tuple[Dict[str, List[Tuple[str, str]]], Dict[str, int]]:
     """Drop empty and repeated-document pairs, then split by document (see module docstring)."""
     seen = set()
@@ -118,7 +132,7 @@ def clean_and_split(pairs: Iterator[Tuple[str, str]], seed: int, test_fraction: 
             stats["duplicate_documents"] += 1
             continue
         seen.add(document)
-        splits["test" if is_test(document, seed, test_fraction) else "train"].append((query, document))
+        splits[split_of(document, seed, test_fraction, val_fraction)].append((query, document))
     return splits, stats
 
 
@@ -180,24 +194,267 @@ def resolve_tokenizer(bundle: str, tokenizer: str, n_ctx: int):
 # --------------------------------------------------------------------------------------------
 
 
-def _write_split(directory: Path, pairs: List[Tuple[str, str]], tok, n_ctx: int, append_eos: bool,
-                 dtype, first_id: int) -> None:
+Sequences = List[List[int]]
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], n_ctx: int, pad_id: int, eos_id: int, append_eos: bool = True):
+    """Token sequences -> [N, n_ctx] right-padded int64 ids and [N] lengths (as :func:`encode_padded`)."""
+    import numpy as np
+
+    ids = np.full((len(seqs), n_ctx), pad_id, dtype=np.int64)
+    lengths = np.zeros(len(seqs), dtype=np.int64)
+    for i, seq in enumerate(seqs):
+        seq = list(seq)[: n_ctx - 1 if append_eos else n_ctx]
+        if append_eos:
+            seq.append(eos_id)
+        if not seq:
+            seq = [eos_id]
+        ids[i, : len(seq)] = seq
+        lengths[i] = len(seq)
+    return ids, lengths
+
+
+def _write_split(directory: Path, queries: Sequences, documents: Sequences, tok, n_ctx: int, append_eos: bool,
+                 dtype, first_id: int, negatives=None) -> None:
     from mmtrain.data.streaming_compat import MDSWriter
 
     columns = {"query": f"ndarray:{dtype.name}:{n_ctx}", "query_length": "int32",
                "document": f"ndarray:{dtype.name}:{n_ctx}", "document_length": "int32", "pair_id": "int64"}
-    q_ids, q_len = encode_padded(tok, [q for q, _ in pairs], n_ctx, append_eos)
-    d_ids, d_len = encode_padded(tok, [d for _, d in pairs], n_ctx, append_eos)
+    if negatives is not None:
+        columns["negatives"] = f"ndarray:int64:{negatives.shape[1]}"
+    q_ids, q_len = pad_sequences(queries, n_ctx, tok.pad_id, tok.eos_id, append_eos)
+    d_ids, d_len = pad_sequences(documents, n_ctx, tok.pad_id, tok.eos_id, append_eos)
     writer = MDSWriter(out=str(directory), columns=columns, compression=None, hashes=["sha1"])
-    for i in range(len(pairs)):
-        writer.write({"query": q_ids[i].astype(dtype), "query_length": int(q_len[i]),
-                      "document": d_ids[i].astype(dtype), "document_length": int(d_len[i]),
-                      "pair_id": first_id + i})
+    for i in range(len(queries)):
+        sample = {"query": q_ids[i].astype(dtype), "query_length": int(q_len[i]),
+                  "document": d_ids[i].astype(dtype), "document_length": int(d_len[i]), "pair_id": first_id + i}
+        if negatives is not None:
+            sample["negatives"] = negatives[i]
+        writer.write(sample)
     writer.finish()
 
 
+# ---- held-out texts --------------------------------------------------------------------------
+
+
+def heldout_texts(pair_dirs: Sequence[PathLike]) -> List[str]:
+    """The distinct query and document texts of the val and test pairs of pair directories."""
+    from mmtrain.data.errors import DataError
+
+    texts = set()
+    for d in pair_dirs:
+        read_pairs_meta(d)
+        path = Path(d) / HELDOUT_NAME
+        if not path.is_file():
+            raise DataError(f"{path}: missing (pairs written by an older mmtrain); rerun `mmtrain prepare-pairs` "
+                            f"for {d} to record its held-out texts")
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                record = json.loads(line)
+                texts.update(t for t in (record["query"], record["document"]) if t)
+    return sorted(texts)
+
+
+def heldout_fingerprint(pair_dirs: Sequence[PathLike]) -> List[Dict[str, str]]:
+    out = []
+    for d in pair_dirs:
+        heldout_texts([d])  # checks it
+        digest = hashlib.sha256((Path(d) / HELDOUT_NAME).read_bytes()).hexdigest()
+        out.append({"path": os.path.abspath(d), "heldout_sha256": digest})
+    return out
+
+
+# ---- pairs from unlabeled documents ----------------------------------------------------------
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
+
+
+def document_rng(seed: int, text: str):
+    """A generator seeded by (seed, document text): a document's pairs do not depend on input order."""
+    import numpy as np
+
+    digest = hashlib.sha1(f"pairs\0{seed}\0{text}".encode("utf-8")).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "big"))
+
+
+def crop_span(ids: Sequence[int], rng, min_ratio: float, max_ratio: float, min_tokens: int,
+              max_tokens: int) -> List[int]:
+    """One contiguous span of ``ids``: length ~ U(min_ratio, max_ratio) x len(ids), clipped to
+    [min_tokens, max_tokens] and the document; start uniform."""
+    n = len(ids)
+    length = int(round(rng.uniform(min_ratio, max_ratio) * n))
+    length = max(1, min(n, max_tokens, max(min_tokens, length)))
+    start = int(rng.integers(0, n - length + 1))
+    return list(ids[start:start + length])
+
+
+def sentences(text: str) -> List[str]:
+    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+
+
+def ict_pair(text: str, rng, keep_fraction: float) -> Optional[Tuple[str, str]]:
+    """(one sentence, the passage without it -- or with it, with probability keep_fraction); None if
+    the document has fewer than two sentences."""
+    parts = sentences(text)
+    if len(parts) < 2:
+        return None
+    i = int(rng.integers(0, len(parts)))
+    rest = parts if rng.random() < keep_fraction else parts[:i] + parts[i + 1:]
+    return parts[i], " ".join(rest)
+
+
+def document_pairs(cfg, tok, n_ctx: int, exclude: Sequence[str]):
+    """Pairs built from the documents of ``cfg.input``: {split: [(query ids, document ids, source)]},
+    held-out records and cleaning stats. Splits are by source document (as labeled pairs)."""
+    from mmtrain.data.corpus import Corpus
+
+    corpus = Corpus(list(cfg.input), text_field=cfg.text_field, delimiter=cfg.delimiter,
+                    max_docs=int(cfg.max_documents), exclude=exclude)
+    splits: Dict[str, List[Tuple[List[int], List[int], int]]] = {s: [] for s in PAIR_SPLITS}
+    heldout: List[Dict[str, str]] = []
+    stats = {"documents": 0, "excluded_documents": 0, "duplicate_documents": 0, "short_documents": 0,
+             "pairs": 0}
+    seen = set()
+    batch: List[str] = []
+    max_tokens = n_ctx - 1 if cfg.append_eos else n_ctx
+
+    def flush():
+        encoded = tok.encode_batch(batch) if cfg.from_documents == "crop" else [None] * len(batch)
+        for text, ids in zip(batch, encoded):
+            source = stats["documents"]
+            stats["documents"] += 1
+            split = split_of(text, int(cfg.seed), float(cfg.test_fraction), float(cfg.val_fraction))
+            rng = document_rng(int(cfg.seed), text)
+            made = set()
+            for _ in range(int(cfg.pairs_per_document)):
+                if cfg.from_documents == "crop":
+                    if len(ids) < cfg.min_document_tokens:
+                        break
+                    q = crop_span(ids, rng, cfg.crop_min_ratio, cfg.crop_max_ratio, cfg.min_span_tokens, max_tokens)
+                    d = crop_span(ids, rng, cfg.crop_min_ratio, cfg.crop_max_ratio, cfg.min_span_tokens, max_tokens)
+                else:
+                    pair = ict_pair(text, rng, float(cfg.ict_keep_fraction))
+                    if pair is None:
+                        break
+                    q, d = (list(x) for x in tok.encode_batch(list(pair)))
+                    if len(q) < cfg.min_span_tokens or len(q) + len(d) < cfg.min_document_tokens:
+                        continue
+                key = (tuple(q), tuple(d))
+                if key not in made:
+                    made.add(key)
+                    splits[split].append((q, d, source))
+            if not made:
+                stats["short_documents"] += 1
+            elif split != "train":
+                heldout.append({"split": split, "query": "", "document": text})
+        batch.clear()
+
+    for text in corpus:
+        if text in seen:
+            stats["duplicate_documents"] += 1
+            continue
+        seen.add(text)
+        batch.append(text)
+        if len(batch) >= 512:
+            flush()
+    flush()
+    stats["excluded_documents"] = corpus.excluded
+    stats["pairs"] = sum(len(v) for v in splits.values())
+    return splits, heldout, stats, corpus.describe()
+
+
+def labeled_pairs(cfg, tok, exclude: Sequence[str]):
+    """Labeled (query, document) pairs of ``cfg.input``, cleaned and split, as token ids."""
+    pairs = read_pairs(list(cfg.input), cfg.query_field, cfg.document_field, int(cfg.max_pairs))
+    texts, stats = clean_and_split(pairs, int(cfg.seed), float(cfg.test_fraction), float(cfg.val_fraction))
+    stats["excluded"] = 0
+    if exclude:
+        for split in PAIR_SPLITS:
+            kept = [p for p in texts[split] if not any(h in p[0] or h in p[1] for h in exclude)]
+            stats["excluded"] += len(texts[split]) - len(kept)
+            texts[split] = kept
+    splits, heldout = {}, []
+    source = 0
+    for split in PAIR_SPLITS:
+        items = texts[split]
+        q = [list(x) for x in tok.encode_batch([a for a, _ in items])] if items else []
+        d = [list(x) for x in tok.encode_batch([b for _, b in items])] if items else []
+        splits[split] = [(qi, di, source + i) for i, (qi, di) in enumerate(zip(q, d))]
+        source += len(items)
+        if split != "train":
+            heldout += [{"split": split, "query": a, "document": b} for a, b in items]
+    return splits, heldout, stats
+
+
+# ---- hard negatives --------------------------------------------------------------------------
+
+
+def mine_hard_negatives(queries: Sequences, documents: Sequences, sources: Sequence[int], k: int,
+                        ignore_ids: Sequence[int] = (), seed: int = 0):
+    """[len(queries), k] int64: for query i, the k training documents BM25 ranks highest among those
+    from another source than i's (never its positive, nor other pairs of its document); when fewer
+    than k such documents score, the rest are random other-source documents (seeded)."""
+    import numpy as np
+
+    from mmtrain.data.errors import DataError
+    from mmtrain.retrieval_metrics import BM25
+
+    sources = np.asarray(sources)
+    n = len(documents)
+    group = int(np.max(np.unique(sources, return_counts=True)[1])) if n else 0
+    if n - group < k:
+        raise DataError(f"hard_negatives: {k} negatives per query need more than {k + group - 1} training "
+                        f"documents, the train split has {n}")
+    ignore = set(int(t) for t in ignore_ids)
+    strip = lambda seqs: [[t for t in s if t not in ignore] for s in seqs]  # noqa: E731
+    bm25 = BM25(strip(documents))
+    out = np.zeros((len(queries), k), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    for start in range(0, len(queries), 1024):
+        chunk = strip(queries[start:start + 1024])
+        cand = bm25.top_k(chunk, min(n, k + group))
+        for r, (q, row) in enumerate(zip(chunk, cand)):
+            i = start + r
+            scores = bm25.scores(q)
+            picked = [int(j) for j in row if sources[j] != sources[i] and scores[j] > 0][:k]
+            while len(picked) < k:
+                j = int(rng.integers(0, n))
+                if sources[j] != sources[i] and j not in picked:
+                    picked.append(j)
+            out[i] = picked
+    return out
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+
+def _recipe(cfg, tok, n_ctx: int) -> Dict[str, Any]:
+    """What the shards are a function of: a rerun with the same recipe keeps them."""
+    from mmtrain.data.corpus import Corpus
+    from mmtrain.data.demo_corpus import DEMO_INPUT
+    from mmtrain.data.prepare import _input_fingerprint
+
+    keys = ["input", "query_field", "document_field", "append_eos", "test_fraction", "val_fraction", "seed",
+            "max_pairs", "from_documents", "hard_negatives"]
+    if cfg.from_documents:
+        keys += ["text_field", "delimiter", "max_documents", "pairs_per_document", "min_document_tokens",
+                 "min_span_tokens"] + (["crop_min_ratio", "crop_max_ratio"] if cfg.from_documents == "crop"
+                                       else ["ict_keep_fraction"])
+        inputs = Corpus(list(cfg.input))
+    else:
+        inputs = Corpus([DEMO_INPUT if i == DEMO_PAIRS_INPUT else i for i in cfg.input])
+    recipe = {k: (list(cfg[k]) if k == "input" else cfg[k]) for k in keys}
+    recipe.update({"n_ctx": n_ctx, "tokenizer_sha256": tok.sha256, "input_fingerprint": _input_fingerprint(inputs),
+                   "exclude_pairs": heldout_fingerprint(list(cfg.exclude_pairs))})
+    return recipe
+
+
+DEMO_PAIRS_INPUT = "demo"
+
+
 def prepare_pairs(cfg) -> Dict[str, Any]:
-    """Run `mmtrain prepare-pairs` for a :class:`~mmtrain.config.PairsConfig`; returns meta.json's dict."""
+    """Run `mmtrain prepare-pairs` for a :class:`~mmtrain.config.PairsConfig`; returns meta.json's dict
+    (with ``status``: written | up to date)."""
     from mmtrain.data.demo_pairs import DEMO_PAIRS, demo_pairs_description
     from mmtrain.data.errors import DataError
     from mmtrain.data.packing import token_dtype
@@ -205,14 +462,35 @@ def prepare_pairs(cfg) -> Dict[str, Any]:
     from mmtrain.data.streaming_compat import STREAMING_VERSION
 
     tok, n_ctx, _ = resolve_tokenizer(cfg.bundle, cfg.tokenizer, int(cfg.n_ctx))
-    pairs = read_pairs(list(cfg.input), cfg.query_field, cfg.document_field, int(cfg.max_pairs))
-    splits, stats = clean_and_split(pairs, int(cfg.seed), float(cfg.test_fraction))
-    for split, items in splits.items():
-        if not items:
-            raise DataError(f"the {split} split would be empty ({stats['read']} pairs read, "
-                            f"{stats['duplicate_documents']} duplicate documents dropped); use more pairs "
-                            "or another test_fraction")
     out = Path(cfg.out).resolve()
+    recipe = _recipe(cfg, tok, n_ctx)
+    if (out / META_NAME).is_file():
+        try:
+            old = check_pairs(out)
+        except DataError:
+            old = None
+        if old is not None and old.get("recipe") == recipe and (out / HELDOUT_NAME).is_file():
+            return {**old, "status": "up to date"}
+    exclude = heldout_texts(list(cfg.exclude_pairs))
+    if cfg.from_documents:
+        splits, heldout, stats, described = document_pairs(cfg, tok, n_ctx, exclude)
+        sources = [described]
+    else:
+        splits, heldout, stats = labeled_pairs(cfg, tok, exclude)
+        sources = [demo_pairs_description() if i == DEMO_PAIRS else os.path.abspath(i) for i in cfg.input]
+    wanted = PAIR_SPLITS if cfg.val_fraction > 0 else REQUIRED_SPLITS
+    for split in wanted:
+        if not splits[split]:
+            what = "documents" if cfg.from_documents else "pairs"
+            raise DataError(f"the {split} split would be empty ({stats}); use more {what} or another "
+                            f"{'val_fraction' if split == 'val' else 'test_fraction'}")
+    negatives = None
+    if cfg.hard_negatives > 0:
+        train = splits["train"]
+        keep = n_ctx - 1 if cfg.append_eos else n_ctx   # mined on what the model sees
+        negatives = mine_hard_negatives([q[:keep] for q, _, _ in train], [d[:keep] for _, d, _ in train],
+                                        [s for _, _, s in train], int(cfg.hard_negatives),
+                                        ignore_ids=(tok.pad_id, tok.eos_id), seed=int(cfg.seed))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -220,21 +498,30 @@ def prepare_pairs(cfg) -> Dict[str, Any]:
     try:
         tmp.mkdir()
         first = 0
-        for split in PAIR_SPLITS:
-            _write_split(tmp / split, splits[split], tok, n_ctx, bool(cfg.append_eos), dtype, first)
-            first += len(splits[split])
+        for split in wanted:
+            items = splits[split]
+            _write_split(tmp / split, [q for q, _, _ in items], [d for _, d, _ in items], tok, n_ctx,
+                         bool(cfg.append_eos), dtype, first, negatives if split == "train" else None)
+            first += len(items)
         (tmp / TOKENIZER_NAME).write_bytes(tok.serialized())
-        sources = [demo_pairs_description() if i == DEMO_PAIRS else os.path.abspath(i) for i in cfg.input]
+        with open(tmp / HELDOUT_NAME, "w", encoding="utf-8") as fh:
+            for record in heldout:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         meta = {
             "format_version": PAIRS_FORMAT_VERSION, "kind": "pairs", "n_ctx": n_ctx,
             "token_dtype": dtype.name, "vocab_size": tok.vocab_size, "pad_id": tok.pad_id,
             "eos_id": tok.eos_id, "tokenizer_sha256": tok.sha256, "tokenizer_file": TOKENIZER_NAME,
             "padding": "right", "append_eos": bool(cfg.append_eos),
             "fields": {"query": cfg.query_field, "document": cfg.document_field},
-            "splits": {s: {"pairs": len(v)} for s, v in splits.items()},
+            "from_documents": cfg.from_documents or None,
+            "hard_negatives": int(cfg.hard_negatives),
+            "splits": {s: {"pairs": len(splits[s])} for s in wanted},
             "cleaning": stats, "source": sources,
             "prepare": {"input": list(cfg.input), "bundle": cfg.bundle, "seed": int(cfg.seed),
-                        "test_fraction": float(cfg.test_fraction), "max_pairs": int(cfg.max_pairs)},
+                        "test_fraction": float(cfg.test_fraction), "val_fraction": float(cfg.val_fraction),
+                        "max_pairs": int(cfg.max_pairs), "from_documents": cfg.from_documents,
+                        "exclude_pairs": [os.path.abspath(p) for p in cfg.exclude_pairs]},
+            "recipe": recipe,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "streaming_version": STREAMING_VERSION,
         }
@@ -242,7 +529,7 @@ def prepare_pairs(cfg) -> Dict[str, Any]:
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return meta
+    return {**meta, "status": "written"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,7 +568,7 @@ def check_pairs(pair_dir: PathLike, *, tokenizer_sha256: Optional[str] = None, m
                         f"bundle (`mmtrain prepare-pairs ... bundle={bundle or '<bundle>'}`)")
     if model_n_ctx is not None and int(meta["n_ctx"]) > int(model_n_ctx):
         raise DataError(f"{where}: pairs have n_ctx {meta['n_ctx']}, longer than the model's n_ctx {model_n_ctx}")
-    for split in PAIR_SPLITS:
+    for split in REQUIRED_SPLITS + (("val",) if "val" in meta.get("splits", {}) else ()):
         if not (Path(pair_dir) / split / "index.json").is_file():
             raise DataError(f"{Path(pair_dir) / split}: missing split (no index.json)")
     return meta
@@ -302,17 +589,20 @@ def _dataset_class():
                     "query_length": torch.tensor(int(s["query_length"])),
                     "document_ids": torch.from_numpy(np.asarray(s["document"]).astype(np.int64)),
                     "document_length": torch.tensor(int(s["document_length"])),
-                    "pair_id": torch.tensor(int(s["pair_id"]))}
+                    "pair_id": torch.tensor(int(s["pair_id"])),
+                    **({"negatives": torch.from_numpy(np.asarray(s["negatives"]).astype(np.int64))}
+                       if "negatives" in s else {})}
 
     return PairDataset
 
 
 def pair_dataset(pair_dir: PathLike, split: str, batch_size: int, shuffle: bool = False, seed: int = 0):
-    from mmtrain.data.lm_dataset import _launcher_env
+    from mmtrain.data.lm_dataset import _launcher_env, new_streaming_dataset
 
     num_nodes = _launcher_env()
-    return _dataset_class()(local=str((Path(pair_dir) / split).resolve()), remote=None, batch_size=batch_size,
-                            shuffle=shuffle, shuffle_seed=seed, num_canonical_nodes=num_nodes)
+    return new_streaming_dataset(_dataset_class(), local=str((Path(pair_dir) / split).resolve()), remote=None,
+                                 batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
+                                 num_canonical_nodes=num_nodes)
 
 
 def build_pair_loader(pair_dir: PathLike, split: str, batch_size: int, *, shuffle: bool, seed: int,
@@ -331,7 +621,14 @@ def load_split(pair_dir: PathLike, split: str, max_pairs: int = 0) -> Dict[str, 
     """Every pair of a split (in stored order) as numpy arrays: query_ids, query_length, document_ids, ..."""
     import numpy as np
 
-    splits = PAIR_SPLITS if split == "all" else (split,)
+    from mmtrain.data.errors import DataError
+
+    present = [s for s in PAIR_SPLITS if (Path(pair_dir) / s / "index.json").is_file()]
+    splits = present if split == "all" else (split,)
+    if split != "all" and split not in present:
+        raise DataError(f"{pair_dir}: no {split} split (it has {', '.join(present)})"
+                        + ("; rerun `mmtrain prepare-pairs` (val_fraction > 0) to carve one from the training pairs"
+                           if split == "val" else ""))
     parts = []
     for name in splits:
         ds = pair_dataset(pair_dir, name, batch_size=1)
@@ -339,19 +636,20 @@ def load_split(pair_dir: PathLike, split: str, max_pairs: int = 0) -> Dict[str, 
     items = [it for part in parts for it in part]
     if max_pairs > 0:
         items = items[:max_pairs]
-    return {key: np.stack([it[key].numpy() for it in items]) for key in items[0]}
+    keys = [k for k in items[0] if all(k in it for it in items)]
+    return {key: np.stack([it[key].numpy() for it in items]) for key in keys}
 
 
 def load_jsonl_split(path: str, tok, n_ctx: int, query_field: str, document_field: str, split: str,
-                     seed: int = 0, test_fraction: float = 0.1, append_eos: bool = True,
+                     seed: int = 0, test_fraction: float = 0.1, val_fraction: float = 0.1, append_eos: bool = True,
                      max_pairs: int = 0) -> Dict[str, Any]:
     """Pairs of a JSONL file, cleaned and split exactly as prepare-pairs does, tokenized in memory."""
     import numpy as np
 
     from mmtrain.data.errors import DataError
 
-    splits, _ = clean_and_split(jsonl_pairs([path], query_field, document_field), seed, test_fraction)
-    pairs = splits["train"] + splits["test"] if split == "all" else splits[split]
+    splits, _ = clean_and_split(jsonl_pairs([path], query_field, document_field), seed, test_fraction, val_fraction)
+    pairs = [p for s in PAIR_SPLITS for p in splits[s]] if split == "all" else splits[split]
     if max_pairs > 0:
         pairs = pairs[:max_pairs]
     if not pairs:
@@ -371,7 +669,12 @@ _FLAGS = [("--input", "input", dict(nargs="+", metavar="PATH", help="JSONL files
           ("--document-field", "document_field", dict(metavar="KEY")),
           ("--bundle", "bundle", dict(metavar="DIR", help="bundle whose tokenizer (and n_ctx) to use")),
           ("--out", "out", dict(metavar="DIR")),
-          ("--n-ctx", "n_ctx", dict(type=int, metavar="N"))]
+          ("--n-ctx", "n_ctx", dict(type=int, metavar="N")),
+          ("--from-documents", "from_documents", dict(choices=["crop", "ict"],
+                                                      help="build pairs from unlabeled documents")),
+          ("--hard-negatives", "hard_negatives", dict(type=int, metavar="K", help="BM25 negatives per query")),
+          ("--exclude-pairs", "exclude_pairs", dict(action="append", metavar="DIR",
+                                                    help="keep this pair set's held-out texts out (repeatable)"))]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -386,21 +689,38 @@ def _run(args: argparse.Namespace) -> int:
     except DataError as exc:
         print(f"mmtrain prepare-pairs: error: {exc}", file=sys.stderr)
         return 1
-    c = meta["cleaning"]
-    print(f"wrote {cfg.out}: {meta['splits']['train']['pairs']} train / {meta['splits']['test']['pairs']} test "
-          f"pairs (n_ctx {meta['n_ctx']}, right-padded; {c['read']} read, {c['duplicate_documents']} "
-          f"duplicate documents and {c['empty']} empty pairs dropped)")
+    print(format_summary(cfg.out, meta))
     return 0
+
+
+def format_summary(out: str, meta: Dict[str, Any]) -> str:
+    c, sp = meta["cleaning"], meta["splits"]
+    sizes = " / ".join(f"{sp[s]['pairs']} {s}" for s in PAIR_SPLITS if s in sp)
+    if meta["status"] == "up to date":
+        return f"{out}: up to date ({sizes} pairs, same recipe); nothing written"
+    if meta.get("from_documents"):
+        dropped = (f"{meta['from_documents']} pairs from {c['documents']} documents; {c['excluded_documents']} "
+                   f"held-out-overlapping, {c['duplicate_documents']} duplicate and {c['short_documents']} "
+                   "too-short documents dropped")
+    else:
+        dropped = (f"{c['read']} read, {c['duplicate_documents']} duplicate documents, {c['empty']} empty and "
+                   f"{c['excluded']} held-out-overlapping pairs dropped")
+    neg = f", {meta['hard_negatives']} BM25 hard negatives per training query" if meta.get("hard_negatives") else ""
+    return f"wrote {out}: {sizes} pairs (n_ctx {meta['n_ctx']}, right-padded; {dropped}{neg})"
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "prepare-pairs", help="tokenize (query, document) pairs into train/test MDS shards for retrieval",
-        description="Read (query, document) pairs from JSONL (or the built-in demo pairs), tokenize them with "
-                    "a bundle's tokenizer, split train/test by document and write MDS shards + meta.json.",
+        description="Read (query, document) pairs from JSONL (or the built-in demo pairs) -- or build them "
+                    "from unlabeled documents (--from-documents crop|ict) -- tokenize them with a bundle's "
+                    "tokenizer, split train/val/test by document, optionally mine BM25 hard negatives, and write "
+                    "MDS shards + meta.json. A rerun with the same recipe keeps the shards.",
         epilog="examples:\n  mmtrain prepare-pairs --config configs/pairs/demo.yaml bundle=bundles/mixer\n"
                "  mmtrain prepare-pairs --input ts.jsonl --query-field summary --document-field story "
-               "--bundle bundles/mixer --out data/pairs/ts",
+               "--bundle bundles/mixer --out data/pairs/ts\n"
+               "  mmtrain prepare-pairs --input corpus.txt --delimiter '\\n\\n' --from-documents crop --bundle "
+               "bundles/mixer --out data/pairs/crop --exclude-pairs data/pairs/ts",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", metavar="YAML", help="PairsConfig YAML (repeatable)")
     for flag, _, kwargs in _FLAGS:

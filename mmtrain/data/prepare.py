@@ -146,7 +146,15 @@ def _recipe(cfg: DictConfig, corpus: Corpus) -> Dict[str, Any]:
     return {"input": list(corpus.inputs), "text_field": cfg.text_field, "delimiter": cfg.delimiter,
             "max_docs": int(cfg.max_docs), "packing": cfg.packing,
             "val_fraction": float(cfg.val_fraction), "seed": int(cfg.seed),
-            "input_fingerprint": _input_fingerprint(corpus)}
+            "input_fingerprint": _input_fingerprint(corpus), **_exclude_recipe(cfg)}
+
+
+def _exclude_recipe(cfg: DictConfig) -> Dict[str, Any]:
+    """The held-out pair sets kept out, by path and content (absent when none, as before)."""
+    from mmtrain.data.pairs import heldout_fingerprint
+
+    pairs = list(cfg.exclude_pairs)
+    return {"exclude_pairs": heldout_fingerprint(pairs)} if pairs else {}
 
 
 def _up_to_date(out: Path, n_ctx: int, tok: Tokenizer, recipe: Dict[str, Any]) -> bool:
@@ -169,8 +177,10 @@ def prepare(cfg: DictConfig, *, progress: bool = True) -> Dict[str, Any]:
         raise C.ConfigError(problems)
     start = time.time()
     out = Path(cfg.out)
+    from mmtrain.data.pairs import heldout_texts
+
     corpus = Corpus(list(cfg.input), text_field=cfg.text_field, delimiter=cfg.delimiter,
-                    max_docs=int(cfg.max_docs))
+                    max_docs=int(cfg.max_docs), exclude=heldout_texts(list(cfg.exclude_pairs)))
     n_ctx_list = sorted(set(int(n) for n in cfg.n_ctx))
     out.mkdir(parents=True, exist_ok=True)
     clean_stale(out)

@@ -588,14 +588,16 @@ class PairsConfig:
 @dataclass
 class RetrievalSection:
     bundle: str = _f("", "Exported bundle (mixer or transformer) to start from (`mmtrain export`).")
-    pooling: str = _f("last", "Embedding = final hidden state at the last real token (`last`), the one "
-                              "before it (`second_to_last`, the paper's index -2) or the mean over real "
-                              "tokens (`mean`); L2-normalised. Inputs are right-padded.",
+    pooling: str = _f("mean", "Embedding = mean of the final hidden states over real tokens (`mean`; "
+                              "docs/retrieval.md), the one at the last real token (`last`) or the one "
+                              "before it (`second_to_last`, the paper's index -2); L2-normalised. Inputs "
+                              "are right-padded.",
                       choices=["last", "second_to_last", "mean"])
-    temperature: float = _f(0.02, "InfoNCE temperature t (logits = cosine / t); the paper's code: 0.02.")
+    temperature: float = _f(0.05, "InfoNCE temperature t (logits = cosine / t); the paper's code: 0.02 "
+                                  "(0.02-0.1 measured alike, docs/retrieval.md).")
     learn_temperature: bool = _f(False, "Learn the temperature (CLIP's logit scale, starting at `temperature`, "
                                         "kept >= 0.01); not with grad_cache_chunk or ZeRO 3.")
-    symmetric: bool = _f(False, "Average the query->document and document->query InfoNCE.")
+    symmetric: bool = _f(True, "Average the query->document and document->query InfoNCE.")
     extra_negatives: int = _f(0, "Extra random training documents per query, added as negatives for all "
                                  "queries (seeded per step).")
     hard_negatives: int = _f(0, "BM25-mined negatives per query (from `prepare-pairs hard_negatives=K`, "

@@ -7,12 +7,14 @@ Run it any of these ways (``--config`` repeatable, then ``key=value`` overrides)
     python mmtrain/retrieval.py --config ...     /    python -m mmtrain.retrieval --config ...
 
 It starts from an exported bundle (``mmtrain export``) and pair shards (``mmtrain prepare-pairs``
-with the same bundle, so the tokenizers match). The embedding of a sequence is the final hidden
-state at its last real token (``retrieval.pooling``: last | second_to_last | mean), L2-normalised;
-inputs are right-padded, so the last real token is at ``length - 1`` and, the models being causal,
-padding never changes it. Each step: queries, their documents (and ``extra_negatives`` random
-training documents per query) are embedded, gathered across ranks with gradient, and scored with
-InfoNCE (:mod:`mmtrain.losses`); ``grad_cache_chunk`` > 0 embeds in chunks with gradient caching.
+with the same bundle, so the tokenizers match). The embedding of a sequence is its final hidden
+states pooled over the real tokens (``retrieval.pooling``: mean | last | second_to_last),
+L2-normalised; inputs are right-padded, so the last real token is at ``length - 1`` and, the
+models being causal, padding never changes a real token's state. Each step: queries, their
+documents (plus ``extra_negatives`` random and ``hard_negatives`` BM25-mined training documents
+per query) are embedded, gathered across ranks with gradient, and scored with InfoNCE
+(:mod:`mmtrain.losses`; ``learn_temperature`` learns t); ``grad_cache_chunk`` > 0 embeds in
+chunks with gradient caching.
 Negatives per query = micro_batch_size x world size - 1 (+ extras); gradient accumulation does not
 add negatives (each micro-batch is its own contrastive batch): use grad caching for larger batches.
 

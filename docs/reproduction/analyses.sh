@@ -25,12 +25,15 @@ for name in mixer-ctx128 transformer-ctx128 mixer-ctx512 transformer-ctx512; do
   rep "$OUT/bundles/$name" --json "$OUT/rep-$name.json"
 done
 # retrieval: demo pairs, frozen embeddings (+ BM25), then 60 InfoNCE steps of the n_ctx 128 bundles
-[ -f "$OUT/pairs/meta.json" ] || mmtrain prepare-pairs --config configs/pairs/demo.yaml bundle=$OUT/bundles/mixer-ctx128 out=$OUT/pairs
+# (the settings of the time: no val split, last-token pooling, t 0.02; docs/retrieval.md has today's recipe)
+[ -f "$OUT/pairs/meta.json" ] || mmtrain prepare-pairs --config configs/pairs/demo.yaml bundle=$OUT/bundles/mixer-ctx128 out=$OUT/pairs val_fraction=0
 mmtrain eval-retrieval $OUT/bundles/{mixer,transformer}-ctx{128,512} --data $OUT/pairs --n-candidates 32 64 128 --bm25 \
     --json $OUT/retrieval-frozen.json
 for family in mixer transformer; do
   python mmtrain/retrieval.py --config configs/retrieval/$family-demo.yaml retrieval.bundle=$OUT/bundles/$family-ctx128 \
       data.shard_dir=$OUT/pairs logging.run_dir=$OUT/infonce-$family-ctx128 train.steps=60 train.warmup_steps=6 \
+      retrieval.pooling=last retrieval.temperature=0.02 retrieval.symmetric=false retrieval.eval_split=test \
+      train.lr=1e-4 train.schedule=linear train.weight_decay=0.0 \
       train.eval_every=0 checkpoint.every=0 checkpoint.resume=none
   mmtrain export-embedder $OUT/infonce-$family-ctx128 --out $OUT/bundles/infonce-$family-ctx128
 done

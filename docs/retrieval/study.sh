@@ -2,8 +2,15 @@
 # The recipe study of docs/retrieval.md: InfoNCE runs of one pretrained bundle on the demo pairs,
 # each scored on the val split (carved from the training pairs; the test split is not looked at).
 # Every run: 320 steps = 5 epochs of the 2,053 training pairs at batch 32, val every 64 steps.
-#   BUNDLE=runs/r14/bundles/mixer PAIRS=runs/r14/pairs OUT=runs/r14/study bash docs/retrieval/study.sh base lr5e-4 ...
-# Two runs at a time, one torch thread each.
+# Two runs at a time, one torch thread each. The study as run, on the recipe's bundles and pairs
+# (launchers/retrieval_recipe.sh first):
+#   R=runs/retrieval-recipe; export BUNDLE=$R/bundles/mixer PAIRS=$R/pairs OUT=runs/retrieval-study
+#   bash docs/retrieval/study.sh shipped base lr5e-4 mean m-t0.02 m-t0.1 m-lr5e-4 m-hard1 m-b128 \
+#       r3-lr1e-3 r3-lr2e-3 r3-tlearn r3-hard1
+#   PAIRS=$R/pairs-ict bash docs/retrieval/study.sh r3-corpus            # the corpus stage alone
+#   mmtrain export-embedder $OUT/mixer-r3-corpus --out $OUT/bundles/mixer-ict
+#   BUNDLE=$OUT/bundles/mixer-ict NAME=mixer-ict bash docs/retrieval/study.sh r3-lr1e-3
+#   python docs/retrieval/summarize.py $OUT --out docs/retrieval --groups study
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUNDLE=${BUNDLE:?bundle dir} PAIRS=${PAIRS:?pair dir} OUT=${OUT:?output dir} NAME=${NAME:-$(basename "$BUNDLE")}

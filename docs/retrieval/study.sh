@@ -5,11 +5,16 @@
 # Two runs at a time, one torch thread each. The study as run, on the recipe's bundles and pairs
 # (launchers/retrieval_recipe.sh first):
 #   R=runs/retrieval-recipe; export BUNDLE=$R/bundles/mixer PAIRS=$R/pairs OUT=runs/retrieval-study
-#   bash docs/retrieval/study.sh shipped base lr5e-4 mean m-t0.02 m-t0.1 m-lr5e-4 m-hard1 m-b128 \
-#       r3-lr1e-3 r3-lr2e-3 r3-tlearn r3-hard1
-#   PAIRS=$R/pairs-ict bash docs/retrieval/study.sh r3-corpus            # the corpus stage alone
-#   mmtrain export-embedder $OUT/mixer-r3-corpus --out $OUT/bundles/mixer-ict
-#   BUNDLE=$OUT/bundles/mixer-ict NAME=mixer-ict bash docs/retrieval/study.sh r3-lr1e-3
+#   bash docs/retrieval/study.sh shipped base lr5e-4 mean second m-asym m-t0.02 m-t0.1 m-lr5e-4 m-hard1 \
+#       m-b128 r3-lr1e-3 r3-lr2e-3 r3-tlearn r3-hard1
+#   BUNDLE=$R/bundles/transformer bash docs/retrieval/study.sh r3-lr1e-3 m-lr5e-4
+#   for kind in ict crop; do   # the corpus stage alone, then the labeled stage from it
+#     [ $kind = crop ] && mmtrain prepare-pairs --input demo --from-documents crop --bundle $BUNDLE \
+#         --out $R/pairs-crop --exclude-pairs $PAIRS pairs_per_document=4 min_document_tokens=12
+#     PAIRS=$R/pairs-$kind NAME=mixer-$kind bash docs/retrieval/study.sh r3-corpus
+#     mmtrain export-embedder $OUT/mixer-$kind-r3-corpus --out $OUT/bundles/mixer-$kind
+#     BUNDLE=$OUT/bundles/mixer-$kind NAME=mixer-$kind bash docs/retrieval/study.sh r3-lr1e-3
+#   done
 #   python docs/retrieval/summarize.py $OUT --out docs/retrieval --groups study
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -21,8 +21,12 @@ STUDY_GROUPS = (
     "2. temperature (mean pooling, lr 2e-4, learned at 5e-4):mixer-mean,mixer-m-t0.02,mixer-m-t0.1,"
     "mixer-r3-tlearn,mixer-m-lr5e-4;"
     "3. learning rate (mean pooling):mixer-mean,mixer-m-lr5e-4,mixer-r3-lr1e-3,mixer-r3-lr2e-3;"
-    "4. corpus stage, hard negatives, batch 128:mixer-r3-lr1e-3,mixer-ict-r3-lr1e-3,mixer-m-lr5e-4,"
-    "mixer-r3-hard1,mixer-mean,mixer-m-b128")
+    "4. the corpus stage (ict or crop) before the labeled one:mixer-r3-lr1e-3,mixer-ict-r3-lr1e-3,"
+    "mixer-crop-r3-lr1e-3;"
+    "5. hard negatives, batch 128 (80 steps = 5 epochs):mixer-m-lr5e-4,mixer-r3-hard1,mixer-mean,mixer-m-hard1,"
+    "mixer-m-b128;"
+    "6. pooling and one-sided loss (lr 2e-4), transformer:mixer-base,mixer-second,mixer-mean,mixer-m-asym,"
+    "transformer-r3-lr1e-3,transformer-m-lr5e-4")
 
 
 def load(root: Path):

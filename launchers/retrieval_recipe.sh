@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The retrieval recipe of docs/retrieval.md, end to end on one machine (about 25 minutes on 2 CPU
+# The retrieval recipe of docs/retrieval.md, end to end on one machine (about 21 minutes on 2 CPU
 # cores): raw text -> in-domain pretraining -> corpus pairs -> contrastive training on labeled pairs
 # -> exported embedders -> the eval-retrieval table, for the masked mixer and the transformer side
 # by side (the two families run at the same time, one torch thread each), with BM25 beside them.

@@ -90,6 +90,13 @@ def _from_main(value):
     return holder[0]
 
 
+def _all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place when distributed), staying on the device."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def _all_reduce_sum(values: List[float], device: torch.device) -> List[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -257,24 +264,34 @@ class Trainer:
         return input_ids, labels
 
     def train_step(self, batches) -> Dict[str, float]:
+        """One optimizer step over ``gas`` micro-batches.
+
+        The gradient is that of the logged loss: the sum of the token losses of the whole global
+        batch (all micro-batches of all ranks) divided by its number of target tokens. Each
+        micro-batch's mean loss is weighted by ``targets x gas x world / global targets``, undoing
+        the engine's mean over micro-batches and ranks; with equal target counts (``concat``
+        packing) the weight is exactly 1. Counts and losses stay on the device: one reduction of
+        the target count before the forwards, one of the sums after.
+        """
         self.engine.train()
         lr = self._current_lr()
-        loss_tokens, n_targets, n_tokens = 0.0, 0.0, 0.0
+        micro_batches = [self._micro_batch(next(batches)) for _ in range(self.gas)]
+        targets = [(labels[:, self.label_shift:] != -100).sum().double() for _, labels in micro_batches]
+        global_targets = _all_reduce_tensor(torch.stack(targets).sum()).clamp(min=1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         grad_norm = None
-        for micro in range(self.gas):
-            input_ids, labels = self._micro_batch(next(batches))
+        for micro, ((input_ids, labels), t) in enumerate(zip(micro_batches, targets)):
             out = self.engine(input_ids, labels=labels)
-            self.engine.backward(out.loss)
+            weight = t * (self.gas * self.dist.world_size) / global_targets
+            self.engine.backward(out.loss * weight.to(out.loss.dtype))
             if micro == self.gas - 1 and self.engine.zero_optimization_stage() == 0:
                 grad_norm = self._grad_norm()  # ZeRO 0 does not report it; pre-clip, like ZeRO >= 1
             self.engine.step()
-            targets = float((labels[:, self.label_shift:] != -100).sum())
-            loss_tokens += float(out.loss.detach().float()) * targets
-            n_targets += targets
-            n_tokens += float((labels != -100).sum())
-        loss_tokens, n_targets, n_tokens = _all_reduce_sum([loss_tokens, n_targets, n_tokens], self.device)
-        loss = loss_tokens / max(n_targets, 1.0)
-        return self._step_stats(loss, lr, grad_norm, n_tokens)
+            loss_sum += out.loss.detach().double() * t
+            n_tokens += (labels != -100).sum().double()
+        loss_sum, n_tokens = _all_reduce_tensor(torch.stack([loss_sum, n_tokens])).tolist()
+        return self._step_stats(loss_sum / float(global_targets), lr, grad_norm, n_tokens)
 
     def _current_lr(self) -> float:
         """The learning rate this step uses (read before the scheduler advances)."""

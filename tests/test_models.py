@@ -370,3 +370,37 @@ def test_importing_models_does_not_import_deepspeed_or_transformers():
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("impl", ["dense", "triangular"])
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+def test_every_parameter_is_used_inside_its_own_modules_call(name, impl):
+    """ZeRO-3 gathers a module's parameters in its forward pre-hook and releases them after. Here
+    every module's own parameters are empty except while that module's __call__ runs (as ZeRO-3
+    partitions them), so a forward that reached into another module's weights would fail."""
+    model = make(ALL_MODELS[name], mixer_impl=impl) if name in MIXERS else make(ALL_MODELS[name])
+    ids = random_tokens(2, 24)
+    expected = model(ids).logits
+    full = {p: p.data for p in model.parameters()}
+    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+
+    def gather(module, *_):
+        for p in module.parameters(recurse=False):
+            p.data = full[p]
+
+    def release(module, *_):
+        for p in module.parameters(recurse=False):
+            p.data = torch.empty(0, dtype=p.dtype)
+
+    handles = []
+    for m in owners:
+        handles += [m.register_forward_pre_hook(gather), m.register_forward_hook(release)]
+        release(m)
+    try:
+        partitioned = model(ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+        for p, data in full.items():
+            p.data = data
+    assert torch.equal(partitioned, expected)

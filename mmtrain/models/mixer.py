@@ -107,11 +107,19 @@ class MaskedMixingMatrix(nn.Module):
         # The mask buffer stays fp32 when DeepSpeed casts only the parameters to bf16/fp16.
         return self.weight[..., start:n_out, :n_in] * self.mask[start:n_out, :n_in].to(self.weight.dtype)
 
-    def forward(self, u: torch.Tensor, n_out: Optional[int] = None, start: int = 0) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, n_out: Optional[int] = None, start: int = 0,
+                triangular_block: Optional[int] = None) -> torch.Tensor:
         """u [B, (heads,) n_in, width] -> output rows start..n_out-1: [B, (heads,) n_out - start, width].
 
-        n_out defaults to n_in; ``start > 0`` is incremental decoding (only the new rows).
+        n_out defaults to n_in; ``start > 0`` is incremental decoding (only the new rows). With
+        ``triangular_block`` (a block size, 0 = auto; lower-triangular masks only), u is
+        [(heads,) L, N] and the product is :func:`triangular_mix`'s. Every use of the weights goes
+        through this call, so module hooks (ZeRO-3's parameter gathering) always see it.
         """
+        if triangular_block is not None:
+            length = u.shape[-2]
+            mixed = triangular_mix(self.weight, u, triangular_block)
+            return mixed + self.bias[..., :length, None].to(mixed.dtype)
         n_in = u.shape[-2]
         n_out = n_in if n_out is None else n_out
         return torch.matmul(self.masked_weight(n_out, n_in, start), u) + self.bias[..., start:n_out, None]
@@ -138,8 +146,7 @@ class FlatTokenMixing(MaskedMixingMatrix):
     def mix_sequence_first(self, u: torch.Tensor) -> torch.Tensor:
         """u [L, B, d] -> tril(W)[:L, :L] · u + b[:L]: [L, B, d] (one block-triangular product)."""
         length, batch, width = u.shape
-        mixed = triangular_mix(self.weight, u.reshape(length, batch * width), self.block_size)
-        return (mixed + self.bias[:length, None].to(mixed.dtype)).view(length, batch, width)
+        return self(u.reshape(length, batch * width), triangular_block=self.block_size).view(length, batch, width)
 
     def init_cache(self, batch: int, width: int, new) -> Cache:
         return {"u": new(batch, self.weight.shape[-1], width)}
@@ -185,8 +192,7 @@ class MultiHeadTokenMixing(nn.Module):
         head_width = width // self.heads
         per_head = (self.in_proj(u).view(length, batch, self.heads, head_width)
                     .permute(2, 0, 1, 3).reshape(self.heads, length, batch * head_width))
-        mixed = triangular_mix(self.mixing.weight, per_head, self.block_size)           # [h, L, B*d/h]
-        mixed = mixed + self.mixing.bias[:, :length, None].to(mixed.dtype)
+        mixed = self.mixing(per_head, triangular_block=self.block_size)                  # [h, L, B*d/h]
         mixed = mixed.view(self.heads, length, batch, head_width).permute(1, 2, 0, 3).reshape(length, batch, width)
         return self.out_proj(mixed)
 

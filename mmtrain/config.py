@@ -464,26 +464,32 @@ def validate_model(m: DictConfig, prefix: str = "model") -> List[str]:
 
 def validate_pretrain(cfg: DictConfig) -> List[str]:
     p = validate_model(cfg.model)
+    t = cfg.train
+    if t.steps < 1 and t.max_tokens < 1:
+        p.append("train.steps: must be >= 1 (or set train.max_tokens)")
+    p += validate_train_engine(cfg)
+    if cfg.data.num_canonical_nodes < 0:
+        p.append(f"data.num_canonical_nodes: must be >= 0, got {cfg.data.num_canonical_nodes}")
+    for n in t.eval_n_ctx:
+        if n < 1 or n > cfg.model.n_ctx:
+            p.append(f"train.eval_n_ctx: {n} must be in [1, model.n_ctx={cfg.model.n_ctx}]")
+    return p
+
+
+def validate_train_engine(cfg: DictConfig) -> List[str]:
+    """The train / engine / checkpoint checks every engine-trained config shares."""
     t, e = cfg.train, cfg.engine
+    p: List[str] = []
     for key in ("global_batch_size", "micro_batch_size"):
         if t[key] < 1:
             p.append(f"train.{key}: must be >= 1, got {t[key]}")
-    if t.steps < 1 and t.max_tokens < 1:
-        p.append("train.steps: must be >= 1 (or set train.max_tokens)")
     if t.micro_batch_size >= 1 and t.global_batch_size % t.micro_batch_size:
         p.append(f"train.global_batch_size {t.global_batch_size} is not divisible by "
                  f"train.micro_batch_size {t.micro_batch_size}")
     if t.lr <= 0:
         p.append(f"train.lr: must be > 0, got {t.lr}")
-    if cfg.data.num_canonical_nodes < 0:
-        p.append(f"data.num_canonical_nodes: must be >= 0, got {cfg.data.num_canonical_nodes}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         p.append(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
-    for n in t.eval_n_ctx:
-        if n < 1 or n > cfg.model.n_ctx:
-            p.append(f"train.eval_n_ctx: {n} must be in [1, model.n_ctx={cfg.model.n_ctx}]")
-    if t.eval_n_ctx and cfg.model.kind != "mixer" and any(n != cfg.model.n_ctx for n in t.eval_n_ctx):
-        pass  # transformers also run shorter inputs exactly (causal attention); allowed
     if e.precision in ("bf16", "fp16") and e.zero_stage == 0:
         p.append(f"engine.precision {e.precision} needs engine.zero_stage >= 1 "
                  "(ZeRO 0 switches to an fp16-style optimizer that drifts)")
@@ -685,26 +691,12 @@ def validate_retrieval(cfg: DictConfig) -> List[str]:
     for n in r.eval_n_candidates:
         if n < 2:
             p.append(f"retrieval.eval_n_candidates: {n} must be >= 2")
-    for key in ("global_batch_size", "micro_batch_size"):
-        if t[key] < 1:
-            p.append(f"train.{key}: must be >= 1, got {t[key]}")
     if t.steps < 1:
         p.append("train.steps: must be >= 1")
-    if t.micro_batch_size >= 1 and t.global_batch_size % t.micro_batch_size:
-        p.append(f"train.global_batch_size {t.global_batch_size} is not divisible by "
-                 f"train.micro_batch_size {t.micro_batch_size}")
-    if t.micro_batch_size == 1 and not r.extra_negatives and not r.gather_negatives:
+    if t.micro_batch_size == 1 and not (r.extra_negatives or r.hard_negatives) and not r.gather_negatives:
         p.append("train.micro_batch_size 1 leaves a query without negatives (raise it, gather across "
                  "ranks or set retrieval.extra_negatives)")
-    if t.lr <= 0:
-        p.append(f"train.lr: must be > 0, got {t.lr}")
-    if e.precision in ("bf16", "fp16") and e.zero_stage == 0:
-        p.append(f"engine.precision {e.precision} needs engine.zero_stage >= 1")
-    if e.offload_params and e.zero_stage != 3:
-        p.append("engine.offload_params needs engine.zero_stage 3")
-    if cfg.checkpoint.keep_last < 0:
-        p.append(f"checkpoint.keep_last: must be >= 0, got {cfg.checkpoint.keep_last}")
-    return p
+    return p + validate_train_engine(cfg)
 
 
 register_validator(PairsConfig, validate_pairs)

@@ -1,7 +1,10 @@
 """Typed configuration: defaults <- YAML files <- overrides, with all problems reported at once."""
 
+import re
+
 import pytest
 
+from mmtrain import config as C
 from mmtrain.config import (
     ConfigError,
     PrepareConfig,
@@ -107,3 +110,18 @@ def test_every_field_is_documented():
         for line in reference(schema):
             help_text = line.rsplit("|", 2)[-2].strip()
             assert help_text, f"undocumented config field: {line}"
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["engine.offload_optimizer=true", "engine.zero_stage=0"], "engine.offload_optimizer needs engine.zero_stage >= 1"),
+    (["engine.offload_params=true", "engine.zero_stage=2"], "engine.offload_params needs engine.zero_stage 3"),
+    (["train.min_lr_ratio=2"], "train.min_lr_ratio: must be in [0, 1]"),
+    (["train.global_batch_size=6", "train.micro_batch_size=4"], "is not divisible by"),
+    (["retrieval.learn_temperature=true", "retrieval.grad_cache_chunk=8"], "retrieval.learn_temperature"),
+])
+def test_retrieval_configs_get_the_same_engine_checks_as_pretraining(overrides, problem):
+    for schema, base in ((C.RetrievalConfig, ["retrieval.bundle=b"]), (C.PretrainConfig, [])):
+        if schema is C.PretrainConfig and overrides[0].startswith("retrieval."):
+            continue
+        with pytest.raises(C.ConfigError, match=re.escape(problem)):
+            C.load_config(schema, [], base + overrides)

@@ -11,7 +11,9 @@ method, arXiv 2409.01482).
 2. **Scorer.** :class:`~mmtrain.frozen_retrieval_model.FrozenEmbeddingScorer`, a bidirectional
    mixer over ``[q, c_1 .. c_{N-1}]`` trained with cross-entropy over the candidates, on candidate
    sets sampled afresh every step (:func:`~mmtrain.frozen_retrieval_model.sample_candidates`).
-   Plain PyTorch with ``torch.optim.AdamW``, linear warmup then decay; TensorBoard scalars
+   Plain PyTorch with ``torch.optim.AdamW``, linear warmup then decay (not the engine loop of
+   ``Trainer.run``: a minutes-long run of a small model over precomputed embeddings needs no
+   DeepSpeed engine, sharding or resume); TensorBoard scalars
    ``train/loss``, ``train/lr``, ``train/accuracy``, ``eval/accuracy``, ``eval/loss`` and
    ``eval/cosine_accuracy`` in ``<out_dir>/tensorboard``.
 3. **Evaluation** on the test split: one fixed candidate set per test query (``train.eval_seed``);

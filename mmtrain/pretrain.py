@@ -398,16 +398,51 @@ class Trainer:
 
         return iterate_forever(self.train_loader)
 
+    # ---- the loop: shared by every task (LM pretraining here, retrieval in mmtrain/retrieval.py) ----
+    # A task supplies train_step, banner, before_loop, step_report and log_eval; run() owns the
+    # cadence of logging, evaluation, checkpoints and stop signals.
+
+    def banner(self) -> str:
+        cfg = self.cfg
+        return (f"[mmtrain] run dir {self.run_dir} | {cfg.model.kind} n_ctx={self.n_ctx} "
+                f"params={self.model.num_params():,} | world={self.dist.world_size} "
+                f"zero={cfg.engine.zero_stage} {cfg.engine.precision} | global batch "
+                f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {self.gas} x "
+                f"{self.dist.world_size}")
+
+    def before_loop(self) -> Dict[str, float]:
+        """Work before the first step (retrieval evaluates the starting model); its summary."""
+        return {}
+
+    def step_report(self, stats: Dict[str, float], seconds: float):
+        """One step's (metrics.jsonl fields, TensorBoard scalars, log line, progress postfix, summary)."""
+        tps = stats["tokens"] / seconds
+        mfu = tps * self.flops_per_token / (self.peak_flops * self.dist.world_size)
+        gn = "n/a" if stats["grad_norm"] is None else f"{stats['grad_norm']:.3f}"
+        record = {"loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                  "tokens_seen": self.tokens_seen, "tokens_per_s": tps, "mfu": mfu, "step_time_s": seconds}
+        scalars = {mon.TRAIN_LOSS: stats["loss"], mon.LR: stats["lr"], mon.GRAD_NORM: stats["grad_norm"],
+                   mon.TOKENS_SEEN: self.tokens_seen, mon.TOKENS_PER_S: tps, mon.MFU: mfu}
+        line = (f"step {self.step:>6}/{self.cfg.train.steps} | loss {stats['loss']:.4f} | lr {stats['lr']:.2e} | "
+                f"grad {gn} | {tps:,.0f} tok/s | mfu {100 * mfu:.1f}% | {seconds:.2f} s/step")
+        postfix = {"loss": f"{stats['loss']:.4f}", "tok/s": f"{tps:,.0f}"}
+        return record, scalars, line, postfix, {"loss": stats["loss"], "tokens_per_s": tps, "mfu": mfu}
+
+    def log_eval(self) -> Dict[str, float]:
+        """Evaluate, log it (TensorBoard, metrics.jsonl, console); its summary."""
+        m = self.monitor
+        losses = self.evaluate()
+        m.scalars(self.step, {mon.eval_tag(n): v for n, v in losses.items()})
+        m.record({"step": self.step, **{f"eval_loss_ctx{n}": v for n, v in losses.items()}})
+        m.info("eval   " + " | ".join(f"ctx{n} {v:.4f}" for n, v in losses.items()))
+        return {f"eval_loss_ctx{n}": v for n, v in losses.items()}
+
     def run(self) -> Dict[str, float]:
         cfg, m = self.cfg, self.monitor
-        m.info(f"[mmtrain] run dir {self.run_dir} | {cfg.model.kind} n_ctx={self.n_ctx} "
-               f"params={self.model.num_params():,} | world={self.dist.world_size} "
-               f"zero={cfg.engine.zero_stage} {cfg.engine.precision} | global batch "
-               f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {self.gas} x "
-               f"{self.dist.world_size}")
+        m.info(self.banner())
         m.text("config", "```\n" + self.resolved_yaml + "\n```")
+        last = self.before_loop()
         batches = self._batches()
-        last: Dict[str, float] = {}
         eval_every, ckpt_every = cfg.train.eval_every, cfg.checkpoint.every
         while not self._done():
             with mon.StepTimer(self.device) as timer:
@@ -415,32 +450,18 @@ class Trainer:
             self.step += 1
             faults.inject("step", self.step, self.dist.rank)  # test hook (MMTRAIN_FAULT); no-op otherwise
             self.tokens_seen += int(stats["tokens"])
-            tps = stats["tokens"] / timer.seconds
-            mfu = tps * self.flops_per_token / (self.peak_flops * self.dist.world_size)
-            last = {"loss": stats["loss"], "tokens_per_s": tps, "mfu": mfu}
-            m.record({"step": self.step, "loss": stats["loss"], "lr": stats["lr"],
-                      "grad_norm": stats["grad_norm"], "tokens_seen": self.tokens_seen,
-                      "tokens_per_s": tps, "mfu": mfu, "step_time_s": timer.seconds})
-            m.advance(1, {"loss": f"{stats['loss']:.4f}", "tok/s": f"{tps:,.0f}"})
+            record, scalars, line, postfix, summary = self.step_report(stats, timer.seconds)
+            last = dict(summary)   # the summary printed at the end: this step, and its evaluation if any
+            m.record({"step": self.step, **record})
+            m.advance(1, postfix)
             if self.step % cfg.logging.log_every == 0 or self.step == 1 or self._done():
-                m.scalars(self.step, {
-                    mon.TRAIN_LOSS: stats["loss"], mon.LR: stats["lr"], mon.GRAD_NORM: stats["grad_norm"],
-                    mon.TOKENS_SEEN: self.tokens_seen, mon.TOKENS_PER_S: tps, mon.MFU: mfu,
-                    mon.STEP_TIME: timer.seconds, mon.MEMORY: mon.peak_memory_gb(self.device),
-                })
-                gn = "n/a" if stats["grad_norm"] is None else f"{stats['grad_norm']:.3f}"
-                m.info(f"step {self.step:>6}/{cfg.train.steps} | loss {stats['loss']:.4f} | "
-                       f"lr {stats['lr']:.2e} | grad {gn} | {tps:,.0f} tok/s | mfu {100 * mfu:.1f}% | "
-                       f"{timer.seconds:.2f} s/step")
+                m.scalars(self.step, {**scalars, mon.STEP_TIME: timer.seconds,
+                                      mon.MEMORY: mon.peak_memory_gb(self.device)})
+                m.info(line)
             if (eval_every > 0 and self.step % eval_every == 0) or self._done():
-                losses = self.evaluate()
-                m.scalars(self.step, {mon.eval_tag(n): v for n, v in losses.items()})
-                m.record({"step": self.step, **{f"eval_loss_ctx{n}": v for n, v in losses.items()}})
-                m.info("eval   " + " | ".join(f"ctx{n} {v:.4f}" for n, v in losses.items()))
-                last.update({f"eval_loss_ctx{n}": v for n, v in losses.items()})
+                last.update(self.log_eval())
             if (ckpt_every > 0 and self.step % ckpt_every == 0) or self._done():
-                path = self.save()
-                m.info(f"saved {path}")
+                m.info(f"saved {self.save()}")
             m.flush()
             if self._stop_at_step_boundary():
                 break

@@ -306,7 +306,7 @@ class RetrievalTrainer(Trainer):
         self.engine.train()
         return report
 
-    def _log_eval(self) -> Dict[str, float]:
+    def log_eval(self) -> Dict[str, float]:
         report = self.evaluate()
         metrics = {k: v for k, v in report.items() if k not in ("queries", "pool")}
         if self.train_sample is not None:
@@ -344,53 +344,34 @@ class RetrievalTrainer(Trainer):
         return ckpt.save(self.engine, self.run_dir, self.step, state, self.cfg.checkpoint.keep_last,
                          self.resolved_yaml, self.dist.rank)
 
-    # ---- loop --------------------------------------------------------------------------------
+    # ---- the loop's hooks (the loop itself is Trainer.run) -------------------------------------
 
-    def run(self) -> Dict[str, float]:
-        cfg, m = self.cfg, self.monitor
+    def banner(self) -> str:
+        cfg = self.cfg
         kind = self.bundle_section["model"]["kind"]
-        m.info(f"[mmtrain] run dir {self.run_dir} | retrieval from {cfg.retrieval.bundle} ({kind}, "
-               f"{self.model.num_params():,} params) | pairs {cfg.data.shard_dir} (n_ctx {self.meta['n_ctx']}) | "
-               f"world={self.dist.world_size} zero={cfg.engine.zero_stage} {cfg.engine.precision} | "
-               f"{self.micro} pairs x {self.gas} accum x {self.dist.world_size} ranks | "
-               f"{self.negatives} negatives per query"
-               + (f" | grad cache chunk {cfg.retrieval.grad_cache_chunk}" if self.grad_cache else ""))
-        m.text("config", "```\n" + self.resolved_yaml + "\n```")
-        last: Dict[str, float] = {}
-        if self.step == 0:
-            last.update(self._log_eval())
-        batches = self._batches()
-        eval_every, ckpt_every = cfg.train.eval_every, cfg.checkpoint.every
-        while not self._done():
-            with mon.StepTimer(self.device) as timer:
-                stats = self.train_step(batches)
-            self.step += 1
-            self.tokens_seen += int(stats["tokens"])
-            tps = stats["tokens"] / timer.seconds
-            last.update({"loss": stats["loss"], "tokens_per_s": tps})
-            m.record({"step": self.step, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-                      "tokens_seen": self.tokens_seen, "tokens_per_s": tps, "negatives": self.negatives,
-                      "temperature": self.temperature(),
-                      "step_time_s": timer.seconds})
-            m.advance(1, {"loss": f"{stats['loss']:.4f}"})
-            if self.step % cfg.logging.log_every == 0 or self.step == 1 or self._done():
-                m.scalars(self.step, {
-                    mon.TRAIN_LOSS: stats["loss"], mon.LR: stats["lr"], mon.GRAD_NORM: stats["grad_norm"],
-                    mon.TOKENS_SEEN: self.tokens_seen, mon.TOKENS_PER_S: tps, NEGATIVES: self.negatives,
-                    TEMPERATURE: self.temperature(),
-                    mon.STEP_TIME: timer.seconds, mon.MEMORY: mon.peak_memory_gb(self.device)})
-                gn = "n/a" if stats["grad_norm"] is None else f"{stats['grad_norm']:.3f}"
-                m.info(f"step {self.step:>6}/{cfg.train.steps} | loss {stats['loss']:.4f} | lr {stats['lr']:.2e} | "
-                       f"grad {gn} | {self.negatives} negatives | {timer.seconds:.2f} s/step")
-            if (eval_every > 0 and self.step % eval_every == 0) or self._done():
-                last.update(self._log_eval())
-            if (ckpt_every > 0 and self.step % ckpt_every == 0) or self._done():
-                m.info(f"saved {self.save()}")
-            m.flush()
-            if self._stop_at_step_boundary():
-                break
-        m.close()
-        return last
+        return (f"[mmtrain] run dir {self.run_dir} | retrieval from {cfg.retrieval.bundle} ({kind}, "
+                f"{self.model.num_params():,} params) | pairs {cfg.data.shard_dir} (n_ctx {self.meta['n_ctx']}) | "
+                f"world={self.dist.world_size} zero={cfg.engine.zero_stage} {cfg.engine.precision} | "
+                f"{self.micro} pairs x {self.gas} accum x {self.dist.world_size} ranks | "
+                f"{self.negatives} negatives per query"
+                + (f" | grad cache chunk {cfg.retrieval.grad_cache_chunk}" if self.grad_cache else ""))
+
+    def before_loop(self) -> Dict[str, float]:
+        return self.log_eval() if self.step == 0 else {}
+
+    def step_report(self, stats: Dict[str, float], seconds: float):
+        tps = stats["tokens"] / seconds
+        temperature = self.temperature()
+        gn = "n/a" if stats["grad_norm"] is None else f"{stats['grad_norm']:.3f}"
+        record = {"loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                  "tokens_seen": self.tokens_seen, "tokens_per_s": tps, "negatives": self.negatives,
+                  "temperature": temperature, "step_time_s": seconds}
+        scalars = {mon.TRAIN_LOSS: stats["loss"], mon.LR: stats["lr"], mon.GRAD_NORM: stats["grad_norm"],
+                   mon.TOKENS_SEEN: self.tokens_seen, mon.TOKENS_PER_S: tps, NEGATIVES: self.negatives,
+                   TEMPERATURE: temperature}
+        line = (f"step {self.step:>6}/{self.cfg.train.steps} | loss {stats['loss']:.4f} | lr {stats['lr']:.2e} | "
+                f"grad {gn} | {self.negatives} negatives | {seconds:.2f} s/step")
+        return record, scalars, line, {"loss": f"{stats['loss']:.4f}"}, {"loss": stats["loss"], "tokens_per_s": tps}
 
 
 class _NamedCfg:

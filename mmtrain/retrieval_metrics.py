@@ -120,18 +120,18 @@ class BM25:
     def score_matrix(self, queries: Sequence[Sequence]) -> np.ndarray:
         return np.stack([self.scores(q) for q in queries]) if len(queries) else np.zeros((0, self.n_docs))
 
-    def top_k(self, queries: Sequence[Sequence], k: int) -> np.ndarray:
-        """[n_queries, k] document indices, best first (ties in bm25s's order; k <= n_docs)."""
+    def top_k(self, queries: Sequence[Sequence], k: int):
+        """([n_queries, k] document indices, best first, [n_queries, k] their scores); ties in
+        bm25s's order, k <= n_docs."""
         import bm25s
 
         k = min(int(k), self.n_docs)
         qs = [self._query(q) for q in queries]
-        out = np.zeros((len(qs), k), dtype=np.int64)
         if not qs or k == 0:
-            return out
-        docs, _ = self._index.retrieve(bm25s.tokenization.Tokenized(ids=qs, vocab=self._names), k=k,
-                                       show_progress=False, n_threads=1)
-        return np.asarray(docs, dtype=np.int64)
+            return np.zeros((len(qs), k), dtype=np.int64), np.zeros((len(qs), k))
+        docs, scores = self._index.retrieve(bm25s.tokenization.Tokenized(ids=qs, vocab=self._names), k=k,
+                                            show_progress=False, n_threads=1)
+        return np.asarray(docs, dtype=np.int64), np.asarray(scores, dtype=np.float64)
 
 
 def format_table(rows: Dict[str, Dict[str, float]], columns: Optional[List[str]] = None) -> str:

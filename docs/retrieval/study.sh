@@ -31,21 +31,16 @@ declare -A RUNS=(
   [second]="$BASE retrieval.pooling=second_to_last"
   [m-t0.02]="$MEAN retrieval.temperature=0.02"
   [m-t0.1]="$MEAN retrieval.temperature=0.1"
-  [m-tlearn]="$MEAN retrieval.learn_temperature=true"
-  [m-lr1e-4]="$MEAN train.lr=1e-4"
   [m-lr5e-4]="$MEAN train.lr=5e-4"
   [m-asym]="$MEAN retrieval.symmetric=false"
   [m-hard1]="$MEAN retrieval.hard_negatives=1"
   [m-b128]="$MEAN train.global_batch_size=128 train.micro_batch_size=128 retrieval.grad_cache_chunk=64 train.steps=80 train.eval_every=16"
-  [m-decay]="$MEAN train.schedule=cosine train.warmup_steps=16 train.lr=4e-4"
   # round 3 (names r3-*) from round 2's best, lr 5e-4
-  [r3]="$MEAN train.lr=5e-4"
   [r3-lr1e-3]="$MEAN train.lr=1e-3"
   [r3-lr2e-3]="$MEAN train.lr=2e-3"
   [r3-tlearn]="$MEAN train.lr=5e-4 retrieval.learn_temperature=true"
   [r3-hard1]="$MEAN train.lr=5e-4 retrieval.hard_negatives=1"
-  [r3-long]="$MEAN train.lr=5e-4 train.steps=640"
-  # the corpus stage: run on corpus pairs (PAIRS=<ict pairs>), then r3 from its exported embedder (BUNDLE=...)
+  # the corpus stage: run on corpus pairs (PAIRS=<ict pairs>), then r3-lr1e-3 from its exported embedder (BUNDLE=...)
   [r3-corpus]="$MEAN train.lr=5e-4 train.steps=424 train.eval_every=106"
 )
 run() {  # run <name>

@@ -206,6 +206,11 @@ def read_file(path: str, text_field: str = "text", delimiter: str = "") -> Itera
         raise DataError(f"{path}: cannot read: {exc}") from None
 
 
+def contains_any(text: str, fragments: Sequence[str]) -> bool:
+    """Whether ``text`` contains any of ``fragments`` (held-out texts kept out of a corpus)."""
+    return any(f in text for f in fragments)
+
+
 @dataclass
 class Corpus:
     """A re-iterable stream of documents from ``inputs`` (resolved when created)."""
@@ -233,7 +238,7 @@ class Corpus:
                 text = text.strip()
                 if not text:
                     continue
-                if self.exclude and any(h in text for h in self.exclude):
+                if self.exclude and contains_any(text, self.exclude):
                     self.excluded += 1
                     continue
                 yield text

@@ -112,10 +112,6 @@ def split_of(document: str, seed: int, test_fraction: float, val_fraction: float
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
-def is_test(document: str, seed: int, test_fraction: float) -> bool:
-    return split_of(document, seed, test_fraction) == "test"
-
-
 def clean_and_split(pairs: Iterator[Tuple[str, str]], seed: int, test_fraction: float, val_fraction: float = 0.0
                     ) -> Tuple[Dict[str, List[Tuple[str, str]]], Dict[str, int]]:
     """Drop empty and repeated-document pairs, then split by document (see module docstring)."""
@@ -237,18 +233,23 @@ def _write_split(directory: Path, queries: Sequences, documents: Sequences, tok,
 # ---- held-out texts --------------------------------------------------------------------------
 
 
-def heldout_texts(pair_dirs: Sequence[PathLike]) -> List[str]:
-    """The distinct query and document texts of the val and test pairs of pair directories."""
+def _heldout_path(pair_dir: PathLike) -> Path:
+    """``<pair_dir>/heldout.jsonl`` of valid pair shards; DataError saying what to do otherwise."""
     from mmtrain.data.errors import DataError
 
+    read_pairs_meta(pair_dir)
+    path = Path(pair_dir) / HELDOUT_NAME
+    if not path.is_file():
+        raise DataError(f"{path}: missing (pairs written by an older mmtrain); rerun `mmtrain prepare-pairs` "
+                        f"for {pair_dir} to record its held-out texts")
+    return path
+
+
+def heldout_texts(pair_dirs: Sequence[PathLike]) -> List[str]:
+    """The distinct query and document texts of the val and test pairs of pair directories."""
     texts = set()
     for d in pair_dirs:
-        read_pairs_meta(d)
-        path = Path(d) / HELDOUT_NAME
-        if not path.is_file():
-            raise DataError(f"{path}: missing (pairs written by an older mmtrain); rerun `mmtrain prepare-pairs` "
-                            f"for {d} to record its held-out texts")
-        with open(path, encoding="utf-8") as fh:
+        with open(_heldout_path(d), encoding="utf-8") as fh:
             for line in fh:
                 record = json.loads(line)
                 texts.update(t for t in (record["query"], record["document"]) if t)
@@ -258,8 +259,7 @@ def heldout_texts(pair_dirs: Sequence[PathLike]) -> List[str]:
 def heldout_fingerprint(pair_dirs: Sequence[PathLike]) -> List[Dict[str, str]]:
     out = []
     for d in pair_dirs:
-        heldout_texts([d])  # checks it
-        digest = hashlib.sha256((Path(d) / HELDOUT_NAME).read_bytes()).hexdigest()
+        digest = hashlib.sha256(_heldout_path(d).read_bytes()).hexdigest()
         out.append({"path": os.path.abspath(d), "heldout_sha256": digest})
     return out
 
@@ -365,12 +365,14 @@ def document_pairs(cfg, tok, n_ctx: int, exclude: Sequence[str]):
 
 def labeled_pairs(cfg, tok, exclude: Sequence[str]):
     """Labeled (query, document) pairs of ``cfg.input``, cleaned and split, as token ids."""
+    from mmtrain.data.corpus import contains_any
+
     pairs = read_pairs(list(cfg.input), cfg.query_field, cfg.document_field, int(cfg.max_pairs))
     texts, stats = clean_and_split(pairs, int(cfg.seed), float(cfg.test_fraction), float(cfg.val_fraction))
     stats["excluded"] = 0
     if exclude:
         for split in PAIR_SPLITS:
-            kept = [p for p in texts[split] if not any(h in p[0] or h in p[1] for h in exclude)]
+            kept = [p for p in texts[split] if not (contains_any(p[0], exclude) or contains_any(p[1], exclude))]
             stats["excluded"] += len(texts[split]) - len(kept)
             texts[split] = kept
     splits, heldout = {}, []
@@ -412,11 +414,10 @@ def mine_hard_negatives(queries: Sequences, documents: Sequences, sources: Seque
     rng = np.random.default_rng(seed)
     for start in range(0, len(queries), 1024):
         chunk = strip(queries[start:start + 1024])
-        cand = bm25.top_k(chunk, min(n, k + group))
-        for r, (q, row) in enumerate(zip(chunk, cand)):
+        cand, cand_scores = bm25.top_k(chunk, min(n, k + group))
+        for r, (row, scores) in enumerate(zip(cand, cand_scores)):
             i = start + r
-            scores = bm25.scores(q)
-            picked = [int(j) for j in row if sources[j] != sources[i] and scores[j] > 0][:k]
+            picked = [int(j) for j, sc in zip(row, scores) if sources[j] != sources[i] and sc > 0][:k]
             while len(picked) < k:
                 j = int(rng.integers(0, n))
                 if sources[j] != sources[i] and j not in picked:
@@ -431,8 +432,7 @@ def mine_hard_negatives(queries: Sequences, documents: Sequences, sources: Seque
 def _recipe(cfg, tok, n_ctx: int) -> Dict[str, Any]:
     """What the shards are a function of: a rerun with the same recipe keeps them."""
     from mmtrain.data.corpus import Corpus
-    from mmtrain.data.demo_corpus import DEMO_INPUT
-    from mmtrain.data.prepare import _input_fingerprint
+    from mmtrain.data.prepare import input_fingerprint
 
     keys = ["input", "query_field", "document_field", "append_eos", "test_fraction", "val_fraction", "seed",
             "max_pairs", "from_documents", "hard_negatives"]
@@ -440,16 +440,12 @@ def _recipe(cfg, tok, n_ctx: int) -> Dict[str, Any]:
         keys += ["text_field", "delimiter", "max_documents", "pairs_per_document", "min_document_tokens",
                  "min_span_tokens"] + (["crop_min_ratio", "crop_max_ratio"] if cfg.from_documents == "crop"
                                        else ["ict_keep_fraction"])
-        inputs = Corpus(list(cfg.input))
-    else:
-        inputs = Corpus([DEMO_INPUT if i == DEMO_PAIRS_INPUT else i for i in cfg.input])
     recipe = {k: (list(cfg[k]) if k == "input" else cfg[k]) for k in keys}
-    recipe.update({"n_ctx": n_ctx, "tokenizer_sha256": tok.sha256, "input_fingerprint": _input_fingerprint(inputs),
+    # `demo` (pairs) and `demo` (corpus) are the same docstrings: one fingerprint serves both
+    recipe.update({"n_ctx": n_ctx, "tokenizer_sha256": tok.sha256,
+                   "input_fingerprint": input_fingerprint(Corpus(list(cfg.input))),
                    "exclude_pairs": heldout_fingerprint(list(cfg.exclude_pairs))})
     return recipe
-
-
-DEMO_PAIRS_INPUT = "demo"
 
 
 def prepare_pairs(cfg) -> Dict[str, Any]:

@@ -131,7 +131,8 @@ def _check_tokenizer_conflicts(out: Path, tok: Tokenizer, n_ctx_list: List[int])
 # ---------------------------------------------------------------------------------------------
 
 
-def _input_fingerprint(corpus: Corpus) -> str:
+def input_fingerprint(corpus: Corpus) -> str:
+    """Identity of what a corpus reads: paths, sizes and mtimes (the demo: its description)."""
     h = hashlib.sha256()
     for path in corpus.files:
         if path == DEMO_INPUT:
@@ -146,7 +147,7 @@ def _recipe(cfg: DictConfig, corpus: Corpus) -> Dict[str, Any]:
     return {"input": list(corpus.inputs), "text_field": cfg.text_field, "delimiter": cfg.delimiter,
             "max_docs": int(cfg.max_docs), "packing": cfg.packing,
             "val_fraction": float(cfg.val_fraction), "seed": int(cfg.seed),
-            "input_fingerprint": _input_fingerprint(corpus), **_exclude_recipe(cfg)}
+            "input_fingerprint": input_fingerprint(corpus), **_exclude_recipe(cfg)}
 
 
 def _exclude_recipe(cfg: DictConfig) -> Dict[str, Any]:

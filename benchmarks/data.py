@@ -39,8 +39,9 @@ def training_rate(n_ctx: int, vocab_size: int, warmup: int, steps: int, threads:
     """Tokens/s of the default pretraining config through the engine (runs in a forked process)."""
     import torch
 
-    from mmtrain.config import PretrainConfig, load_config
-    from mmtrain.engine import build_engine, init_distributed
+    from mmtrain.config import load_config
+    from mmtrain.train.schema import PretrainConfig
+    from mmtrain.train.engine import build_engine, init_distributed
     from mmtrain.models import build_model
 
     if threads:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from mmtrain.config import PretrainConfig, load_config
-from mmtrain.generate import generate
+from mmtrain.config import load_config
+from mmtrain.train.schema import PretrainConfig
+from mmtrain.eval.generate import generate
 from mmtrain.models import build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"

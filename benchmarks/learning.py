@@ -127,7 +127,7 @@ def first_step_below(curve: Sequence[Sequence[float]], level: float) -> Optional
 
 def eval_curve(run_dir: Path, n_ctx: int) -> List[List[float]]:
     """[(step, eval loss at n_ctx), ...] from the run's metrics.jsonl (a resumed step: last wins)."""
-    from mmtrain import monitor
+    from mmtrain.train import monitor
 
     key = f"eval_loss_ctx{n_ctx}"
     by_step = {int(r["step"]): float(r[key]) for r in monitor.read_metrics(str(run_dir)) if key in r}
@@ -135,7 +135,7 @@ def eval_curve(run_dir: Path, n_ctx: int) -> List[List[float]]:
 
 
 def median_tokens_per_s(run_dir: Path) -> Optional[float]:
-    from mmtrain import monitor
+    from mmtrain.train import monitor
 
     values = [float(r["tokens_per_s"]) for r in monitor.read_metrics(str(run_dir)) if "tokens_per_s" in r]
     return statistics.median(values[1:] or values) if values else None
@@ -237,7 +237,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     report(out, "learning" if label in ("default", "quick") else f"learning-{label}", machine_info(), header,
            table, records)
     try:
-        from mmtrain.report import load_runs, plot_curves
+        from mmtrain.eval.report import load_runs, plot_curves
 
         png = out / ("learning.png" if label in ("default", "quick") else f"learning-{label}.png")
         plot_curves(load_runs([str(run_dirs[job]) for job in jobs]), png, title=f"learning benchmark: {label}")

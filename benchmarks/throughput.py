@@ -1,7 +1,7 @@
 """Training throughput, step time, peak memory and MFU through the DeepSpeed engine.
 
 One full training step (forward, backward, AdamW step with gradient clipping) of each model goes
-through ``mmtrain.engine.build_engine`` (one process, ZeRO stage ``--zero-stage``) on random
+through ``mmtrain.train.engine.build_engine`` (one process, ZeRO stage ``--zero-stage``) on random
 tokens (vocabulary 4096; no data loader, so only model + engine are measured), for every n_ctx:
 
 * ``mixer``        our flat masked mixer (``model.kind=mixer``)
@@ -153,7 +153,7 @@ def build(name: str, job: Dict[str, Any]):
         flops = equivalent.flops_per_token(job["n_ctx"])
         if name == "paper-mixer":
             return PaperMixerLM(VOCAB, job["d_model"], job["layers"], job["n_ctx"]), flops
-        from mmtrain.hf_compat import llama_classes
+        from mmtrain.export.hf import llama_classes
 
         llama_config_cls, llama_cls = llama_classes()
         hf_config = llama_config_cls(**equivalent.hf_config_dict(), use_cache=False)
@@ -164,7 +164,8 @@ def build(name: str, job: Dict[str, Any]):
 
 
 def train_config(job: Dict[str, Any], zero_stage: int):
-    from mmtrain.config import PretrainConfig, load_config
+    from mmtrain.config import load_config
+    from mmtrain.train.schema import PretrainConfig
 
     return load_config(PretrainConfig, [], [
         f"train.micro_batch_size={job['batch']}", f"train.global_batch_size={job['batch']}",
@@ -174,7 +175,7 @@ def train_config(job: Dict[str, Any], zero_stage: int):
 
 
 def engine_step(cfg, model, device, input_ids):
-    from mmtrain.engine import build_engine
+    from mmtrain.train.engine import build_engine
 
     engine, _ = build_engine(cfg, model, world_size=1)
 
@@ -187,7 +188,7 @@ def engine_step(cfg, model, device, input_ids):
 
 def plain_step(cfg, model, device, input_ids):
     """The same training step without DeepSpeed: torch AdamW, LR schedule, gradient clipping."""
-    from mmtrain.engine import lr_factor, param_groups
+    from mmtrain.train.engine import lr_factor, param_groups
 
     t = cfg.train
     model.to(device).train()
@@ -209,7 +210,7 @@ def plain_step(cfg, model, device, input_ids):
 
 def measure(job: Dict[str, Any]) -> Dict[str, Any]:
     """Build, warm up and time one configuration; runs in its own process on CPU."""
-    from mmtrain.engine import init_distributed
+    from mmtrain.train.engine import init_distributed
 
     if job["threads"]:
         torch.set_num_threads(job["threads"])
@@ -290,7 +291,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.dtype == "bf16" and args.zero_stage == 0:
         problems.append("--dtype bf16 needs --zero-stage >= 1 (DeepSpeed's ZeRO-0 bf16 path drifts)")
     from mmtrain.config import ConfigError
-    from mmtrain.engine import resolve_device
+    from mmtrain.train.engine import resolve_device
 
     try:
         args.device = resolve_device(args.device)
@@ -423,7 +424,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     quiet_deepspeed()
     preload_engine_modules()
     if "hf-llama" in args.models:
-        from mmtrain.hf_compat import llama_classes
+        from mmtrain.export.hf import llama_classes
 
         llama_classes()  # import transformers once here, not in every configuration's process
     info = machine_info()

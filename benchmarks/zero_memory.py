@@ -63,8 +63,9 @@ def run_stage(stage: int, args: argparse.Namespace) -> Dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from mmtrain.config import PretrainConfig, load_config
-    from mmtrain.engine import build_engine, init_distributed
+    from mmtrain.config import load_config
+    from mmtrain.train.schema import PretrainConfig
+    from mmtrain.train.engine import build_engine, init_distributed
     from mmtrain.models import build_model
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -11,7 +11,7 @@ __all__ = ["__version__", "load_pretrained"]
 
 def __getattr__(name):
     if name == "load_pretrained":
-        from mmtrain.bundle import load_pretrained
+        from mmtrain.export.bundle import load_pretrained
 
         return load_pretrained
     raise AttributeError(f"module 'mmtrain' has no attribute {name!r}")

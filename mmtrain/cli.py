@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+from mmtrain import config as C
 from mmtrain.config import ConfigError
 
 # Sub-command -> module that registers it, in the order `mmtrain --help` lists them. Only the
@@ -17,17 +18,54 @@ from mmtrain.config import ConfigError
 COMMANDS = {
     "prepare": "mmtrain.data.prepare",
     "prepare-pairs": "mmtrain.data.pairs",
-    "export": "mmtrain.export",
-    "export-embedder": "mmtrain.retrieval_eval",
-    "eval-lm": "mmtrain.evaluate",
-    "eval-retrieval": "mmtrain.retrieval_eval",
-    "frozen-retrieval": "mmtrain.frozen_retrieval",
-    "generate": "mmtrain.generate",
-    "analyze-representation": "mmtrain.representation",
-    "report": "mmtrain.report",
-    "config-reference": "mmtrain.config_cli",
-    "show-config": "mmtrain.config_cli",
+    "export": "mmtrain.export.exporter",
+    "export-embedder": "mmtrain.export.exporter",
+    "eval-lm": "mmtrain.eval.lm",
+    "eval-retrieval": "mmtrain.eval.retrieval",
+    "frozen-retrieval": "mmtrain.eval.frozen_retrieval",
+    "generate": "mmtrain.eval.generate",
+    "analyze-representation": "mmtrain.eval.representation",
+    "report": "mmtrain.eval.report",
+    "config-reference": "mmtrain.cli",
+    "show-config": "mmtrain.cli",
 }
+
+
+def schemas() -> dict:
+    """``config-reference`` / ``show-config`` schema name -> schema (each lives with the code it configures)."""
+    from mmtrain.data.schema import PairsConfig, PrepareConfig
+    from mmtrain.eval.schema import FrozenRetrievalConfig
+    from mmtrain.train.schema import PretrainConfig, RetrievalConfig
+
+    return {"pretrain": PretrainConfig, "prepare": PrepareConfig, "retrieval": RetrievalConfig,
+            "pairs": PairsConfig, "frozen_retrieval": FrozenRetrievalConfig}
+
+
+def _reference(args) -> int:
+    schema = schemas()[args.schema]
+    print("| key | type | default | meaning |\n|---|---|---|---|")
+    print("\n".join(C.reference(schema)))
+    return 0
+
+
+def _show(args) -> int:
+    cfg = C.load_config(schemas()[args.schema], args.config or [], args.overrides)
+    print(C.to_yaml(cfg), end="")
+    return 0
+
+
+SCHEMA_NAMES = ["frozen_retrieval", "pairs", "prepare", "pretrain", "retrieval"]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("config-reference", help="print every config key with its type, default and meaning")
+    p.add_argument("schema", choices=SCHEMA_NAMES, nargs="?", default="pretrain")
+    p.set_defaults(func=_reference)
+    p = sub.add_parser("show-config", help="print the resolved config (defaults <- YAML files <- overrides)")
+    p.add_argument("schema", choices=SCHEMA_NAMES)
+    p.add_argument("--config", action="append", help="YAML file (repeatable; later files win)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4")
+    p.set_defaults(func=_show)
 
 
 def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:

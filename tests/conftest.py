@@ -140,7 +140,7 @@ def trained_runs(demo_shards, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def exported_bundles(trained_runs, tmp_path_factory) -> dict:
     """{name: bundle_dir}: the latest checkpoint of every trained run, exported (fp32, verified)."""
-    from mmtrain.export import export
+    from mmtrain.export.exporter import export
 
     base = tmp_path_factory.mktemp("bundles")
     bundles = {}

@@ -5,14 +5,9 @@ import re
 import pytest
 
 from mmtrain import config as C
-from mmtrain.config import (
-    ConfigError,
-    PrepareConfig,
-    PretrainConfig,
-    load_config,
-    reference,
-    to_yaml,
-)
+from mmtrain.config import ConfigError, load_config, reference, to_yaml
+from mmtrain.data.schema import PrepareConfig
+from mmtrain.train.schema import PretrainConfig, RetrievalConfig
 
 
 def write(tmp_path, name, text):
@@ -120,8 +115,8 @@ def test_every_field_is_documented():
     (["retrieval.learn_temperature=true", "retrieval.grad_cache_chunk=8"], "retrieval.learn_temperature"),
 ])
 def test_retrieval_configs_get_the_same_engine_checks_as_pretraining(overrides, problem):
-    for schema, base in ((C.RetrievalConfig, ["retrieval.bundle=b"]), (C.PretrainConfig, [])):
-        if schema is C.PretrainConfig and overrides[0].startswith("retrieval."):
+    for schema, base in ((RetrievalConfig, ["retrieval.bundle=b"]), (PretrainConfig, [])):
+        if schema is PretrainConfig and overrides[0].startswith("retrieval."):
             continue
         with pytest.raises(C.ConfigError, match=re.escape(problem)):
             C.load_config(schema, [], base + overrides)

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmtrain.config import PrepareConfig, load_config
+from mmtrain.config import load_config
+from mmtrain.data.schema import PrepareConfig
 from mmtrain.data import DataError
 from mmtrain.data import shards as S
 from mmtrain.data.lm_dataset import build_lm_loader, iterate_forever
 from mmtrain.data.prepare import demo_prepare_config, prepare
-from mmtrain.tokenizer import DEMO_TOKENIZER, load_tokenizer
+from mmtrain.data.tokenizer import DEMO_TOKENIZER, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 N_CTX = 32

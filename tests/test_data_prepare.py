@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmtrain.config import ConfigError, PrepareConfig, load_config
+from mmtrain.config import ConfigError, load_config
+from mmtrain.data.schema import PrepareConfig
 from mmtrain.data import DataError
 from mmtrain.data import shards as S
 from mmtrain.data.demo_corpus import demo_documents
@@ -18,7 +19,7 @@ from mmtrain.data.lm_dataset import build_lm_loader
 from mmtrain.data.packing import is_validation
 from mmtrain.cli import build_parser
 from mmtrain.data.prepare import config_from_args, prepare
-from mmtrain.tokenizer import DEMO_TOKENIZER, EOS_ID, PAD_ID, load_tokenizer
+from mmtrain.data.tokenizer import DEMO_TOKENIZER, EOS_ID, PAD_ID, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRA_DOCS = ["émoji 🤗 and 中文 survive", "tabs\tand  double  spaces\n\n    and indentation",
@@ -206,7 +207,7 @@ def test_a_second_tokenizer_cannot_mix_into_a_shard_root(corpus, tmp_path):
     prepare(make_cfg(input=[str(path)], out=str(tmp_path), n_ctx=[64], tokenizer=str(DEMO_TOKENIZER),
                      val_fraction=0.2, num_proc=1), progress=False)
     other = tmp_path / "other.model"
-    from mmtrain.tokenizer import train_tokenizer
+    from mmtrain.data.tokenizer import train_tokenizer
     train_tokenizer(list(demo_documents(max_docs=100)), {"vocab_size": 512}, out=other)
     with pytest.raises(DataError, match="One shard root holds one tokenizer"):
         prepare(make_cfg(input=[str(path)], out=str(tmp_path), n_ctx=[32], tokenizer=str(other),

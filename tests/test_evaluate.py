@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 
-from mmtrain import bundle as B
+from mmtrain.export import bundle as B
 from mmtrain.cli import main as cli_main
-from mmtrain.config import PretrainConfig, load_config
+from mmtrain.config import load_config
+from mmtrain.train.schema import PretrainConfig
 from mmtrain.data import DataError
-from mmtrain.evaluate import eval_lm, target_bytes, token_bytes
+from mmtrain.eval.lm import eval_lm, target_bytes, token_bytes
 from mmtrain.models import build_model, causal_lm_loss
-from mmtrain.tokenizer import DEMO_TOKENIZER, load_tokenizer
+from mmtrain.data.tokenizer import DEMO_TOKENIZER, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,7 +52,7 @@ def test_trained_model_has_lower_loss_than_untrained_and_numbers_are_stable(
 def test_loss_is_the_mean_shifted_cross_entropy_of_the_cut_blocks(exported_bundles, demo_shards):
     bundle = exported_bundles["transformer_zero2"]
     report = by_length(eval_lm(str(bundle), str(demo_shards), [16, 32], max_sequences=10))
-    from mmtrain.evaluate import read_blocks
+    from mmtrain.eval.lm import read_blocks
 
     tok = B.load_bundle_tokenizer(bundle)
     ids = torch.cat([b for b, _ in read_blocks(str(demo_shards), 32, "val", 4, tok.sha256, 4096, 10)])

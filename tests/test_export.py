@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import TRAIN_STEPS
-from mmtrain import bundle as B
+from mmtrain.export import bundle as B
 from mmtrain.cli import main as cli_main
-from mmtrain.config import PretrainConfig, load_config
-from mmtrain.export import ExportError, export
+from mmtrain.config import load_config
+from mmtrain.train.schema import PretrainConfig
+from mmtrain.export.exporter import ExportError, export
 from mmtrain.models import LlamaLM, MaskedMixerLM, build_model
 from mmtrain.models.mixer import MaskedMixingMatrix
-from mmtrain.tokenizer import DEMO_TOKENIZER
+from mmtrain.data.tokenizer import DEMO_TOKENIZER
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,7 +35,7 @@ def tokens(batch, length, seed=0):
 
 def checkpoint_model(run_dir: Path, tag: str = None):
     """The trained model rebuilt straight from the checkpoint files and the run's training config
-    (independently of mmtrain.export): the module weights DeepSpeed saved for ZeRO 0-2 (fp32
+    (independently of mmtrain.export.exporter): the module weights DeepSpeed saved for ZeRO 0-2 (fp32
     runs), DeepSpeed's zero_to_fp32 for ZeRO 3 (whose saved module is only placeholders)."""
     cfg = load_config(PretrainConfig, [str(run_dir / "config.yaml")])
     root = run_dir / "checkpoints"
@@ -119,7 +120,7 @@ def test_config_json_describes_the_model_and_its_tensors(exported_bundles, demo_
         assert text in card
 
 
-def test_bundle_loads_alone_with_from_pretrained_and_without_deepspeed(exported_bundles, tmp_path):
+def test_bundle_loads_alone_and_without_deepspeed(exported_bundles, tmp_path):
     alone = tmp_path / "copied"
     shutil.copytree(exported_bundles["mixer_zero1"], alone)    # far from the run and its config
     code = ("import sys, torch; from mmtrain import load_pretrained; "
@@ -129,10 +130,10 @@ def test_bundle_loads_alone_with_from_pretrained_and_without_deepspeed(exported_
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "MaskedMixerLM"
-    assert isinstance(MaskedMixerLM.from_pretrained(alone), MaskedMixerLM)
-    assert isinstance(LlamaLM.from_pretrained(exported_bundles["transformer_zero2"]), LlamaLM)
+    assert isinstance(B.load_pretrained(alone, kind="mixer"), MaskedMixerLM)
+    assert isinstance(B.load_pretrained(exported_bundles["transformer_zero2"], kind="transformer"), LlamaLM)
     with pytest.raises(ValueError, match="holds a 'mixer' model"):
-        LlamaLM.from_pretrained(alone)
+        B.load_pretrained(alone, kind="transformer")
 
 
 def test_tied_embedding_is_stored_once(exported_bundles):
@@ -200,7 +201,7 @@ def test_bf16_export_stores_bf16_and_is_verified(trained_runs, tmp_path):
 
 
 def test_hugging_face_llama_loads_the_exported_transformer(exported_bundles, tmp_path):
-    from mmtrain.hf_compat import llama_classes
+    from mmtrain.export.hf import llama_classes
 
     _, LlamaForCausalLM = llama_classes()
     ours = B.load_pretrained(exported_bundles["transformer_zero2"])

@@ -1,6 +1,6 @@
 """Fault tolerance of pretraining, through the real entry script on tiny CPU runs.
 
-Runs are interrupted on purpose with real signals: ``MMTRAIN_FAULT`` (mmtrain/faults.py) makes a
+Runs are interrupted on purpose with real signals: ``MMTRAIN_FAULT`` (mmtrain/train/faults.py) makes a
 process SIGKILL or signal itself at an exact step or inside a checkpoint write, and one test
 signals a running job from outside as a scheduler would. What must hold: a stop signal gives a
 checkpoint and exit code 75 on every rank at the same step; a relaunch after ``kill -9`` ends
@@ -19,8 +19,8 @@ import torch
 
 from conftest import (TINY, checkpoint_module, finish, read_metrics, start_pretrain, train_losses,
                       wait_for_step)
-from mmtrain import checkpoint as ckpt
-from mmtrain.faults import EXIT_PREEMPTED
+from mmtrain.train import checkpoint as ckpt
+from mmtrain.train.faults import EXIT_PREEMPTED
 
 STEPS = 8
 
@@ -200,7 +200,7 @@ def test_full_disk_and_unwritable_run_dir_fail_before_training(demo_shards, tmp_
 
 
 def test_free_space_estimate_and_messages(tmp_path, monkeypatch):
-    from mmtrain import faults
+    from mmtrain.train import faults
 
     assert faults.checkpoint_bytes(1_000_000) == 12_000_000  # fp32 weights + two AdamW moments
     assert faults.checkpoint_bytes(1_000_000, "bf16") == 14_000_000
@@ -214,7 +214,7 @@ def test_free_space_estimate_and_messages(tmp_path, monkeypatch):
 
 
 def test_stop_request_remembers_the_first_signal_and_restores_handlers():
-    from mmtrain.faults import StopRequest
+    from mmtrain.train.faults import StopRequest
 
     before = signal.getsignal(signal.SIGUSR1)
     stop = StopRequest().install()
@@ -237,7 +237,7 @@ def test_rng_files_load_with_weights_only(killed_runs):
 
 
 def test_resume_truncation_of_metrics_drops_a_line_cut_short_by_a_kill(tmp_path):
-    from mmtrain.monitor import truncate_metrics
+    from mmtrain.train.monitor import truncate_metrics
 
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "lo')

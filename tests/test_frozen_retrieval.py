@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from conftest import ROOT
 
 from mmtrain import cli
-from mmtrain.config import FrozenRetrievalConfig, load_config
-from mmtrain.frozen_retrieval import load_scorer, train_scorer
-from mmtrain.frozen_retrieval_model import FrozenEmbeddingScorer, sample_candidates
+from mmtrain.config import load_config
+from mmtrain.eval.schema import FrozenRetrievalConfig
+from mmtrain.eval.frozen_retrieval import load_scorer, train_scorer
+from mmtrain.models.frozen_scorer import FrozenEmbeddingScorer, sample_candidates
 
 DEMO = ROOT / "configs" / "frozen_retrieval" / "demo.yaml"
 
@@ -140,8 +141,8 @@ def test_frozen_retrieval_command_end_to_end(exported_bundles, pairs, tmp_path, 
     assert events.Scalars("eval/accuracy")[-1].value == pytest.approx(result["accuracy"])
 
     # the saved scorer reproduces the reported accuracy on the same fixed candidate sets
-    from mmtrain.frozen_retrieval import evaluate
-    from mmtrain.frozen_retrieval_model import sample_candidates as sample
+    from mmtrain.eval.frozen_retrieval import evaluate
+    from mmtrain.models.frozen_scorer import sample_candidates as sample
 
     scorer = load_scorer(out / "scorer")
     c, y = sample(np.arange(n_test), n_test, 8, np.random.default_rng(0))

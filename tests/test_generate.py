@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmtrain.cli import main as cli_main
-from mmtrain.generate import STOP_EOS, STOP_MAX_TOKENS, STOP_N_CTX, filter_logits, generate
+from mmtrain.eval.generate import STOP_EOS, STOP_MAX_TOKENS, STOP_N_CTX, filter_logits, generate
 from mmtrain.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -16,8 +16,10 @@ import math
 import pytest
 import torch
 
-from mmtrain.config import ConfigError, ModelConfig, PretrainConfig, load_config
-from mmtrain.engine import param_groups
+from mmtrain.config import ConfigError, load_config
+from mmtrain.models.schema import ModelConfig
+from mmtrain.train.schema import PretrainConfig
+from mmtrain.train.engine import param_groups
 from mmtrain.models import build_model
 from mmtrain.models.layers import resolve_init
 

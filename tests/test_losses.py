@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmtrain.losses import GradCache, causal_lm_loss, info_nce, num_negatives, split_embeddings
+from mmtrain.train.losses import GradCache, causal_lm_loss, info_nce, num_negatives, split_embeddings
 from mmtrain.models import build_model
 from mmtrain.models.layers import causal_lm_loss as layers_causal_lm_loss
-from mmtrain.retrieval import embed
+from mmtrain.models.embedding import embed
 
 from conftest import ROOT, free_port, script_env
 

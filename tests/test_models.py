@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from mmtrain.config import ModelConfig
+from mmtrain.models.schema import ModelConfig
 from mmtrain.models import LlamaLM, MaskedMixerLM, build_model
 from mmtrain.models.mixer import MaskedMixingMatrix
 
@@ -297,7 +297,7 @@ def test_loss_is_shifted_cross_entropy_ignoring_pads_and_masked_positions(name):
 
 def hf_llama_classes():
     pytest.importorskip("transformers")
-    from mmtrain.hf_compat import llama_classes
+    from mmtrain.export.hf import llama_classes
 
     return llama_classes()
 

@@ -10,10 +10,11 @@ import pytest
 from conftest import ROOT
 
 from mmtrain import cli
-from mmtrain.config import PairsConfig, PrepareConfig, load_config
+from mmtrain.config import load_config
+from mmtrain.data.schema import PairsConfig, PrepareConfig
 from mmtrain.data import pairs as P
 from mmtrain.data.errors import DataError
-from mmtrain.tokenizer import load_tokenizer
+from mmtrain.data.tokenizer import load_tokenizer
 
 TOKENIZER = ROOT / "tokenizer" / "demo-bpe-4096.model"
 N_DOCS = 120
@@ -162,7 +163,7 @@ def test_held_out_texts_are_kept_out_of_corpus_pairs_and_pretraining_shards(tmp_
 
 
 def test_hard_negatives_are_top_bm25_documents_and_never_the_positive(tmp_path):
-    from mmtrain.retrieval_metrics import BM25
+    from mmtrain.eval.metrics import BM25
 
     corpus_file(tmp_path / "c.jsonl")
     meta = build(tmp_path, "hn", f"input=[{tmp_path / 'c.jsonl'}]", "from_documents=ict", "pairs_per_document=3",

@@ -214,3 +214,35 @@ def test_loss_normalisation_does_not_depend_on_the_micro_batch_split_with_pad_pa
     assert sorted(runs[8]) == sorted(runs[2]) == [1, 2, 3]
     for step in (1, 2, 3):   # steps 2 and 3 follow from the first updates: the gradients agree too
         assert runs[2][step] == pytest.approx(runs[8][step], rel=1e-5, abs=0), step
+
+
+def test_zero3_builds_the_model_partitioned_and_gathers_only_through_module_hooks(demo_shards, tmp_path):
+    """At ZeRO 3 the model is built under deepspeed.zero.Init (partitioned as it is constructed), is
+    initialised exactly as a whole model is, and no parameter is fetched outside its module's call."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import ROOT, script_env
+    from mmtrain.config import load_config
+    from mmtrain.models import build_model
+    from mmtrain.train.schema import PretrainConfig
+    from mmtrain.train.trainer import seed_everything
+
+    run_dir, out = tmp_path / "run", tmp_path / "zero3.json"
+    proc = subprocess.run([sys.executable, "tests/scripts/zero3_partitioned.py", str(demo_shards), str(run_dir),
+                           str(out)], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["built"] and all(p["ds"] and p["local_numel"] == 0 for p in report["built"]), report["built"]
+    assert report["external"] == {}, f"parameters fetched outside their module's __call__: {report['external']}"
+    cfg = load_config(PretrainConfig, [str(ROOT / "configs/pretrain/tiny.yaml")], ["model.mixer_heads=2"])
+    seed_everything(cfg.train.seed)
+    vocab = json.loads((demo_shards / "ctx32" / "meta.json").read_text())["vocab_size"]
+    whole = build_model(cfg.model, vocab).state_dict()
+    partitioned = torch.load(run_dir / "initial_weights.pt")
+    assert set(partitioned) <= set(whole) and len(partitioned) >= len(whole) - 1   # a tied head is listed once
+    for name, tensor in partitioned.items():
+        assert torch.equal(tensor, whole[name]), name
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"

@@ -7,9 +7,9 @@ import json
 import pytest
 import yaml
 
-from mmtrain import monitor
+from mmtrain.train import monitor
 from mmtrain.cli import main
-from mmtrain.report import ReportError, write_report
+from mmtrain.eval.report import ReportError, write_report
 
 
 def write_run(run_dir, kind, n_ctx, segments):

@@ -11,7 +11,7 @@ import torch
 from mmtrain.cli import main
 from mmtrain.models import build_model
 from mmtrain.models.layers import CausalLM
-from mmtrain.representation import analyze, top_k_misses
+from mmtrain.eval.representation import analyze, top_k_misses
 from conftest import TINY
 
 @pytest.fixture(autouse=True)

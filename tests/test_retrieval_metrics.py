@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mmtrain.retrieval_metrics import (BM25, mrr_at_k, positive_ranks, recall_at_k, retrieval_report,
+from mmtrain.eval.metrics import (BM25, mrr_at_k, positive_ranks, recall_at_k, retrieval_report,
                                        top1_among_n)
 
 

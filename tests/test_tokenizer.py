@@ -5,7 +5,7 @@ import hashlib
 import pytest
 
 from mmtrain.data.demo_corpus import demo_documents, demo_fingerprint
-from mmtrain.tokenizer import (BOS_ID, DEMO_TOKENIZER, DEMO_TOKENIZER_SPEC, EOS_ID, PAD_ID, UNK_ID,
+from mmtrain.data.tokenizer import (BOS_ID, DEMO_TOKENIZER, DEMO_TOKENIZER_SPEC, EOS_ID, PAD_ID, UNK_ID,
                                load_tokenizer, read_spec_file, train_from_spec_file, train_tokenizer)
 
 TRICKY = [

@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmtrain import bundle as B
+from mmtrain.export import bundle as B
 from mmtrain.cli import main as cli_main
 from mmtrain.config import ConfigError
-from mmtrain.generate import generate
+from mmtrain.eval.generate import generate
 from mmtrain.models import build_model, causal_lm_loss
 from mmtrain.models.bidirectional import ReverseTokenMixing
 from mmtrain.models.mixer import MaskedMixingMatrix
 from mmtrain.models.transformer import rotary_cos_sin
-from mmtrain.tokenizer import DEMO_TOKENIZER
+from mmtrain.data.tokenizer import DEMO_TOKENIZER
 
 from conftest import TINY, read_metrics, run_pretrain
 
@@ -287,7 +287,8 @@ def test_bad_variant_settings_are_rejected_before_building(overrides, message):
 
 
 def test_variant_keys_load_from_yaml_overrides():
-    from mmtrain.config import PretrainConfig, load_config
+    from mmtrain.config import load_config
+    from mmtrain.train.schema import PretrainConfig
 
     cfg = load_config(PretrainConfig, [str(TINY)], ["model.kind=hybrid", "model.hybrid_mode=parallel"])
     assert build_model(cfg.model, VOCAB).model.layers[0].mode == "parallel"
@@ -379,8 +380,8 @@ def test_generate_command_runs_the_hybrid_bundle_cached_and_uncached(variant_bun
 
 
 def test_autoencoder_trains_exports_and_eval_lm_reports_its_reconstruction_loss(demo_shards, tmp_path):
-    from mmtrain.evaluate import eval_lm, read_blocks
-    from mmtrain.export import export
+    from mmtrain.eval.lm import eval_lm, read_blocks
+    from mmtrain.export.exporter import export
 
     run_dir = tmp_path / "run"
     run_pretrain(["--config", TINY, f"data.shard_dir={demo_shards}", f"logging.run_dir={run_dir}",

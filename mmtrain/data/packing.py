@@ -17,7 +17,7 @@ from typing import Deque, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mmtrain.tokenizer import Tokenizer
+from mmtrain.data.tokenizer import Tokenizer
 
 PACKING_MODES = ("concat", "pad")
 

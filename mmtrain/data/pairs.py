@@ -160,7 +160,7 @@ def resolve_tokenizer(bundle: str, tokenizer: str, n_ctx: int):
 
     model_n_ctx = None
     if bundle:
-        from mmtrain.bundle import BundleError, load_bundle_tokenizer, read_bundle_config
+        from mmtrain.export.bundle import BundleError, load_bundle_tokenizer, read_bundle_config
 
         try:
             section = read_bundle_config(bundle)
@@ -169,7 +169,7 @@ def resolve_tokenizer(bundle: str, tokenizer: str, n_ctx: int):
             raise DataError(f"bundle: {exc}") from None
         model_n_ctx = int(section["model"]["n_ctx"])
     if tokenizer:
-        from mmtrain.tokenizer import load_tokenizer
+        from mmtrain.data.tokenizer import load_tokenizer
 
         try:
             given = load_tokenizer(tokenizer)
@@ -399,7 +399,7 @@ def mine_hard_negatives(queries: Sequences, documents: Sequences, sources: Seque
     import numpy as np
 
     from mmtrain.data.errors import DataError
-    from mmtrain.retrieval_metrics import BM25
+    from mmtrain.eval.metrics import BM25
 
     sources = np.asarray(sources)
     n = len(documents)
@@ -675,11 +675,12 @@ _FLAGS = [("--input", "input", dict(nargs="+", metavar="PATH", help="JSONL files
 
 def _run(args: argparse.Namespace) -> int:
     from mmtrain import config as C
+    from mmtrain.data.schema import PairsConfig
     from mmtrain.data.errors import DataError
 
     overrides = [f"{key}={json.dumps(getattr(args, flag[2:].replace('-', '_')))}" for flag, key, _ in _FLAGS
                  if getattr(args, flag[2:].replace("-", "_")) is not None]
-    cfg = C.load_config(C.PairsConfig, args.config or [], overrides + list(args.overrides))
+    cfg = C.load_config(PairsConfig, args.config or [], overrides + list(args.overrides))
     try:
         meta = prepare_pairs(cfg)
     except DataError as exc:

@@ -27,12 +27,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from mmtrain import config as C
+from mmtrain.data.schema import PrepareConfig, validate_prepare
 from mmtrain.data import shards as S
 from mmtrain.data.corpus import Corpus
 from mmtrain.data.demo_corpus import DEMO_INPUT, demo_description
 from mmtrain.data.errors import DataError
 from mmtrain.data.writer import clean_stale, progress_bar, write_shards
-from mmtrain.tokenizer import (DEMO_TOKENIZER, TRAIN_MAX_CHARS, Tokenizer, load_tokenizer,
+from mmtrain.data.tokenizer import (DEMO_TOKENIZER, TRAIN_MAX_CHARS, Tokenizer, load_tokenizer,
                                train_tokenizer)
 
 
@@ -79,7 +80,7 @@ def _save_root_tokenizer(out: Path, tok: Tokenizer, record: Optional[Dict[str, A
         record_path.unlink(missing_ok=True)  # it described a model that is gone
         return
     tmp = out / ".tokenizer.yaml.tmp"
-    tmp.write_text("# How tokenizer.model was trained (mmtrain.tokenizer.train_from_spec_file reads it).\n"
+    tmp.write_text("# How tokenizer.model was trained (mmtrain.data.tokenizer.train_from_spec_file reads it).\n"
                    + yaml.safe_dump(record, sort_keys=False))
     os.replace(tmp, record_path)
 
@@ -173,7 +174,7 @@ def prepare(cfg: DictConfig, *, progress: bool = True) -> Dict[str, Any]:
     ``ctx`` ({n_ctx: {status: written|up to date, dir, splits: {train|val: counts}}}), ``seconds``,
     ``tokens_per_second`` (corpus tokens tokenized+written per second, 0 when nothing was written).
     """
-    problems = C.validate_prepare(cfg)
+    problems = validate_prepare(cfg)
     if problems:
         raise C.ConfigError(problems)
     start = time.time()
@@ -245,7 +246,7 @@ def demo_prepare_config(out: str, n_ctx: List[int], tokenizer: str = str(DEMO_TO
     items = [f"out={json.dumps(str(out))}", f"n_ctx={json.dumps([int(n) for n in n_ctx])}",
              f"tokenizer={json.dumps(str(tokenizer))}"]
     items += [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
-    return C.load_config(C.PrepareConfig, [], items)
+    return C.load_config(PrepareConfig, [], items)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ def config_from_args(args: argparse.Namespace) -> DictConfig:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")  # JSON is YAML: paths stay strings
-    return C.load_config(C.PrepareConfig, args.config or [], overrides + trailing + list(args.overrides))
+    return C.load_config(PrepareConfig, args.config or [], overrides + trailing + list(args.overrides))
 
 
 def _run(args: argparse.Namespace) -> int:

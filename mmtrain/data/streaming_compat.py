@@ -1,16 +1,15 @@
 """The only module that imports mosaicml-streaming; everything else imports streaming names from here.
 
-``import streaming`` runs ``streaming/__init__.py``, which imports ``streaming.vision`` and thereby
-torchvision. The torchvision wheel that pip pairs with the CPU build of torch fails to load
-(``RuntimeError: operator torchvision::nms does not exist``). mmtrain never uses streaming's
-ready-made datasets, so empty modules are registered as ``streaming.vision`` (the fix) and
-``streaming.text`` / ``streaming.multimodal`` (they import transformers' AutoTokenizer: ~1.7 s of
-import time for nothing) before the first import. ``streaming.base`` never imports them.
+mmtrain uses only ``streaming.base`` (MDS shards, the dataset and its loader). But streaming's
+package ``__init__`` (0.13) first imports its ready-made datasets: ``streaming.vision`` imports
+torchvision, whose PyPI wheel fails to load beside the CPU build of torch (``RuntimeError:
+operator torchvision::nms does not exist``), and ``streaming.text`` / ``streaming.multimodal`` import
+transformers (~1.6 s per process, measured). ``streaming.base.dataloader`` imports transformers only
+to name two batch classes in an ``isinstance`` check; mmtrain's batches are plain dicts.
 
-``streaming.base.dataloader`` imports transformers (~2.4 s) only to name two batch classes in an
-``isinstance`` check (``dict`` or a transformers batch). mmtrain's batches are plain dicts, so when
-transformers is not loaded yet, stand-in classes are put in place for that one import and removed
-right after: a later ``import transformers`` loads the real package.
+So for the duration of ``import streaming`` only, those modules are stood in for by empty ones,
+and removed right after: a later ``import streaming.text`` (or ``transformers``) gets the real module,
+or its real error.
 """
 
 from __future__ import annotations
@@ -18,32 +17,38 @@ from __future__ import annotations
 import sys
 import types
 
-for _name in ("streaming.vision", "streaming.text", "streaming.multimodal"):
-    if _name not in sys.modules:
-        _stub = types.ModuleType(_name)
-        _stub.__doc__ = "Empty stand-in installed by mmtrain.data.streaming_compat (unused datasets)."
-        sys.modules[_name] = _stub
-
+_DATASET_MODULES = ("streaming.vision", "streaming.text", "streaming.multimodal")
 _BATCH_CLASS_MODULES = {"transformers.feature_extraction_utils": "BatchFeature",
                         "transformers.tokenization_utils_base": "BatchEncoding"}
-_stand_ins = []
-if "transformers" not in sys.modules:
-    for _name in ("transformers", *_BATCH_CLASS_MODULES):
-        _stub = types.ModuleType(_name)
-        _stub.__doc__ = "Temporary stand-in installed by mmtrain.data.streaming_compat while streaming imports."
-        if _name in _BATCH_CLASS_MODULES:
-            _cls = _BATCH_CLASS_MODULES[_name]
-            setattr(_stub, _cls, type(_cls, (), {"__doc__": "Never instantiated: mmtrain batches are dicts."}))
-        sys.modules[_name] = _stub
-        _stand_ins.append(_name)
-try:
-    import streaming  # noqa: E402
-    from streaming import MDSWriter, StreamingDataLoader, StreamingDataset  # noqa: E402
-finally:
-    for _name in _stand_ins:
-        del sys.modules[_name]
+
+
+def _import_streaming():
+    stand_ins = [name for name in _DATASET_MODULES if name not in sys.modules]
+    if "transformers" not in sys.modules:
+        stand_ins += ["transformers", *_BATCH_CLASS_MODULES]
+    for name in stand_ins:
+        stub = types.ModuleType(name)
+        if name in _BATCH_CLASS_MODULES:
+            cls = _BATCH_CLASS_MODULES[name]
+            setattr(stub, cls, type(cls, (), {"__doc__": "Never instantiated: mmtrain batches are dicts."}))
+        sys.modules[name] = stub
+    try:
+        import streaming
+        import streaming.base.util  # noqa: F401
+    finally:
+        for name in stand_ins:
+            del sys.modules[name]
+            if name in _DATASET_MODULES and "streaming" in sys.modules:
+                # the package bound the stand-in as an attribute; a later import binds the real one
+                sys.modules["streaming"].__dict__.pop(name.split(".")[1], None)
+    return streaming
+
+
+streaming = _import_streaming()
+MDSWriter, StreamingDataLoader, StreamingDataset = (streaming.MDSWriter, streaming.StreamingDataLoader,
+                                                   streaming.StreamingDataset)
 # Careful: unlinks the shm blocks of live datasets too (see mmtrain.data.lm_dataset); mmtrain never calls it.
-from streaming.base.util import clean_stale_shared_memory  # noqa: E402
+clean_stale_shared_memory = streaming.base.util.clean_stale_shared_memory
 
 STREAMING_VERSION = streaming.__version__
 

@@ -1,12 +1,13 @@
 """Pieces every language model in mmtrain shares.
 
-- :func:`resolve_model_config`: any form of :class:`~mmtrain.config.ModelConfig` (OmegaConf node,
+- :func:`resolve_model_config`: any form of :class:`~mmtrain.models.schema.ModelConfig` (OmegaConf node,
   dataclass, plain dict) -> a validated plain dict with ``vocab_size`` resolved. The dict is what
   a model stores as ``model.config_dict`` and what export code needs to rebuild the model.
 - :func:`causal_lm_loss`: shifted next-token cross-entropy with ``-100`` ignored.
 - :class:`CausalLM`: the base class fixing the model interface (``forward``, ``hidden_states``,
   ``num_params``, ``flops_per_token``, incremental decoding with ``init_cache`` / ``forward_step``,
-  ``from_pretrained``).
+  embeddings with ``forward(input_ids, lengths=...)``). Loading a bundle is
+  :func:`mmtrain.export.bundle.load_pretrained`.
 - :class:`DecodingCache`: what incremental decoding keeps between calls (per-layer tensors).
 
 Models are plain single-device PyTorch: nothing here (or in any model file) imports deepspeed.
@@ -14,10 +15,12 @@ Models are plain single-device PyTorch: nothing here (or in any model file) impo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +28,9 @@ import torch.utils.checkpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mmtrain.config import ConfigError, ModelConfig, validate_model
+from mmtrain.config import ConfigError
+from mmtrain.models.embedding import embed
+from mmtrain.models.schema import ModelConfig, validate_model
 
 IGNORE_INDEX = -100
 
@@ -226,12 +231,18 @@ class CausalLM(nn.Module):
         return block(*args)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> CausalLMOutput:
-        """input_ids [B, L] (L <= n_ctx) -> logits [B, L, V]; loss when labels [B, L] are given.
+                attention_mask: Optional[torch.Tensor] = None, *, lengths: Optional[torch.Tensor] = None,
+                pooling: str = "mean"):
+        """input_ids [B, L] (L <= n_ctx) -> :class:`CausalLMOutput` (logits [B, L, V]; loss when
+        labels [B, L] are given).
 
         ``attention_mask`` [B, L] only removes positions from the loss: the models are causal,
-        so right padding never changes the outputs at real tokens.
+        so right padding never changes the outputs at real tokens. With ``lengths`` [B] (real
+        tokens of right-padded rows) the model is an embedder: it returns the L2-normalised
+        ``pooling`` of the final hidden states, [B, d] fp32 (:mod:`mmtrain.models.embedding`).
         """
+        if lengths is not None:
+            return embed(self, input_ids, lengths, pooling)
         logits = self.lm_head(self.hidden_states(input_ids))
         loss = None if labels is None else self.compute_loss(logits, labels, attention_mask)
         return CausalLMOutput(logits=logits, loss=loss)
@@ -266,20 +277,6 @@ class CausalLM(nn.Module):
         hidden = self.step_hidden_states(input_ids, cache)
         cache.length = end
         return self.lm_head(hidden)
-
-    @classmethod
-    def from_pretrained(cls, path: str, device: Any = "cpu", dtype: Optional[torch.dtype] = None) -> "CausalLM":
-        """Load an exported bundle (``mmtrain export``): no training config and no deepspeed needed.
-
-        Called on a subclass, the bundle must hold that kind of model (ValueError otherwise).
-        """
-        from mmtrain.bundle import load_pretrained  # lazy: the bundle module imports this one
-
-        model = load_pretrained(path, device=device, dtype=dtype)
-        if cls.kind and model.kind != cls.kind:
-            raise ValueError(f"{path} holds a {model.kind!r} model, not a {cls.kind!r} model "
-                             f"({cls.__name__}); use mmtrain.load_pretrained to load any kind")
-        return model
 
     def _cache_tensor(self, *shape: int) -> torch.Tensor:
         """A zero tensor on the model's device and floating dtype (for cache buffers)."""
@@ -347,6 +344,27 @@ def resolve_init(c: Mapping[str, Any], default_scheme: str) -> InitPlan:
     return InitPlan(scheme, embedding_std, linear, std, mixing)
 
 
+_INIT_GATHER: contextvars.ContextVar = contextvars.ContextVar("mmtrain_init_gather", default=None)
+
+
+@contextlib.contextmanager
+def gathered_init(gather: Callable[[List[nn.Parameter]], Any]):
+    """Build models whose modules are partitioned as they are constructed (ZeRO-3's
+    ``deepspeed.zero.Init``): :func:`initialize_` then wraps each module's own parameters in
+    ``gather(params)``, a context in which they are whole and after which they are written back.
+    The same draws happen in the same order as without it, so a seed gives the same model."""
+    token = _INIT_GATHER.set(gather)
+    try:
+        yield
+    finally:
+        _INIT_GATHER.reset(token)
+
+
+def init_gather() -> Optional[Callable[[List[nn.Parameter]], Any]]:
+    """The ``gather`` of the enclosing :func:`gathered_init`, else None (parameters are whole)."""
+    return _INIT_GATHER.get()
+
+
 def initialize_(model: nn.Module, c: Mapping[str, Any], default_scheme: str) -> InitPlan:
     """Initialise every parameter of a freshly built model as the config's init asks.
 
@@ -363,8 +381,18 @@ def initialize_(model: nn.Module, c: Mapping[str, Any], default_scheme: str) -> 
     Returns the resolved :class:`InitPlan`.
     """
     plan = resolve_init(c, default_scheme)
+    gather = init_gather()
 
     def visit(module: nn.Module) -> None:
+        if gather is None:
+            init_module(module)
+            return
+        own = list(module.parameters(recurse=False))
+        if own:
+            with gather(own):
+                init_module(module)
+
+    def init_module(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             if plan.linear == "normal":
                 init_normal_(module, plan.linear_std)

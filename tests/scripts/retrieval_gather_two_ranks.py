@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mmtrain.losses import info_nce
+from mmtrain.train.losses import info_nce
 
 BATCH, EXTRA, DIM_IN, DIM = 6, 2, 5, 4   # per rank
 

@@ -1,8 +1,8 @@
-"""`mmtrain eval-retrieval` (retrieval metrics of any bundle) and `mmtrain export-embedder`.
+"""`mmtrain eval-retrieval`: retrieval metrics of any bundle.
 
 eval-retrieval embeds the queries and documents of a held-out split (pair shards from
 ``mmtrain prepare-pairs``, or a JSONL file split the same way), scores every query against every
-document by cosine similarity and reports (see :mod:`mmtrain.retrieval_metrics`):
+document by cosine similarity and reports (see :mod:`mmtrain.eval.metrics`):
 
 * the paper's protocol: top-1 accuracy with the positive among N candidates (N-1 random negatives
   from the pool, fixed seed), for each ``--n-candidates`` N (N <= pool size);
@@ -10,11 +10,9 @@ document by cosine similarity and reports (see :mod:`mmtrain.retrieval_metrics`)
 * with ``--bm25``, the same metrics of an Okapi BM25 baseline over the same token ids.
 
 Any bundle works: an untrained or only-pretrained one gives the frozen-embedding baseline. The
-pooling of a trained embedder is read from its ``embedder`` section (written by export-embedder);
+pooling of a trained embedder is read from its ``embedder`` section (written by `mmtrain export-embedder`);
 bundles without one (pretrained LMs: the frozen-embedding baseline) pool with ``--pooling``
 (default last; give the embedders' pooling to compare like with like).
-
-Top-level imports stay light (argparse only): torch is imported when a command runs.
 """
 
 from __future__ import annotations
@@ -24,6 +22,34 @@ import json
 import sys
 from typing import Any, Dict, List, Optional
 
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def embed_arrays(encode, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 64,
+                 device: Any = "cpu") -> np.ndarray:
+    """``encode(ids, lengths)`` over batches (sorted by length, so padding is cut) -> [N, d] float32."""
+    order = np.argsort(lengths, kind="stable")
+    out: List[Optional[np.ndarray]] = [None] * len(order)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        e = encode(torch.as_tensor(ids[idx], device=device), torch.as_tensor(lengths[idx], device=device))
+        for i, row in zip(idx, e.float().cpu().numpy()):
+            out[i] = row
+    return np.stack(out)
+
+
+def score_split(encode, split: Dict[str, np.ndarray], n_candidates, seed: int = 0, batch_size: int = 64,
+                device: Any = "cpu") -> Dict[str, float]:
+    """Embed queries and documents of a loaded split and compute the retrieval report (cosine scores)."""
+    from mmtrain.eval.metrics import retrieval_report
+
+    q = embed_arrays(encode, split["query_ids"], split["query_length"], batch_size, device)
+    d = embed_arrays(encode, split["document_ids"], split["document_length"], batch_size, device)
+    return retrieval_report(q @ d.T, np.arange(len(d)), n_candidates, seed)
+
+
 DEFAULT_N = [32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 
 
@@ -32,7 +58,7 @@ def load_eval_split(bundle: str, data: str, split: str, query_field: str, docume
     """(split arrays, model n_ctx) from pair shards or JSONL, checked against the bundle's tokenizer."""
     import os
 
-    from mmtrain.bundle import load_bundle_tokenizer, read_bundle_config
+    from mmtrain.export.bundle import load_bundle_tokenizer, read_bundle_config
     from mmtrain.data.pairs import check_pairs, load_jsonl_split, load_split
 
     section = read_bundle_config(bundle)
@@ -48,10 +74,8 @@ def load_eval_split(bundle: str, data: str, split: str, query_field: str, docume
 def evaluate_bundle(bundle: str, split_arrays: Dict[str, Any], n_candidates: List[int], *, pooling: Optional[str] = None,
                     seed: int = 0, batch_size: int = 64, device: str = "cpu") -> Dict[str, float]:
     """The retrieval report of a bundle's embeddings on a loaded split."""
-    import torch
-
-    from mmtrain.bundle import load_pretrained, read_bundle_config
-    from mmtrain.retrieval import embed, score_split
+    from mmtrain.export.bundle import load_pretrained, read_bundle_config
+    from mmtrain.models.embedding import embed
 
     section = read_bundle_config(bundle)
     # a trained embedder always pools as it was trained; ``pooling`` is for LM-only bundles
@@ -65,9 +89,7 @@ def evaluate_bundle(bundle: str, split_arrays: Dict[str, Any], n_candidates: Lis
 def bm25_report(split_arrays: Dict[str, Any], n_candidates: List[int], seed: int = 0,
                 ignore_ids=(0, 3)) -> Dict[str, float]:
     """BM25 over the token ids of the split (pad and EOS ignored)."""
-    import numpy as np
-
-    from mmtrain.retrieval_metrics import BM25, retrieval_report
+    from mmtrain.eval.metrics import BM25, retrieval_report
 
     def tokens(ids, lengths):
         return [[t for t in row[:n].tolist() if t not in ignore_ids] for row, n in zip(ids, lengths)]
@@ -79,9 +101,9 @@ def bm25_report(split_arrays: Dict[str, Any], n_candidates: List[int], seed: int
 
 
 def _eval(args) -> int:
-    from mmtrain.bundle import BundleError
+    from mmtrain.export.bundle import BundleError
     from mmtrain.data.errors import DataError
-    from mmtrain.retrieval_metrics import check_n_candidates, format_table
+    from mmtrain.eval.metrics import check_n_candidates, format_table
 
     try:
         split = load_eval_split(args.bundle[0], args.data, args.split, args.query_field, args.document_field,
@@ -115,29 +137,6 @@ def _eval(args) -> int:
     return 0
 
 
-def _export(args) -> int:
-    """`mmtrain export` of a retrieval run, plus the embedder settings in config.json."""
-    from pathlib import Path
-
-    from mmtrain import bundle as B
-    from mmtrain.export import ExportError, export, locate, open_checkpoint
-
-    try:
-        checkpoint = open_checkpoint(*locate(args.checkpoint, args.tag))
-        info = checkpoint.states.get("embedder")
-        if info is None:
-            raise ExportError(f"{checkpoint.path}: not a retrieval checkpoint (no embedder settings); "
-                              "use `mmtrain export`")
-        config = export(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite)
-    except (ExportError, B.BundleError, FileNotFoundError) as exc:
-        print(f"mmtrain export-embedder: {exc}", file=sys.stderr)
-        return 2
-    config["mmtrain"]["embedder"] = info
-    B.rewrite_config(Path(args.out), config)
-    print(f"exported embedder ({info['pooling']} pooling, step {config['mmtrain']['source']['step']}) -> {args.out}")
-    return 0
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval-retrieval", help="retrieval metrics (top-1 among N, recall@k, MRR@10) of bundles on held-out pairs",
@@ -165,12 +164,3 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_eval)
-
-    p = subparsers.add_parser(
-        "export-embedder", help="export a retrieval run (mmtrain export + embedder settings in config.json)")
-    p.add_argument("checkpoint", help="retrieval run directory, its checkpoints/ or a step_XXXXXXXX directory")
-    p.add_argument("--out", required=True)
-    p.add_argument("--tag", default=None)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_export)

@@ -1,11 +1,12 @@
-"""`mmtrain export`: a DeepSpeed checkpoint (any ZeRO stage, any world size) -> a verified bundle.
+"""`mmtrain export`: a DeepSpeed checkpoint (any ZeRO stage, any world size) -> a verified bundle;
+`mmtrain export-embedder`: the same for a retrieval run, plus its embedder settings.
 
 Steps: find the checkpoint (run dir, checkpoints dir or ``step_XXXXXXXX`` dir; ``--tag``), check
 that it was completely written, rebuild the fp32 weights (ZeRO 0: the module state in
 ``mp_rank_00_model_states.pt``; ZeRO 1-3: DeepSpeed's ``zero_to_fp32`` over every rank's
 optimizer partition), load them into the model described by the checkpoint's own resolved config,
-write the bundle (:mod:`mmtrain.bundle`) into a temporary sibling of ``--out``, reload it with
-:func:`mmtrain.bundle.load_pretrained` into a fresh model and compare its logits on a fixed batch
+write the bundle (:mod:`mmtrain.export.bundle`) into a temporary sibling of ``--out``, reload it with
+:func:`mmtrain.export.bundle.load_pretrained` into a fresh model and compare its logits on a fixed batch
 with the checkpoint model's. Only a verified bundle is moved to ``--out``.
 """
 
@@ -24,8 +25,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from mmtrain import bundle as B
-from mmtrain import checkpoint as ckpt
+from mmtrain.export import bundle as B
+from mmtrain.train import checkpoint as ckpt
 
 MODEL_STATES = "mp_rank_00_model_states.pt"          # ZeRO 0-2: the full module (+ client state)
 ZERO3_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
@@ -219,7 +220,7 @@ def build_checkpoint_model(checkpoint: Checkpoint):
 
 def find_tokenizer(checkpoint: Checkpoint, override: Optional[str] = None) -> Path:
     """The tokenizer the checkpoint was trained with (sha256 must equal the recorded hash)."""
-    from mmtrain.tokenizer import load_tokenizer
+    from mmtrain.data.tokenizer import load_tokenizer
 
     data, n_ctx = checkpoint.config["data"], checkpoint.config["model"]["n_ctx"]
     candidates = [override] if override else [
@@ -383,6 +384,24 @@ def _run(args) -> int:
     return 0
 
 
+def _export_embedder(args) -> int:
+    """`mmtrain export` of a retrieval run, plus the embedder settings in config.json."""
+    try:
+        checkpoint = open_checkpoint(*locate(args.checkpoint, args.tag))
+        info = checkpoint.states.get("embedder")
+        if info is None:
+            raise ExportError(f"{checkpoint.path}: not a retrieval checkpoint (no embedder settings); "
+                              "use `mmtrain export`")
+        config = export(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite)
+    except (ExportError, B.BundleError, FileNotFoundError) as exc:
+        print(f"mmtrain export-embedder: {exc}", file=sys.stderr)
+        return 2
+    config["mmtrain"]["embedder"] = info
+    B.rewrite_config(Path(args.out), config)
+    print(f"exported embedder ({info['pooling']} pooling, step {config['mmtrain']['source']['step']}) -> {args.out}")
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="DeepSpeed checkpoint (ZeRO 0-3) -> verified safetensors bundle",
@@ -398,3 +417,12 @@ def register(subparsers) -> None:
                    help="the tokenizer .model, when it is no longer where the training config says")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_run)
+
+    p = subparsers.add_parser(
+        "export-embedder", help="export a retrieval run (mmtrain export + embedder settings in config.json)")
+    p.add_argument("checkpoint", help="retrieval run directory, its checkpoints/ or a step_XXXXXXXX directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", default=None)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_export_embedder)

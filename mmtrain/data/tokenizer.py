@@ -26,7 +26,7 @@ import sentencepiece as spm
 import yaml
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "tokenizer"
+TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "tokenizer"
 DEMO_TOKENIZER = TOKENIZER_DIR / "demo-bpe-4096.model"
 DEMO_TOKENIZER_SPEC = TOKENIZER_DIR / "demo-bpe-4096.yaml"
 
@@ -65,7 +65,7 @@ class Tokenizer:
         if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
             where = self.path or "model"
             raise ValueError(f"{where}: special ids (pad, unk, bos, eos) are {ids}, mmtrain needs "
-                             f"{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}; train it with mmtrain.tokenizer")
+                             f"{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}; train it with mmtrain.data.tokenizer")
 
     @property
     def vocab_size(self) -> int:

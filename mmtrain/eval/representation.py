@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from mmtrain.bundle import BundleError
+from mmtrain.export.bundle import BundleError
 from mmtrain.data.errors import DataError
 
 DISTANCES = ("l1", "cosine")
@@ -189,7 +189,8 @@ def untrained_model(config_files: Sequence[str], overrides: Sequence[str], vocab
     Llama, like mmtrain's transformer, uses 0.02). ``model.embedding_init_std=S`` as an override
     does the same through the model's own init.
     """
-    from mmtrain.config import PretrainConfig, load_config
+    from mmtrain.config import load_config
+    from mmtrain.train.schema import PretrainConfig
     from mmtrain.models import build_model
 
     cfg = load_config(PretrainConfig, config_files, overrides)
@@ -219,7 +220,7 @@ def inputs_from_data(path: str, tokenizer, n_ctx: int, samples: int) -> List[Lis
     source = Path(path)
     if source.is_dir():
         from mmtrain.data.shards import existing_ctx
-        from mmtrain.evaluate import read_blocks
+        from mmtrain.eval.lm import read_blocks
 
         available = existing_ctx(str(source))
         if not available:
@@ -300,8 +301,8 @@ def _check_args(args) -> None:
 
 
 def _run(args) -> int:
-    from mmtrain.bundle import load_bundle_tokenizer, load_pretrained
-    from mmtrain.tokenizer import load_tokenizer
+    from mmtrain.export.bundle import load_bundle_tokenizer, load_pretrained
+    from mmtrain.data.tokenizer import load_tokenizer
 
     try:
         _check_args(args)
@@ -310,7 +311,8 @@ def _run(args) -> int:
             tokenizer = load_bundle_tokenizer(args.bundle)
             source = f"{model.kind} bundle {args.bundle} (trained)"
         else:
-            from mmtrain.config import PretrainConfig, load_config
+            from mmtrain.config import load_config
+            from mmtrain.train.schema import PretrainConfig
 
             cfg = load_config(PretrainConfig, args.config, args.overrides or [])
             tokenizer = load_tokenizer(config_tokenizer_path(cfg, args.tokenizer))

@@ -9,7 +9,7 @@ Sampling (:func:`sample_candidates`), exactly as the paper: the N-1 candidates a
 without replacement from the document pool of the same split, excluding the query's own document;
 the true document then overwrites a uniformly random slot in 1..N-1; label = slot - 1.
 
-Plain PyTorch, no deepspeed: the model is tiny and trains in :mod:`mmtrain.frozen_retrieval`.
+Plain PyTorch, no deepspeed: the model is tiny and trains in :mod:`mmtrain.eval.frozen_retrieval`.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from mmtrain import monitor
+from mmtrain.train import monitor
 
 EVENT_GLOB = "events.out.tfevents.*"
 

@@ -8,11 +8,11 @@ method, arXiv 2409.01482).
    ``embeddings.json`` (where they came from: bundle path, model config, tokenizer and weights
    sha256, pair shards and their meta.json sha256, pooling, pairs per split). A later run with the
    same bundle, pooling and shards reuses them; embeddings of anything else there are an error.
-2. **Scorer.** :class:`~mmtrain.frozen_retrieval_model.FrozenEmbeddingScorer`, a bidirectional
+2. **Scorer.** :class:`~mmtrain.models.frozen_scorer.FrozenEmbeddingScorer`, a bidirectional
    mixer over ``[q, c_1 .. c_{N-1}]`` trained with cross-entropy over the candidates, on candidate
-   sets sampled afresh every step (:func:`~mmtrain.frozen_retrieval_model.sample_candidates`).
+   sets sampled afresh every step (:func:`~mmtrain.models.frozen_scorer.sample_candidates`).
    Plain PyTorch with ``torch.optim.AdamW``, linear warmup then decay (not the engine loop of
-   ``Trainer.run``: a minutes-long run of a small model over precomputed embeddings needs no
+   :class:`mmtrain.train.trainer.Trainer`: a minutes-long run of a small model over precomputed embeddings needs no
    DeepSpeed engine, sharding or resume); TensorBoard scalars
    ``train/loss``, ``train/lr``, ``train/accuracy``, ``eval/accuracy``, ``eval/loss`` and
    ``eval/cosine_accuracy`` in ``<out_dir>/tensorboard``.
@@ -76,7 +76,7 @@ def embeddings_source(bundle: str, pairs: str, pooling: str) -> Dict[str, Any]:
     Raises FrozenRetrievalError for a missing / broken bundle or pair shards, or pairs made with
     another tokenizer.
     """
-    from mmtrain.bundle import BundleError, load_bundle_tokenizer, read_bundle_config
+    from mmtrain.export.bundle import BundleError, load_bundle_tokenizer, read_bundle_config
     from mmtrain.data.errors import DataError
     from mmtrain.data.pairs import META_NAME, check_pairs
 
@@ -138,9 +138,10 @@ def compute_embeddings(source: Dict[str, Any], batch_size: int, device: str,
     """{"train.query": [n, d], ...} float32 tensors of both splits, embedded by the frozen bundle."""
     import torch
 
-    from mmtrain.bundle import load_pretrained
+    from mmtrain.export.bundle import load_pretrained
     from mmtrain.data.pairs import load_split
-    from mmtrain.retrieval import embed, embed_arrays
+    from mmtrain.eval.retrieval import embed_arrays
+    from mmtrain.models.embedding import embed
 
     model = load_pretrained(source["bundle"], device=device)
     pooling = source["pooling"]
@@ -228,7 +229,7 @@ def evaluate(model, queries, documents, candidates, labels, batch_size: int = 25
     import torch
     import torch.nn.functional as F
 
-    from mmtrain.frozen_retrieval_model import strict_top1
+    from mmtrain.models.frozen_scorer import strict_top1
 
     was_training = model.training
     model.eval()
@@ -254,8 +255,8 @@ def train_scorer(embeddings: Dict[str, Any], cfg, device: str = "cpu", writer=No
     import torch
     import torch.nn.functional as F
 
-    from mmtrain.engine import lr_factor
-    from mmtrain.frozen_retrieval_model import (FrozenEmbeddingScorer, check_pool, sample_candidates,
+    from mmtrain.train.engine import lr_factor
+    from mmtrain.models.frozen_scorer import (FrozenEmbeddingScorer, check_pool, sample_candidates,
                                                 strict_top1)
 
     m, t = cfg.model, cfg.train
@@ -359,7 +360,7 @@ def load_scorer(path, device: str = "cpu"):
     """The scorer saved by :func:`save_scorer` (``path`` = the scorer directory), in eval mode."""
     from safetensors.torch import load_file
 
-    from mmtrain.frozen_retrieval_model import FrozenEmbeddingScorer
+    from mmtrain.models.frozen_scorer import FrozenEmbeddingScorer
 
     path = Path(path)
     try:
@@ -390,7 +391,7 @@ def run(cfg, json_path: Optional[str] = None, embed_only: bool = False,
         log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Embed (or reuse), train, evaluate, save; the result dict (also written to ``json_path``)."""
     from mmtrain.config import to_dict
-    from mmtrain.frozen_retrieval_model import check_pool
+    from mmtrain.models.frozen_scorer import check_pool
 
     e = cfg.embeddings
     device = _device(cfg.device)
@@ -433,7 +434,8 @@ def run(cfg, json_path: Optional[str] = None, embed_only: bool = False,
 
 
 def _main(args) -> int:
-    from mmtrain.config import FrozenRetrievalConfig, load_config
+    from mmtrain.config import load_config
+    from mmtrain.eval.schema import FrozenRetrievalConfig
 
     cfg = load_config(FrozenRetrievalConfig, args.config or [], list(args.overrides or []))
     try:

@@ -10,7 +10,7 @@ Layout (written by :func:`write_bundle`, read by :func:`load_pretrained`)::
     <bundle>/model.safetensors    the weights; above ``max_shard_size`` bytes Hugging Face's sharded
                                   layout instead: model-0000i-of-0000N.safetensors + model.safetensors.index.json
     <bundle>/tokenizer.model      the SentencePiece model the weights were trained with
-    <bundle>/model_card.md        README-style summary (see :mod:`mmtrain.model_card`)
+    <bundle>/model_card.md        README-style summary (see :mod:`mmtrain.export.model_card`)
 
 Weights are stored as the model computes with them: token-mixing matrices already multiplied by
 their causal masks, and a tied LM head stored once (under the embedding's name).
@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from mmtrain.models import CausalLM, build_model
+from mmtrain.models.layers import init_gather
 from mmtrain.models.mixer import MaskedMixingMatrix
 
 FORMAT_VERSION = 1
@@ -56,7 +57,8 @@ def tied_names(model: torch.nn.Module) -> Dict[str, str]:
     first: Dict[Tuple[int, int], str] = {}
     aliases: Dict[str, str] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        key = (tensor.data_ptr(), tensor.numel())
+        # a ZeRO-3 partitioned parameter holds no local storage: it is known by identity
+        key = (id(tensor), -1) if hasattr(tensor, "ds_id") else (tensor.data_ptr(), tensor.numel())
         if key in first:
             aliases[name] = first[key]
         else:
@@ -252,7 +254,7 @@ def write_bundle(model: CausalLM, out: PathLike, tokenizer_path: PathLike, *, dt
     ``tokenizer_path`` must be the SentencePiece model the weights were trained with (its vocabulary
     size must equal the model's). ``source`` / ``training`` are recorded in config.json and the card.
     """
-    from mmtrain.tokenizer import load_tokenizer
+    from mmtrain.data.tokenizer import load_tokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -274,7 +276,7 @@ def write_bundle(model: CausalLM, out: PathLike, tokenizer_path: PathLike, *, dt
 
 def rewrite_config(out: PathLike, config: Dict[str, Any]) -> None:
     """(Re)write config.json and the model card rendered from it."""
-    from mmtrain.model_card import render_model_card
+    from mmtrain.export.model_card import render_model_card
 
     out = Path(out)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -311,35 +313,59 @@ def read_bundle_config(path: PathLike) -> Dict[str, Any]:
     return section
 
 
-def load_pretrained(path: PathLike, device: Any = "cpu", dtype: Optional[torch.dtype] = None) -> CausalLM:
+def load_pretrained(path: PathLike, device: Any = "cpu", dtype: Optional[torch.dtype] = None,
+                    kind: Optional[str] = None) -> CausalLM:
     """Rebuild the model of a bundle in eval mode (``dtype`` default float32, whatever was stored).
+
+    With ``kind`` (e.g. ``"mixer"``) the bundle must hold that kind of model (ValueError otherwise).
 
     Needs only the bundle: config.json's "mmtrain" section and the safetensors weights. Every
     missing, unexpected or wrongly shaped tensor is named in one BundleError.
     """
     path = Path(path)
     section = read_bundle_config(path)
+    if kind is not None and section["model"]["kind"] != kind:
+        raise ValueError(f"{path} holds a {section['model']['kind']!r} model, not a {kind!r} model")
     model = build_model(section["model"])
     stored = read_weights(path)
     aliases = tied_names(model)
-    expected = {name: t for name, t in model.state_dict().items() if name not in aliases}
-    problems = [f"missing tensor {name!r} (expected shape {list(t.shape)})"
-                for name, t in expected.items() if name not in stored]
+    expected = {name: _shape(t) for name, t in model.state_dict(keep_vars=True).items() if name not in aliases}
+    problems = [f"missing tensor {name!r} (expected shape {shape})"
+                for name, shape in expected.items() if name not in stored]
     problems += [f"unexpected tensor {name!r}" for name in stored if name not in expected]
-    problems += [f"tensor {name!r} has shape {list(stored[name].shape)}, the model needs {list(t.shape)}"
-                 for name, t in expected.items() if name in stored and stored[name].shape != t.shape]
+    problems += [f"tensor {name!r} has shape {list(stored[name].shape)}, the model needs {shape}"
+                 for name, shape in expected.items() if name in stored and list(stored[name].shape) != shape]
     if problems:
         raise BundleError(f"{path}: weights do not match config.json's model:\n  - " + "\n  - ".join(problems))
+    gather = init_gather()
+    if gather is None:
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                if name not in aliases:
+                    tensor.copy_(stored[name])
+        return model.to(device=device, dtype=dtype or torch.float32).eval()
+    # Built partitioned (ZeRO-3, deepspeed.zero.Init): each module's own tensors are whole only
+    # while gathered, one module at a time.
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name not in aliases:
-                tensor.copy_(stored[name])
-    return model.to(device=device, dtype=dtype or torch.float32).eval()
+        for prefix, module in model.named_modules():
+            own = {f"{prefix}.{n}" if prefix else n: p for n, p in module.named_parameters(recurse=False)}
+            if not own:
+                continue
+            with gather(list(own.values())):
+                for name, param in own.items():
+                    if name not in aliases:
+                        param.data.copy_(stored[name])
+    return model.eval()
+
+
+def _shape(tensor: torch.Tensor) -> List[int]:
+    """The full shape, also of a ZeRO-3 partitioned parameter (whose local tensor is empty)."""
+    return list(getattr(tensor, "ds_shape", tensor.shape))
 
 
 def load_bundle_tokenizer(path: PathLike):
     """The bundle's tokenizer; BundleError if it is missing or not the one config.json records."""
-    from mmtrain.tokenizer import load_tokenizer
+    from mmtrain.data.tokenizer import load_tokenizer
 
     section = read_bundle_config(path)
     tok_path = Path(path) / section["tokenizer"]["file"]

@@ -13,7 +13,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -58,8 +58,8 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
-    if device_type == "cpu":
-        # The shared-memory allreduce op is JIT-compiled on first use (~40 s); gloo suffices on CPU.
+    if device_type == "cpu" and "deepspeed_shm_comm" in getattr(deepspeed.ops, "__compatible_ops__", {}):
+        # DeepSpeed >= 0.14 on CPU JIT-compiles a shared-memory allreduce op on first use (~40 s); gloo suffices.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
@@ -83,9 +83,17 @@ def grad_accum_steps(train_cfg, world_size: int) -> int:
     return train_cfg.global_batch_size // per_step
 
 
-def deepspeed_config(cfg, world_size: int) -> Dict:
-    """The DeepSpeed config for a run, derived from the typed config (the only place it is built)."""
+def deepspeed_config(cfg, world_size: int, micro_batch: Optional[int] = None,
+                     micro_steps: Optional[int] = None) -> Dict:
+    """The DeepSpeed config for a run, derived from the typed config (the only place it is built).
+
+    ``micro_batch`` / ``micro_steps``: what one engine micro-step holds and how many make an
+    optimizer step, when the task's unit is not train.micro_batch_size sequences x the
+    accumulation steps (gradient-cached retrieval: one micro-step per embedded chunk).
+    """
     t, e = cfg.train, cfg.engine
+    micro_batch = int(t.micro_batch_size if micro_batch is None else micro_batch)
+    micro_steps = int(grad_accum_steps(t, world_size) if micro_steps is None else micro_steps)
     zero: Dict = {"stage": int(e.zero_stage)}
     if e.zero_stage >= 1:
         zero.update(contiguous_gradients=True, overlap_comm=False, reduce_scatter=True)
@@ -96,9 +104,9 @@ def deepspeed_config(cfg, world_size: int) -> Dict:
     if e.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
     ds = {
-        "train_batch_size": int(t.global_batch_size),
-        "train_micro_batch_size_per_gpu": int(t.micro_batch_size),
-        "gradient_accumulation_steps": grad_accum_steps(t, world_size),
+        "train_batch_size": micro_batch * micro_steps * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": micro_steps,
         "gradient_clipping": float(e.grad_clip),
         "zero_optimization": zero,
         "bf16": {"enabled": e.precision == "bf16"},
@@ -130,7 +138,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, mixing_weight_deca
             continue
         if getattr(param, "lr_scale", None) is not None:
             scaled.append({"params": [param], "weight_decay": 0.0, "lr": base_lr * float(param.lr_scale)})
-        elif param.ndim < 2 or id(param) in exempt:
+        elif len(getattr(param, "ds_shape", param.shape)) < 2 or id(param) in exempt:  # ds_shape: ZeRO-3 partitioned
             no_decay.append(param)
         else:
             decay.append(param)
@@ -155,14 +163,16 @@ def lr_factor(step: int, train_cfg) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_engine(cfg, model: torch.nn.Module, world_size: int) -> Tuple[object, Dict]:
-    """Wrap ``model`` in a DeepSpeed engine with AdamW and the LR schedule.
+def build_engine(cfg, model: torch.nn.Module, world_size: int,
+                 ds_config: Optional[Dict] = None) -> Tuple[object, Dict]:
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and the LR schedule (``ds_config``: default
+    :func:`deepspeed_config`).
 
     Returns ``(engine, ds_config)``; ``engine.optimizer`` and ``engine.lr_scheduler`` are set.
     """
     import deepspeed
 
-    ds_config = deepspeed_config(cfg, world_size)
+    ds_config = ds_config or deepspeed_config(cfg, world_size)
     t = cfg.train
     groups = param_groups(model, t.weight_decay, t.get("mixing_weight_decay", True), base_lr=t.lr)
     optimizer = None

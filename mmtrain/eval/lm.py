@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from mmtrain.bundle import BundleError, load_bundle_tokenizer, load_pretrained, read_bundle_config
+from mmtrain.export.bundle import BundleError, load_bundle_tokenizer, load_pretrained, read_bundle_config
 from mmtrain.data.errors import DataError
 
 
@@ -57,6 +57,13 @@ def target_bytes(ids: torch.Tensor, table: Tuple[torch.Tensor, torch.Tensor], eo
     return lengths[targets] - (leading_space[targets] & (previous == eos_id)).double()
 
 
+def cut_blocks(x: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, N] -> [B * (N // length), length]: each row cut into consecutive blocks, the tail of
+    ``N % length`` dropped. Training's evaluation and eval-lm both cut this way."""
+    k = x.shape[1] // length
+    return x[:, :k * length].reshape(-1, length)
+
+
 @torch.no_grad()
 def evaluate_blocks(model, blocks: Iterable[Tuple[torch.Tensor, torch.Tensor]], lengths: Sequence[int],
                     table: Tuple[torch.Tensor, torch.Tensor], eos_id: int) -> List[Dict[str, Any]]:
@@ -66,9 +73,7 @@ def evaluate_blocks(model, blocks: Iterable[Tuple[torch.Tensor, torch.Tensor]], 
     sums = {L: {"nll": 0.0, "tokens": 0, "bytes": 0.0, "sequences": 0} for L in lengths}
     for ids, mask in blocks:
         for L in lengths:
-            k = ids.shape[1] // L
-            x = ids[:, :k * L].reshape(-1, L)
-            m = mask[:, :k * L].reshape(-1, L)
+            x, m = cut_blocks(ids, L), cut_blocks(mask, L)
             logits = model(x.to(device)).logits.float()
             nll = F.cross_entropy(logits[:, :L - shift].reshape(-1, logits.shape[-1]),
                                   x[:, shift:].reshape(-1).to(device),

@@ -134,7 +134,7 @@ def encode_prompt(tokenizer, text: str, add_doc_start: bool = True) -> List[int]
 
 
 def _run(args) -> int:
-    from mmtrain.bundle import BundleError, load_bundle_tokenizer, load_pretrained
+    from mmtrain.export.bundle import BundleError, load_bundle_tokenizer, load_pretrained
 
     try:
         model = load_pretrained(args.bundle, device=args.device)

@@ -1,6 +1,6 @@
 """Training losses: shifted causal-LM cross-entropy (re-exported) and InfoNCE for retrieval.
 
-:func:`info_nce` is the contrastive loss of ``mmtrain/retrieval.py``. Inputs are L2-normalised
+:func:`info_nce` is the contrastive loss of retrieval training (:mod:`mmtrain.train.contrastive`). Inputs are L2-normalised
 embeddings; row i of ``documents`` is the positive of query i, every other document row (other
 queries' positives, plus optional extra random negatives) is a negative::
 

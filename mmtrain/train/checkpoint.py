@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mmtrain import faults
+from mmtrain.train import faults
 
 CHECKPOINT_SUBDIR = "checkpoints"
 LATEST = "latest"

@@ -1,0 +1,2 @@
+"""Evaluation: eval-lm, retrieval evaluation and metrics, frozen-embedding retrieval, generation,
+representation analysis and run reports."""

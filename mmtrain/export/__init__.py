@@ -1,0 +1,2 @@
+"""Export: the bundle format (``load_pretrained``), checkpoint -> bundle
+export, model cards and Hugging Face interop."""

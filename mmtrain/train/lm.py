@@ -1,0 +1,162 @@
+"""LM pretraining as a :class:`~mmtrain.train.trainer.Task`: next-token loss over packed shards,
+validation loss at every evaluation context length, throughput and MFU in the step report."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from mmtrain.config import ConfigError
+from mmtrain.train import monitor as mon
+from mmtrain.train.trainer import Task, all_reduce_sum, barrier
+
+
+def ensure_shards(cfg, is_main: bool) -> Dict:
+    """Check the shards for model.n_ctx (auto-preparing the demo corpus on first use)."""
+    from mmtrain.data.errors import DataError
+    from mmtrain.data.shards import check_shards, ctx_dir
+
+    shard_dir, n_ctx = cfg.data.shard_dir, cfg.model.n_ctx
+    if (is_main and cfg.data.auto_prepare and cfg.data.prepare_input == "demo"
+            and not (ctx_dir(shard_dir, n_ctx) / "meta.json").is_file()):
+        from mmtrain.data.prepare import demo_prepare_config, prepare
+
+        print(f"[mmtrain] preparing demo shards for n_ctx={n_ctx} in {shard_dir} (first use; cached)",
+              flush=True)
+        kwargs = {"tokenizer": cfg.data.tokenizer} if cfg.data.tokenizer else {}
+        try:
+            prepare(demo_prepare_config(shard_dir, [n_ctx], **kwargs))
+        except DataError as exc:
+            raise ConfigError([f"data.auto_prepare: {exc}"]) from exc
+    barrier()
+    expected_hash = None
+    if cfg.data.tokenizer:
+        from mmtrain.data.tokenizer import load_tokenizer
+
+        expected_hash = load_tokenizer(cfg.data.tokenizer).sha256
+    try:
+        return check_shards(shard_dir, n_ctx, tokenizer_hash=expected_hash,
+                            vocab_size=cfg.model.vocab_size or None)
+    except DataError as exc:
+        raise ConfigError([f"data.shard_dir: {exc}"]) from exc
+
+
+class LMTask(Task):
+    """Next-token (or, for the autoencoder, reconstruction) loss on the token shards."""
+
+    name = "pretrain"
+
+    def setup(self) -> None:
+        t = self.trainer
+        self.cfg, self.n_ctx = t.cfg, t.cfg.model.n_ctx
+        self.meta = ensure_shards(t.cfg, t.is_main)
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.tokenizer_hash = self.meta["tokenizer_sha256"]
+        self.val_loader = None
+
+    def run_name(self) -> str:
+        return f"{self.cfg.model.kind}-ctx{self.n_ctx}"
+
+    def build_model(self) -> torch.nn.Module:
+        from mmtrain.models import build_model
+        from mmtrain.train.engine import peak_flops
+
+        model = build_model(self.cfg.model, self.vocab_size)
+        self.label_shift = model.label_shift  # targets of out.loss: labels[:, shift:] (0 = autoencoder)
+        self.flops_per_token = model.flops_per_token(self.n_ctx)
+        self.peak_flops = self.cfg.engine.peak_flops
+        if self.peak_flops <= 0:
+            self.peak_flops = peak_flops(self.trainer.device, self.cfg.engine.precision)
+        return model
+
+    def _loader(self, split: str, shuffle: bool, num_workers: int):
+        from mmtrain.data.lm_dataset import build_lm_loader
+
+        c = self.cfg
+        return build_lm_loader(
+            c.data.shard_dir, self.n_ctx, split, c.train.micro_batch_size, shuffle=shuffle, seed=c.train.seed,
+            num_workers=num_workers, expected_tokenizer_hash=self.tokenizer_hash,
+            expected_vocab_size=self.vocab_size, drop_last=split == "train",
+            num_canonical_nodes=c.data.num_canonical_nodes)
+
+    def train_loader(self):
+        return self._loader("train", shuffle=self.cfg.data.shuffle, num_workers=self.cfg.data.num_workers)
+
+    def micro_batch(self, batch, micro: int = 0):
+        input_ids = batch["input_ids"].to(self.trainer.device, non_blocking=True).long()
+        labels = input_ids.clone()
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            labels[mask.to(self.trainer.device) == 0] = -100
+        return input_ids, labels
+
+    def counts(self, inputs):
+        _, labels = inputs
+        return (labels[:, self.label_shift:] != -100).sum().double(), (labels != -100).sum().double()
+
+    def loss(self, engine, inputs):
+        input_ids, labels = inputs
+        out = engine(input_ids, labels=labels)
+        return out.loss, [out.loss]
+
+    # ---- evaluation --------------------------------------------------------------------------
+
+    def eval_lengths(self) -> List[int]:
+        extra = sorted({int(n) for n in self.cfg.train.eval_n_ctx if int(n) < self.n_ctx})
+        return extra + [self.n_ctx]
+
+    @torch.no_grad()
+    def eval_losses(self) -> Dict[int, float]:
+        """Mean validation loss per context length over the first eval_batches micro-batches.
+        Shorter lengths L cut every n_ctx block into n_ctx // L consecutive blocks of L tokens."""
+        from mmtrain.eval.lm import cut_blocks
+
+        if self.val_loader is None:
+            self.val_loader = self._loader("val", shuffle=False, num_workers=0)
+        engine, device = self.trainer.engine, self.trainer.device
+        engine.eval()
+        lengths = self.eval_lengths()
+        sums = torch.zeros(len(lengths), 2, dtype=torch.float64, device=device)   # loss x targets, targets
+        for i, batch in enumerate(self.val_loader):
+            if i >= self.cfg.train.eval_batches:
+                break
+            input_ids, labels = self.micro_batch(batch)
+            for j, n in enumerate(lengths):
+                ids, lab = cut_blocks(input_ids, n), cut_blocks(labels, n)
+                targets = (lab[:, self.label_shift:] != -100).sum().double()
+                sums[j] += torch.stack([engine(ids, labels=lab).loss.double() * targets, targets])
+        flat = all_reduce_sum(sums).tolist()
+        engine.train()
+        return {n: s / max(t, 1.0) for n, (s, t) in zip(lengths, flat)}
+
+    def evaluate(self) -> Dict[str, float]:
+        m, step = self.trainer.monitor, self.trainer.step
+        losses = self.eval_losses()
+        m.scalars(step, {mon.eval_tag(n): v for n, v in losses.items()})
+        m.record({"step": step, **{f"eval_loss_ctx{n}": v for n, v in losses.items()}})
+        m.info("eval   " + " | ".join(f"ctx{n} {v:.4f}" for n, v in losses.items()))
+        return {f"eval_loss_ctx{n}": v for n, v in losses.items()}
+
+    # ---- reporting ---------------------------------------------------------------------------
+
+    def banner(self) -> str:
+        t, cfg = self.trainer, self.cfg
+        return (f"[mmtrain] run dir {t.run_dir} | {cfg.model.kind} n_ctx={self.n_ctx} "
+                f"params={t.model.num_params():,} | world={t.dist.world_size} "
+                f"zero={cfg.engine.zero_stage} {cfg.engine.precision} | global batch "
+                f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {t.gas} x {t.dist.world_size}")
+
+    def step_report(self, stats: Dict[str, float], seconds: float):
+        t = self.trainer
+        tps = stats["tokens"] / seconds
+        mfu = tps * self.flops_per_token / (self.peak_flops * t.dist.world_size)
+        gn = "n/a" if stats["grad_norm"] is None else f"{stats['grad_norm']:.3f}"
+        record = {"loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                  "tokens_seen": t.tokens_seen, "tokens_per_s": tps, "mfu": mfu, "step_time_s": seconds}
+        scalars = {mon.TRAIN_LOSS: stats["loss"], mon.LR: stats["lr"], mon.GRAD_NORM: stats["grad_norm"],
+                   mon.TOKENS_SEEN: t.tokens_seen, mon.TOKENS_PER_S: tps, mon.MFU: mfu}
+        line = (f"step {t.step:>6}/{self.cfg.train.steps} | loss {stats['loss']:.4f} | lr {stats['lr']:.2e} | "
+                f"grad {gn} | {tps:,.0f} tok/s | mfu {100 * mfu:.1f}% | {seconds:.2f} s/step")
+        postfix = {"loss": f"{stats['loss']:.4f}", "tok/s": f"{tps:,.0f}"}
+        return record, scalars, line, postfix, {"loss": stats["loss"], "tokens_per_s": tps, "mfu": mfu}

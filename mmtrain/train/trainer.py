@@ -1,0 +1,432 @@
+"""The training loop, shared by every kind of training.
+
+:class:`Trainer` owns what every run does the same way: distributed setup and seeding; the run
+directory (created, proven writable, locked for the job, cleared of interrupted checkpoint writes,
+checked for free disk); the DeepSpeed engine (at ZeRO-3 the model is built partitioned, under
+``deepspeed.zero.Init``); the run files; resume; the step (gradient accumulation and loss
+normalisation); the cadence of logging, evaluation and checkpoints; stop signals; exit codes.
+
+A :class:`Task` supplies what differs: checking its inputs, building the model, the training
+batches, the loss of one micro-batch, evaluation, and what a checkpoint records besides the
+engine. LM pretraining is :class:`mmtrain.train.lm.LMTask`, contrastive retrieval
+:class:`mmtrain.train.contrastive.ContrastiveTask`.
+
+Exit codes of :func:`run_entry`: 0 done, 2 configuration / data error (before any training; also:
+run directory not writable, locked by another job, or too little free disk for a checkpoint),
+3 non-finite loss, 75 stopped by SIGTERM or SIGUSR1 after writing a checkpoint at the next step
+boundary (relaunch with ``checkpoint.resume=auto``, the default, to continue; see
+:mod:`mmtrain.train.faults`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+from datetime import datetime
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mmtrain.config import ConfigError, load_config, save_yaml, to_dict, to_yaml
+from mmtrain.train import checkpoint as ckpt
+from mmtrain.train import faults
+from mmtrain.train import monitor as mon
+
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = faults.EXIT_PREEMPTED  # 75: stopped by SIGTERM / SIGUSR1 with a checkpoint written
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ---- collectives (no-ops in a single process) ------------------------------------------------
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place when distributed), staying on the device."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def from_main(value):
+    """Rank 0's ``value`` on every rank."""
+    holder = [value]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_run_dir(logging_cfg, default_name: str) -> str:
+    """The run directory, the same on every rank (rank 0 picks the timestamp of a default name)."""
+    lg = logging_cfg
+    if lg.run_dir:
+        path = lg.run_dir
+    else:
+        path = os.path.join(lg.runs_root, lg.name or f"{default_name}-{datetime.now():%Y%m%d-%H%M%S}")
+    return from_main(os.path.abspath(path))
+
+
+# ---- what a kind of training supplies ---------------------------------------------------------
+
+
+class Task:
+    """The hooks a kind of training gives the :class:`Trainer` (``self.trainer`` is set first).
+
+    Required: :meth:`setup`, :meth:`run_name`, :meth:`build_model`, :meth:`train_loader`,
+    :meth:`micro_batch`, :meth:`counts`, :meth:`loss`, :meth:`evaluate`, :meth:`banner`,
+    :meth:`step_report`; ``tokenizer_hash`` and ``vocab_size`` (set in ``setup``).
+    """
+
+    name = "train"          #: program name in messages
+    trainer: "Trainer"
+    tokenizer_hash: str = ""
+    vocab_size: int = 0
+
+    def setup(self) -> None:
+        """Check the task's inputs (ConfigError naming the key), before the run directory exists."""
+        raise NotImplementedError
+
+    def run_name(self) -> str:
+        """Default run name (a timestamp is appended)."""
+        raise NotImplementedError
+
+    def build_model(self) -> torch.nn.Module:
+        """The model to train (built under ``deepspeed.zero.Init`` at ZeRO-3)."""
+        raise NotImplementedError
+
+    def engine_micro_steps(self) -> Tuple[int, int]:
+        """(what DeepSpeed's micro-batch holds, engine micro-steps per optimizer step)."""
+        t = self.trainer.cfg.train
+        return t.micro_batch_size, self.trainer.gas
+
+    def train_loader(self):
+        """The training loader (its ``state_dict`` is checkpointed for exact resume)."""
+        raise NotImplementedError
+
+    def micro_batch(self, batch: Dict[str, torch.Tensor], micro: int) -> Any:
+        """One loader batch -> the inputs of :meth:`loss`, on the device (``micro``: index in the step)."""
+        raise NotImplementedError
+
+    def counts(self, inputs) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(targets, tokens) of one micro-batch as device scalars. The step's loss is the sum over
+        the global batch of ``loss x targets`` divided by its targets; tokens feed tokens_seen."""
+        raise NotImplementedError
+
+    def loss(self, engine, inputs) -> Tuple[torch.Tensor, Iterable[torch.Tensor]]:
+        """(the micro-batch's mean loss, the terms to back-propagate: one per engine micro-step)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Evaluate and log (TensorBoard, metrics.jsonl, console); the metrics for the summary."""
+        raise NotImplementedError
+
+    def before_loop(self) -> Dict[str, float]:
+        """Work before the first step (e.g. evaluate the starting model); its summary."""
+        return {}
+
+    def checkpoint_state(self) -> Dict[str, Any]:
+        """What a checkpoint records besides step, tokens, loader, tokenizer, vocab and world size
+        (``config`` there is what `mmtrain export` reads)."""
+        return {"config": to_dict(self.trainer.cfg)}
+
+    def banner(self) -> str:
+        raise NotImplementedError
+
+    def step_report(self, stats: Dict[str, float], seconds: float):
+        """One step's (metrics.jsonl fields, TensorBoard scalars, log line, progress postfix, summary)."""
+        raise NotImplementedError
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One run of ``task`` under ``cfg``: engine, run directory, loop, checkpoints, monitoring."""
+
+    def __init__(self, cfg, task: Task):
+        from mmtrain.train.engine import build_engine, deepspeed_config, grad_accum_steps, init_distributed
+
+        self.cfg, self.task = cfg, task
+        task.trainer = self
+        self.dist = init_distributed(cfg.engine.device)
+        self.is_main, self.device = self.dist.is_main, self.dist.device
+        self.gas = grad_accum_steps(cfg.train, self.dist.world_size)  # fails early on a bad batch split
+        seed_everything(cfg.train.seed)
+        task.setup()
+        self.run_dir = resolve_run_dir(cfg.logging, task.run_name())
+        self._check_run_dir()
+        self.ds_config = deepspeed_config(cfg, self.dist.world_size, *task.engine_micro_steps())
+        self.model = self._build_model()
+        self._check_disk_space()
+        self.engine, _ = build_engine(cfg, self.model, self.dist.world_size, self.ds_config)
+        self.step = 0
+        self.tokens_seen = 0
+        self.resolved_yaml = to_yaml(cfg)
+        self._write_run_files()
+        self.train_loader = task.train_loader()
+        self._resume()
+        if self.is_main:
+            mon.truncate_metrics(self.run_dir, self.step)
+        self.monitor = mon.Monitor(self.run_dir, self.is_main, cfg.train.steps, self.step,
+                                   cfg.logging.progress_bar)
+        self.stop_request = faults.StopRequest().install()  # SIGTERM / SIGUSR1: stop at a step boundary
+        self.stopped_by: Optional[str] = None
+        self.last_saved_step = -1
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def _build_model(self) -> torch.nn.Module:
+        """The task's model; at ZeRO-3 built partitioned (no rank holds all of it): modules are
+        sharded as they are constructed and initialised one module at a time, gathered."""
+        if self.cfg.engine.zero_stage != 3:
+            return self.task.build_model()
+        import deepspeed
+
+        from mmtrain.models.layers import gathered_init
+
+        def gather(params):
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config), gathered_init(gather):
+            return self.task.build_model()
+
+    def _check_run_dir(self) -> None:
+        """Rank 0 creates the run directory, proves it writable and locks it for this job (held
+        until :meth:`release_run_dir` or exit), then clears what killed checkpoint writes left.
+        Every rank raises the same ConfigError when any of that fails."""
+        self.run_dir_lock = None
+        problem = None
+        if self.is_main:
+            problem = faults.check_writable(self.run_dir)
+            if problem is None:
+                try:
+                    self.run_dir_lock = faults.RunDirLock(self.run_dir).acquire()
+                except (faults.RunDirLocked, OSError) as exc:
+                    problem = str(exc)
+            if problem is None:
+                for path in ckpt.remove_incomplete(ckpt.checkpoint_root(self.run_dir)):
+                    print(f"[mmtrain] removed {path} (left by an interrupted checkpoint write)", flush=True)
+        problem = from_main(problem)
+        if problem:
+            raise ConfigError([f"logging.run_dir: {problem}"])
+
+    def _check_disk_space(self) -> None:
+        """Fail before training when the run directory's disk cannot hold one checkpoint."""
+        problem = None
+        if self.is_main:
+            size = faults.checkpoint_bytes(self.model.num_params(), self.cfg.engine.precision)
+            problem, warning = faults.check_free_space(self.run_dir, size, self.cfg.checkpoint.keep_last)
+            if warning:
+                print(f"[mmtrain] warning: {warning}", file=sys.stderr, flush=True)
+        problem = from_main(problem)
+        if problem:
+            raise ConfigError([f"logging.run_dir: {problem}"])
+
+    def release_run_dir(self) -> None:
+        """The run is over: drop the run-directory lock, and ignore further stop signals (a launcher
+        tearing down the other ranks may still send one; it must not kill this rank mid-exit)."""
+        if getattr(self, "stop_request", None) is not None:
+            self.stop_request.ignore_further()
+        if getattr(self, "run_dir_lock", None) is not None:
+            self.run_dir_lock.release()
+
+    def _write_run_files(self) -> None:
+        if not self.is_main:
+            return
+        save_yaml(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+        with open(os.path.join(self.run_dir, "deepspeed_config.json"), "w") as fh:
+            json.dump(self.ds_config, fh, indent=2)
+
+    def _resume(self) -> None:
+        where = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
+        if where is None:
+            return
+        root, tag = where
+        state = ckpt.load(self.engine, root, tag, self.dist.rank)
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        if state.get("tokenizer_hash") and state["tokenizer_hash"] != self.task.tokenizer_hash:
+            raise ConfigError([f"checkpoint {root}/{tag} was trained with tokenizer "
+                               f"{state['tokenizer_hash'][:12]}, the data uses {self.task.tokenizer_hash[:12]}"])
+        self.train_loader.load_state_dict(state["loader"])
+        if self.is_main:
+            print(f"[mmtrain] resumed from {os.path.join(root, tag)} at step {self.step}", flush=True)
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def train_step(self, batches: Iterator) -> Dict[str, float]:
+        """One optimizer step over ``gas`` micro-batches.
+
+        The gradient is that of the logged loss: the sum over the whole global batch (all
+        micro-batches of all ranks) of each micro-batch's mean loss times its targets, divided by
+        the global targets. Each micro-batch's loss is weighted by ``targets x gas x world /
+        global targets``, undoing the engine's mean over micro-batches and ranks; with equal
+        target counts (``concat`` packing, contrastive batches) the weight is exactly 1. Counts
+        and losses stay on the device: one reduction of the targets before the forwards, one of
+        the sums after.
+        """
+        task, engine, world = self.task, self.engine, self.dist.world_size
+        engine.train()
+        lr = self._current_lr()
+        inputs = [task.micro_batch(next(batches), micro) for micro in range(self.gas)]
+        counts = [task.counts(x) for x in inputs]
+        global_targets = all_reduce_sum(torch.stack([t for t, _ in counts]).sum()).clamp(min=1.0)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)   # loss x targets, tokens
+        grad_norm = None
+        zero0 = engine.zero_optimization_stage() == 0
+        for x, (targets, tokens) in zip(inputs, counts):
+            weight = targets * (self.gas * world) / global_targets
+            loss, terms = task.loss(engine, x)
+            for term in terms:
+                engine.backward(term * weight.to(term.dtype))
+                if zero0 and engine.is_gradient_accumulation_boundary():
+                    grad_norm = self._grad_norm()  # ZeRO 0 does not report it; pre-clip, like ZeRO >= 1
+                engine.step()
+            sums += torch.stack([loss.detach().double() * targets, tokens.double()])
+        loss_sum, n_tokens = all_reduce_sum(sums).tolist()
+        loss = loss_sum / float(global_targets)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite training loss ({loss}) at step {self.step + 1}")
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
+        if isinstance(grad_norm, torch.Tensor):
+            grad_norm = float(grad_norm)
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens}
+
+    def _current_lr(self) -> float:
+        """The learning rate this step uses (read before the scheduler advances)."""
+        opt = self.engine.optimizer
+        return opt.param_groups[0]["lr"] if hasattr(opt, "param_groups") else self.engine.lr_scheduler.get_last_lr()[0]
+
+    def _grad_norm(self) -> float:
+        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    # ---- checkpoint --------------------------------------------------------------------------
+
+    def save(self) -> str:
+        self.last_saved_step = self.step
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.train_loader.state_dict(),
+                 "tokenizer_hash": self.task.tokenizer_hash, "vocab_size": self.task.vocab_size,
+                 "world_size": self.dist.world_size, **self.task.checkpoint_state()}
+        return ckpt.save(self.engine, self.run_dir, self.step, state, self.cfg.checkpoint.keep_last,
+                         self.resolved_yaml, self.dist.rank)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        t = self.cfg.train
+        if self.step >= t.steps or (t.stop_at > 0 and self.step >= t.stop_at):
+            return True
+        return t.max_tokens > 0 and self.tokens_seen >= t.max_tokens
+
+    def _stop_at_step_boundary(self) -> bool:
+        """True when any rank got a stop signal: every rank then saves this step (unless it just
+        did) and the loop ends. A collective: call it on every rank after every step."""
+        if self.done():
+            return False  # finishing anyway
+        signame = self.stop_request.agreed(self.device)
+        if signame is None:
+            return False
+        if self.last_saved_step != self.step:
+            path = self.save()
+        else:
+            path = os.path.join(ckpt.checkpoint_root(self.run_dir), ckpt.tag_for(self.step))
+        self.stopped_by = signame
+        self.monitor.info(f"[mmtrain] {signame}: stopped at step {self.step} with checkpoint {path}; "
+                          f"exit code {EXIT_PREEMPTED}. Relaunch with checkpoint.resume=auto to continue.")
+        return True
+
+    def _batches(self) -> Iterator:
+        from mmtrain.data.lm_dataset import iterate_forever
+
+        return iterate_forever(self.train_loader)
+
+    def run(self) -> Dict[str, float]:
+        cfg, m, task = self.cfg, self.monitor, self.task
+        m.info(task.banner())
+        m.text("config", "```\n" + self.resolved_yaml + "\n```")
+        last = task.before_loop()
+        batches = self._batches()
+        eval_every, ckpt_every = cfg.train.eval_every, cfg.checkpoint.every
+        while not self.done():
+            with mon.StepTimer(self.device) as timer:
+                stats = self.train_step(batches)
+            self.step += 1
+            faults.inject("step", self.step, self.dist.rank)  # test hook (MMTRAIN_FAULT); no-op otherwise
+            self.tokens_seen += int(stats["tokens"])
+            record, scalars, line, postfix, summary = task.step_report(stats, timer.seconds)
+            last = dict(summary)   # the summary printed at the end: this step, and its evaluation if any
+            m.record({"step": self.step, **record})
+            m.advance(1, postfix)
+            if self.step % cfg.logging.log_every == 0 or self.step == 1 or self.done():
+                m.scalars(self.step, {**scalars, mon.STEP_TIME: timer.seconds,
+                                      mon.MEMORY: mon.peak_memory_gb(self.device)})
+                m.info(line)
+            if (eval_every > 0 and self.step % eval_every == 0) or self.done():
+                last.update(task.evaluate())
+            if (ckpt_every > 0 and self.step % ckpt_every == 0) or self.done():
+                m.info(f"saved {self.save()}")
+            m.flush()
+            if self._stop_at_step_boundary():
+                break
+        m.close()
+        return last
+
+
+def parse_args(argv: Optional[List[str]] = None, description: str = "") -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", action="append", default=[], help="YAML config (repeatable; later wins)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher; LOCAL_RANK from the environment is used")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    return p.parse_args(argv)
+
+
+def run_entry(argv: Optional[List[str]], schema, task_cls, description: str = "") -> int:
+    """The body of a training entry script: config -> Trainer(task) -> run -> exit code."""
+    prog = task_cls.name
+    args = parse_args(argv, description)
+    try:
+        cfg = load_config(schema, args.config, args.overrides)
+        trainer = Trainer(cfg, task_cls())
+    except ConfigError as exc:
+        print(f"mmtrain {prog}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        last = trainer.run()
+    except NonFiniteLoss as exc:
+        latest = ckpt.read_latest(ckpt.checkpoint_root(trainer.run_dir))
+        print(f"mmtrain {prog}: {exc}; stopping. Last good checkpoint: "
+              f"{latest or 'none'} in {ckpt.checkpoint_root(trainer.run_dir)}", file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        trainer.release_run_dir()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    stopped = {"stopped_by": trainer.stopped_by} if trainer.stopped_by else {}
+    if trainer.is_main:
+        print(json.dumps({"run_dir": trainer.run_dir, "step": trainer.step,
+                          "tokens_seen": trainer.tokens_seen, **stopped, **last}), flush=True)
+    return EXIT_PREEMPTED if trainer.stopped_by else 0

@@ -79,6 +79,44 @@ def run_pretrain(args, launcher="python", nproc=1, check=True, timeout=300, env=
     return proc
 
 
+def train_in_process(schema, task_cls, configs, overrides):
+    """One real training run (the Trainer, its task and a DeepSpeed engine; a world of one) in
+    this process: what a launched run does, without paying a process start and its imports.
+    The process group stays up for the next in-process run (DeepSpeed caches its groups).
+    Returns the finished Trainer; a ConfigError propagates."""
+    from mmtrain.config import load_config
+    from mmtrain.train.trainer import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the launched runs (OMP_NUM_THREADS=1): the same losses bit for bit
+    try:
+        trainer = Trainer(load_config(schema, [str(c) for c in configs], [str(o) for o in overrides]), task_cls())
+        try:
+            trainer.run()
+        finally:
+            trainer.release_run_dir()
+            trainer.stop_request.uninstall()   # give the test process its own signal handlers back
+    finally:
+        torch.set_num_threads(threads)
+    return trainer
+
+
+def split_config_args(args):
+    """["--config", A, "k=v", ...] -> ([A], ["k=v", ...])."""
+    args = [str(a) for a in args]
+    configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
+    overrides = [a for i, a in enumerate(args) if a != "--config" and (i == 0 or args[i - 1] != "--config")]
+    return configs, overrides
+
+
+def pretrain_in_process(args):
+    """:func:`train_in_process` of LM pretraining with `mmtrain/pretrain.py`'s arguments."""
+    from mmtrain.train.lm import LMTask
+    from mmtrain.train.schema import PretrainConfig
+
+    return train_in_process(PretrainConfig, LMTask, *split_config_args(args))
+
+
 def read_metrics(run_dir) -> list:
     with open(Path(run_dir) / "metrics.jsonl") as fh:
         return [json.loads(line) for line in fh if line.strip()]
@@ -104,7 +142,7 @@ def one_torch_thread():
 
 
 TRAIN_STEPS = 12
-# name: (overrides on top of tiny.yaml, launcher, processes)
+# name: (overrides on top of tiny.yaml, launcher ("python" = in this process), processes)
 TRAINED_RUNS = {
     "mixer_expanded_zero0": (["model.mixer_expansion=2", "engine.zero_stage=0"], "python", 1),
     "mixer_zero1": (["engine.zero_stage=1"], "python", 1),
@@ -119,16 +157,23 @@ TRAINED_RUNS = {
 
 @pytest.fixture(scope="session")
 def trained_runs(demo_shards, tmp_path_factory) -> dict:
-    """{name: run_dir} of TRAINED_RUNS: 12 steps (lr 1e-2), checkpoints at steps 6 and 12."""
+    """{name: run_dir} of TRAINED_RUNS: 12 steps (lr 1e-2), checkpoints at steps 6 and 12 (one-rank
+    runs in this process, the others launched)."""
     base = tmp_path_factory.mktemp("trained_runs")
-    started = {}
+    started, in_process = {}, {}
     for name, (overrides, launcher, nproc) in TRAINED_RUNS.items():
         run_dir = base / name
         args = ["--config", TINY, f"data.shard_dir={demo_shards}", f"logging.run_dir={run_dir}",
                 f"train.steps={TRAIN_STEPS}", "train.lr=1e-2", "train.eval_every=0", "checkpoint.every=6",
                 "engine.peak_flops=1e11", "data.num_workers=0", *overrides]
-        started[name] = (run_dir, start_pretrain(args, launcher, nproc))
+        if launcher == "python":   # one rank: the same run in this process, while launched ones start
+            in_process[name] = (run_dir, args)
+        else:
+            started[name] = (run_dir, start_pretrain(args, launcher, nproc))
     runs = {}
+    for name, (run_dir, args) in in_process.items():
+        pretrain_in_process(args)
+        runs[name] = run_dir
     for name, (run_dir, proc) in started.items():
         output, _ = proc.communicate(timeout=600)
         if proc.returncode != 0:

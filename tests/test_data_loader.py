@@ -236,3 +236,14 @@ def test_the_deepspeed_launcher_environment_is_translated_for_streaming(monkeypa
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert _launcher_env() == 2  # nodes
     assert os.environ["LOCAL_WORLD_SIZE"] == "2"
+
+
+def test_streaming_stand_ins_last_only_while_streaming_imports():
+    """mmtrain skips streaming's ready-made datasets while importing it, but a later import of one
+    gets the real module (not an empty stand-in), and transformers is not loaded for nothing."""
+    code = ("import sys; import mmtrain.data.streaming_compat as c; "
+            "assert 'transformers' not in sys.modules and 'streaming.text' not in sys.modules; "
+            "import streaming.text; print(hasattr(streaming.text, 'StreamingC4'), c.StreamingDataset.__module__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "streaming.base.dataset"]

@@ -163,7 +163,7 @@ def test_held_out_texts_are_kept_out_of_corpus_pairs_and_pretraining_shards(tmp_
 
 
 def test_hard_negatives_are_top_bm25_documents_and_never_the_positive(tmp_path):
-    from mmtrain.eval.metrics import BM25
+    from mmtrain.data.bm25 import BM25
 
     corpus_file(tmp_path / "c.jsonl")
     meta = build(tmp_path, "hn", f"input=[{tmp_path / 'c.jsonl'}]", "from_documents=ict", "pairs_per_document=3",

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import TINY, finish, read_metrics, run_pretrain, start_pretrain, train_losses
+from conftest import TINY, finish, pretrain_in_process, read_metrics, run_pretrain, start_pretrain, train_losses
 
 STEPS = 6
 
@@ -89,14 +89,16 @@ def test_zero_stages_give_the_same_losses(zero_runs):
 
 @pytest.mark.parametrize("stage", [0, 3])
 def test_resume_continues_with_exactly_the_same_losses(zero_runs, demo_shards, tmp_path, stage):
+    """Stopped at step 3 and resumed (both in this process): steps 4-6 equal the launched
+    uninterrupted run's bit for bit."""
     full = train_losses(zero_runs[stage][0])
     run_dir = tmp_path / "resumed"
     args = tiny_args(demo_shards, run_dir, f"engine.zero_stage={stage}", "data.num_workers=2")
-    run_pretrain(args + ["train.stop_at=3"])
+    assert pretrain_in_process(args + ["train.stop_at=3"]).step == 3
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
     assert sorted(train_losses(run_dir)) == [1, 2, 3]
-    proc = run_pretrain(args)  # checkpoint.resume defaults to auto
-    assert "resumed from" in proc.stdout
+    trainer = pretrain_in_process(args)  # checkpoint.resume defaults to auto
+    assert trainer.resumed_from == str(run_dir / "checkpoints" / "step_00000003")
     resumed = train_losses(run_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(4, STEPS + 1):
@@ -131,9 +133,7 @@ def test_bf16_trains_with_zero_1(demo_shards, tmp_path):
 def fails(monkeypatch, capsys):
     """Run the entry script's ``main`` in this process (as `python mmtrain/pretrain.py` would, a
     world of one) and check it exits with the configuration-error code 2 naming ``needles``.
-    Cheaper than a subprocess; the environment and process group are restored afterwards."""
-    import torch.distributed as dist
-
+    Cheaper than a subprocess; the environment is restored afterwards."""
     from mmtrain import pretrain
     from conftest import script_env
 
@@ -141,11 +141,7 @@ def fails(monkeypatch, capsys):
         for key in set(os.environ) - set(script_env()):
             monkeypatch.delenv(key)
         capsys.readouterr()
-        try:
-            code = pretrain.main([str(a) for a in args])
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        code = pretrain.main([str(a) for a in args])   # exits before training: the process group stays up
         err = capsys.readouterr().err
         assert code == 2, (code, err[-3000:])
         for needle in needles:
@@ -207,9 +203,9 @@ def test_loss_normalisation_does_not_depend_on_the_micro_batch_split_with_pad_pa
     prepare(demo_prepare_config(str(shards), [32], max_docs=300, packing="pad"), progress=False)
     runs = {}
     for micro in (8, 2):
-        run_pretrain(["--config", TINY, f"data.shard_dir={shards}", f"logging.run_dir={tmp_path / f'm{micro}'}",
-                      "train.steps=3", "train.eval_every=0", "checkpoint.every=0", "train.global_batch_size=8",
-                      f"train.micro_batch_size={micro}", "engine.peak_flops=1e11"])
+        pretrain_in_process(["--config", TINY, f"data.shard_dir={shards}", f"logging.run_dir={tmp_path / f'm{micro}'}",
+                             "train.steps=3", "train.eval_every=0", "checkpoint.every=0", "train.global_batch_size=8",
+                             f"train.micro_batch_size={micro}", "engine.peak_flops=1e11"])
         runs[micro] = train_losses(tmp_path / f"m{micro}")
     assert sorted(runs[8]) == sorted(runs[2]) == [1, 2, 3]
     for step in (1, 2, 3):   # steps 2 and 3 follow from the first updates: the gradients agree too
@@ -218,31 +214,39 @@ def test_loss_normalisation_does_not_depend_on_the_micro_batch_split_with_pad_pa
 
 def test_zero3_builds_the_model_partitioned_and_gathers_only_through_module_hooks(demo_shards, tmp_path):
     """At ZeRO 3 the model is built under deepspeed.zero.Init (partitioned as it is constructed), is
-    initialised exactly as a whole model is, and no parameter is fetched outside its module's call."""
-    import subprocess
-    import sys
-
+    initialised exactly as a whole model is, and no parameter is fetched outside its module's call
+    (DeepSpeed's fallback registers such a parameter as an "external parameter" of the caller)."""
+    import deepspeed
     import torch
 
-    from conftest import ROOT, script_env
-    from mmtrain.config import load_config
+    from conftest import train_in_process
     from mmtrain.models import build_model
+    from mmtrain.train.lm import LMTask
     from mmtrain.train.schema import PretrainConfig
     from mmtrain.train.trainer import seed_everything
 
-    run_dir, out = tmp_path / "run", tmp_path / "zero3.json"
-    proc = subprocess.run([sys.executable, "tests/scripts/zero3_partitioned.py", str(demo_shards), str(run_dir),
-                           str(out)], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["built"] and all(p["ds"] and p["local_numel"] == 0 for p in report["built"]), report["built"]
-    assert report["external"] == {}, f"parameters fetched outside their module's __call__: {report['external']}"
-    cfg = load_config(PretrainConfig, [str(ROOT / "configs/pretrain/tiny.yaml")], ["model.mixer_heads=2"])
-    seed_everything(cfg.train.seed)
-    vocab = json.loads((demo_shards / "ctx32" / "meta.json").read_text())["vocab_size"]
-    whole = build_model(cfg.model, vocab).state_dict()
-    partitioned = torch.load(run_dir / "initial_weights.pt")
-    assert set(partitioned) <= set(whole) and len(partitioned) >= len(whole) - 1   # a tied head is listed once
-    for name, tensor in partitioned.items():
-        assert torch.equal(tensor, whole[name]), name
+    class RecordingLMTask(LMTask):
+        def build_model(self):
+            model = super().build_model()
+            self.built = {n: (hasattr(p, "ds_id"), p.data.numel()) for n, p in model.named_parameters()}
+            self.initial = {}
+            for name, p in model.named_parameters():
+                with deepspeed.zero.GatheredParameters([p]):
+                    self.initial[name] = p.detach().clone()
+            return model
+
+    run_dir = tmp_path / "run"
+    trainer = train_in_process(PretrainConfig, RecordingLMTask, [TINY], [
+        f"data.shard_dir={demo_shards}", f"logging.run_dir={run_dir}", "engine.zero_stage=3", "train.steps=2",
+        "train.eval_every=0", "checkpoint.every=0", "model.mixer_heads=2"])
+    built = trainer.task.built
+    assert built and all(is_ds and local == 0 for is_ds, local in built.values()), built
+    external = {name: len(m._external_params) for name, m in trainer.engine.module.named_modules()
+                if getattr(m, "_external_params", None)}
+    assert external == {}, f"parameters fetched outside their module's __call__: {external}"
+    seed_everything(trainer.cfg.train.seed)
+    whole = dict(build_model(trainer.cfg.model, trainer.task.vocab_size).named_parameters())
+    assert sorted(whole) == sorted(trainer.task.initial)
+    for name, tensor in trainer.task.initial.items():
+        assert torch.equal(tensor, whole[name].detach()), name
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"

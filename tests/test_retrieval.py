@@ -7,10 +7,11 @@ Also: the engine's gradient-cached step equals the plain one, exact resume, and 
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, TINY, read_metrics, run_pretrain, script_env
+from conftest import ROOT, TINY, read_metrics, run_pretrain, script_env, split_config_args, train_in_process
 
 from mmtrain import cli
 from mmtrain.data.errors import DataError
@@ -19,13 +20,31 @@ TINY_RETRIEVAL = ROOT / "configs" / "retrieval" / "tiny.yaml"
 DEMO_PAIRS = ROOT / "configs" / "pairs" / "demo.yaml"
 
 
-def run_retrieval(args, check=True, timeout=300):
+def launch_retrieval(args, timeout=300):
+    """`python mmtrain/retrieval.py --config configs/retrieval/tiny.yaml ARGS`, as a user runs it."""
     cmd = [sys.executable, str(ROOT / "mmtrain" / "retrieval.py"), "--config", str(TINY_RETRIEVAL)]
     proc = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=script_env(), capture_output=True,
                           text=True, timeout=timeout)
-    if check and proc.returncode != 0:
+    if proc.returncode != 0:
         raise AssertionError(f"retrieval.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def run_retrieval(args, check=True):
+    """The same run in this process (the Trainer with the contrastive task): returncode 0, or 2 and
+    the configuration error's message as the entry script prints it when ``check`` is false."""
+    from mmtrain.config import ConfigError
+    from mmtrain.train.contrastive import ContrastiveTask
+    from mmtrain.train.schema import RetrievalConfig
+
+    configs, overrides = split_config_args(args)
+    try:
+        train_in_process(RetrievalConfig, ContrastiveTask, [TINY_RETRIEVAL, *configs], overrides)
+    except ConfigError as exc:
+        if check:
+            raise
+        return SimpleNamespace(returncode=2, stderr=f"mmtrain retrieval: {exc}")
+    return SimpleNamespace(returncode=0, stderr="")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +60,7 @@ def pipeline(demo_shards, tmp_path_factory):
     assert cli.main(["prepare-pairs", "--config", str(DEMO_PAIRS), "--bundle", str(base / "base"),
                      "--out", str(base / "pairs"), "n_ctx=0"]) == 0
     common = [f"retrieval.bundle={base / 'base'}", f"data.shard_dir={base / 'pairs'}"]
-    run_retrieval(common + [f"logging.run_dir={base / 'ret'}", "train.steps=200", "train.global_batch_size=32",
+    launch_retrieval(common + [f"logging.run_dir={base / 'ret'}", "train.steps=200", "train.global_batch_size=32",
                             "train.micro_batch_size=32", "train.eval_every=100", "checkpoint.every=0"])
     assert cli.main(["export-embedder", str(base / "ret"), "--out", str(base / "embedder")]) == 0
     return {"base": base, "common": common}

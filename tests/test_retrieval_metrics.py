@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from mmtrain.eval.metrics import (BM25, mrr_at_k, positive_ranks, recall_at_k, retrieval_report,
-                                       top1_among_n)
+from mmtrain.data.bm25 import BM25
+from mmtrain.eval.metrics import (mrr_at_k, positive_ranks, recall_at_k, retrieval_report,
+                                  top1_among_n)
 
 
 def test_ranks_recall_and_mrr_on_a_hand_made_ranking():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -245,6 +246,17 @@ class Corpus:
                 n += 1
                 if 0 < self.max_docs <= n:
                     return
+
+    def fingerprint(self) -> str:
+        """Identity of what the corpus reads: paths, sizes and mtimes (the demo: its description)."""
+        h = hashlib.sha256()
+        for path in self.files:
+            if path == DEMO_INPUT:
+                h.update(demo_description().encode())
+            else:
+                st = os.stat(path)
+                h.update(f"{os.path.abspath(path)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
 
     def describe(self) -> str:
         """One line for meta.json: what was read."""

@@ -399,7 +399,7 @@ def mine_hard_negatives(queries: Sequences, documents: Sequences, sources: Seque
     import numpy as np
 
     from mmtrain.data.errors import DataError
-    from mmtrain.eval.metrics import BM25
+    from mmtrain.data.bm25 import BM25
 
     sources = np.asarray(sources)
     n = len(documents)
@@ -432,7 +432,6 @@ def mine_hard_negatives(queries: Sequences, documents: Sequences, sources: Seque
 def _recipe(cfg, tok, n_ctx: int) -> Dict[str, Any]:
     """What the shards are a function of: a rerun with the same recipe keeps them."""
     from mmtrain.data.corpus import Corpus
-    from mmtrain.data.prepare import input_fingerprint
 
     keys = ["input", "query_field", "document_field", "append_eos", "test_fraction", "val_fraction", "seed",
             "max_pairs", "from_documents", "hard_negatives"]
@@ -443,7 +442,7 @@ def _recipe(cfg, tok, n_ctx: int) -> Dict[str, Any]:
     recipe = {k: (list(cfg[k]) if k == "input" else cfg[k]) for k in keys}
     # `demo` (pairs) and `demo` (corpus) are the same docstrings: one fingerprint serves both
     recipe.update({"n_ctx": n_ctx, "tokenizer_sha256": tok.sha256,
-                   "input_fingerprint": input_fingerprint(Corpus(list(cfg.input))),
+                   "input_fingerprint": Corpus(list(cfg.input)).fingerprint(),
                    "exclude_pairs": heldout_fingerprint(list(cfg.exclude_pairs))})
     return recipe
 
@@ -570,24 +569,28 @@ def check_pairs(pair_dir: PathLike, *, tokenizer_sha256: Optional[str] = None, m
     return meta
 
 
-def _dataset_class():
+def decode_pair(s: Dict[str, Any]) -> Dict[str, Any]:
+    """A stored pair sample -> long tensors (see module docstring)."""
     import numpy as np
     import torch
 
+    return {"query_ids": torch.from_numpy(np.asarray(s["query"]).astype(np.int64)),
+            "query_length": torch.tensor(int(s["query_length"])),
+            "document_ids": torch.from_numpy(np.asarray(s["document"]).astype(np.int64)),
+            "document_length": torch.tensor(int(s["document_length"])),
+            "pair_id": torch.tensor(int(s["pair_id"])),
+            **({"negatives": torch.from_numpy(np.asarray(s["negatives"]).astype(np.int64))}
+               if "negatives" in s else {})}
+
+
+def _dataset_class():
     from mmtrain.data.streaming_compat import StreamingDataset
 
     class PairDataset(StreamingDataset):
-        """A StreamingDataset over one pair split yielding long tensors (see module docstring)."""
+        """A StreamingDataset over one pair split yielding long tensors (:func:`decode_pair`)."""
 
         def get_item(self, sample_id: int, retry: int = 7) -> Dict[str, Any]:
-            s = super().get_item(sample_id, retry)
-            return {"query_ids": torch.from_numpy(np.asarray(s["query"]).astype(np.int64)),
-                    "query_length": torch.tensor(int(s["query_length"])),
-                    "document_ids": torch.from_numpy(np.asarray(s["document"]).astype(np.int64)),
-                    "document_length": torch.tensor(int(s["document_length"])),
-                    "pair_id": torch.tensor(int(s["pair_id"])),
-                    **({"negatives": torch.from_numpy(np.asarray(s["negatives"]).astype(np.int64))}
-                       if "negatives" in s else {})}
+            return decode_pair(super().get_item(sample_id, retry))
 
     return PairDataset
 
@@ -625,13 +628,14 @@ def load_split(pair_dir: PathLike, split: str, max_pairs: int = 0) -> Dict[str, 
         raise DataError(f"{pair_dir}: no {split} split (it has {', '.join(present)})"
                         + ("; rerun `mmtrain prepare-pairs` (val_fraction > 0) to carve one from the training pairs"
                            if split == "val" else ""))
-    parts = []
+    from mmtrain.data.streaming_compat import read_samples
+
+    items = []
     for name in splits:
-        ds = pair_dataset(pair_dir, name, batch_size=1)
-        parts.append([ds.get_item(i) for i in range(ds.size)])
-    items = [it for part in parts for it in part]
-    if max_pairs > 0:
-        items = items[:max_pairs]
+        for sample in read_samples(Path(pair_dir) / name):
+            if 0 < max_pairs <= len(items):
+                break
+            items.append(decode_pair(sample))
     keys = [k for k in items[0] if all(k in it for it in items)]
     return {key: np.stack([it[key].numpy() for it in items]) for key in keys}
 

@@ -14,7 +14,6 @@ recipe (inputs and their sizes/mtimes, tokenizer hash, packing, split) is kept a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -30,7 +29,6 @@ from mmtrain import config as C
 from mmtrain.data.schema import PrepareConfig, validate_prepare
 from mmtrain.data import shards as S
 from mmtrain.data.corpus import Corpus
-from mmtrain.data.demo_corpus import DEMO_INPUT, demo_description
 from mmtrain.data.errors import DataError
 from mmtrain.data.writer import clean_stale, progress_bar, write_shards
 from mmtrain.data.tokenizer import (DEMO_TOKENIZER, TRAIN_MAX_CHARS, Tokenizer, load_tokenizer,
@@ -132,23 +130,11 @@ def _check_tokenizer_conflicts(out: Path, tok: Tokenizer, n_ctx_list: List[int])
 # ---------------------------------------------------------------------------------------------
 
 
-def input_fingerprint(corpus: Corpus) -> str:
-    """Identity of what a corpus reads: paths, sizes and mtimes (the demo: its description)."""
-    h = hashlib.sha256()
-    for path in corpus.files:
-        if path == DEMO_INPUT:
-            h.update(demo_description().encode())
-        else:
-            st = os.stat(path)
-            h.update(f"{os.path.abspath(path)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
 def _recipe(cfg: DictConfig, corpus: Corpus) -> Dict[str, Any]:
     return {"input": list(corpus.inputs), "text_field": cfg.text_field, "delimiter": cfg.delimiter,
             "max_docs": int(cfg.max_docs), "packing": cfg.packing,
             "val_fraction": float(cfg.val_fraction), "seed": int(cfg.seed),
-            "input_fingerprint": input_fingerprint(corpus), **_exclude_recipe(cfg)}
+            "input_fingerprint": corpus.fingerprint(), **_exclude_recipe(cfg)}
 
 
 def _exclude_recipe(cfg: DictConfig) -> Dict[str, Any]:

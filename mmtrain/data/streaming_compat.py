@@ -52,5 +52,21 @@ clean_stale_shared_memory = streaming.base.util.clean_stale_shared_memory
 
 STREAMING_VERSION = streaming.__version__
 
+
+def read_samples(split_dir):
+    """Every sample of a local MDS directory, in stored order, read from its shards directly: no
+    StreamingDataset, so no shared memory (which a StreamingDataset holds until the process exits)."""
+    import json
+    import os
+
+    from streaming.base.format import reader_from_json
+
+    with open(os.path.join(split_dir, "index.json"), encoding="utf-8") as fh:
+        shards = json.load(fh)["shards"]
+    for info in shards:
+        reader = reader_from_json(str(split_dir), None, info)
+        for i in range(reader.samples):
+            yield reader.get_item(i)
+
 __all__ = ["MDSWriter", "StreamingDataLoader", "StreamingDataset", "clean_stale_shared_memory",
-           "STREAMING_VERSION"]
+           "read_samples", "STREAMING_VERSION"]

@@ -89,7 +89,8 @@ def evaluate_bundle(bundle: str, split_arrays: Dict[str, Any], n_candidates: Lis
 def bm25_report(split_arrays: Dict[str, Any], n_candidates: List[int], seed: int = 0,
                 ignore_ids=(0, 3)) -> Dict[str, float]:
     """BM25 over the token ids of the split (pad and EOS ignored)."""
-    from mmtrain.eval.metrics import BM25, retrieval_report
+    from mmtrain.data.bm25 import BM25
+    from mmtrain.eval.metrics import retrieval_report
 
     def tokens(ids, lengths):
         return [[t for t in row[:n].tolist() if t not in ignore_ids] for row, n in zip(ids, lengths)]

@@ -176,16 +176,21 @@ class Trainer:
         task.setup()
         self.run_dir = resolve_run_dir(cfg.logging, task.run_name())
         self._check_run_dir()
-        self.ds_config = deepspeed_config(cfg, self.dist.world_size, *task.engine_micro_steps())
-        self.model = self._build_model()
-        self._check_disk_space()
-        self.engine, _ = build_engine(cfg, self.model, self.dist.world_size, self.ds_config)
-        self.step = 0
-        self.tokens_seen = 0
-        self.resolved_yaml = to_yaml(cfg)
-        self._write_run_files()
-        self.train_loader = task.train_loader()
-        self._resume()
+        try:
+            self.ds_config = deepspeed_config(cfg, self.dist.world_size, *task.engine_micro_steps())
+            self.model = self._build_model()
+            self._check_disk_space()
+            self.engine, _ = build_engine(cfg, self.model, self.dist.world_size, self.ds_config)
+            self.step = 0
+            self.tokens_seen = 0
+            self.resolved_yaml = to_yaml(cfg)
+            self._write_run_files()
+            self.train_loader = task.train_loader()
+            self.resumed_from: Optional[str] = None
+            self._resume()
+        except BaseException:
+            self.release_run_dir()   # a run that never started leaves the directory free
+            raise
         if self.is_main:
             mon.truncate_metrics(self.run_dir, self.step)
         self.monitor = mon.Monitor(self.run_dir, self.is_main, cfg.train.steps, self.step,
@@ -270,6 +275,7 @@ class Trainer:
             raise ConfigError([f"checkpoint {root}/{tag} was trained with tokenizer "
                                f"{state['tokenizer_hash'][:12]}, the data uses {self.task.tokenizer_hash[:12]}"])
         self.train_loader.load_state_dict(state["loader"])
+        self.resumed_from = os.path.join(root, tag)
         if self.is_main:
             print(f"[mmtrain] resumed from {os.path.join(root, tag)} at step {self.step}", flush=True)
 

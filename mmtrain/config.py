@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
@@ -144,6 +145,19 @@ def _check_choices(cfg: DictConfig, schema_cls: type, prefix: str, problems: Lis
                             f"{', '.join(map(repr, choices))}")
 
 
+def _check_finite(cfg: DictConfig, prefix: str, problems: List[str], sources: dict) -> None:
+    """No number in a config may be inf or nan (``train.lr=inf`` would train a broken model)."""
+    for key in cfg:
+        value, dotted = cfg[key], f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, DictConfig):
+            _check_finite(value, dotted, problems, sources)
+        elif isinstance(value, ListConfig):
+            if any(isinstance(v, float) and not math.isfinite(v) for v in value):
+                problems.append(f"{dotted} ({sources.get(dotted, 'default')}): every entry must be a finite number")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{dotted} ({sources.get(dotted, 'default')}): must be a finite number, got {value}")
+
+
 def _dataclass_type(schema_cls: type, f: dataclasses.Field) -> Optional[type]:
     """The nested schema of field ``f`` of ``schema_cls``, if it is one (string annotations are
     resolved in the schema's own module)."""
@@ -182,6 +196,7 @@ def load_config(schema_cls: type, files: Iterable[str] = (), overrides: Iterable
         _set_leaf(cfg, key, value, source, problems)
         sources[key] = source
     _check_choices(cfg, schema_cls, "", problems, sources)
+    _check_finite(cfg, "", problems, sources)
     validator = getattr(schema_cls, "validate", None) or _VALIDATORS.get(schema_cls)
     if validator is not None and not problems:
         problems.extend(validator(cfg))

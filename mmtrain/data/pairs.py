@@ -551,8 +551,9 @@ def read_pairs_meta(pair_dir: PathLike) -> Dict[str, Any]:
 
 
 def check_pairs(pair_dir: PathLike, *, tokenizer_sha256: Optional[str] = None, model_n_ctx: Optional[int] = None,
-                bundle: str = "") -> Dict[str, Any]:
-    """meta.json of the pair shards; DataError if made with another tokenizer or longer than the model."""
+                bundle: str = "", verify_hashes: bool = False) -> Dict[str, Any]:
+    """meta.json of the pair shards; DataError if made with another tokenizer or longer than the model
+    (or, with ``verify_hashes``, if a shard file's sha1 is not the one its index.json records)."""
     from mmtrain.data.errors import DataError
 
     meta = read_pairs_meta(pair_dir)
@@ -563,9 +564,15 @@ def check_pairs(pair_dir: PathLike, *, tokenizer_sha256: Optional[str] = None, m
                         f"bundle (`mmtrain prepare-pairs ... bundle={bundle or '<bundle>'}`)")
     if model_n_ctx is not None and int(meta["n_ctx"]) > int(model_n_ctx):
         raise DataError(f"{where}: pairs have n_ctx {meta['n_ctx']}, longer than the model's n_ctx {model_n_ctx}")
+    from mmtrain.data.shards import check_shard_file
+
     for split in REQUIRED_SPLITS + (("val",) if "val" in meta.get("splits", {}) else ()):
-        if not (Path(pair_dir) / split / "index.json").is_file():
-            raise DataError(f"{Path(pair_dir) / split}: missing split (no index.json)")
+        sdir = Path(pair_dir) / split
+        if not (sdir / "index.json").is_file():
+            raise DataError(f"{sdir}: missing split (no index.json)")
+        if verify_hashes:
+            for info in json.loads((sdir / "index.json").read_text())["shards"]:
+                check_shard_file(sdir, info, True, remedy="`mmtrain prepare-pairs`")
     return meta
 
 

@@ -118,7 +118,9 @@ def _read_index(sdir: Path) -> Dict[str, Any]:
     return index
 
 
-def _check_shard_file(sdir: Path, info: Dict[str, Any], verify_hashes: bool) -> int:
+def check_shard_file(sdir: Path, info: Dict[str, Any], verify_hashes: bool, remedy: str = "`mmtrain prepare`") -> int:
+    """Check one shard file of an MDS index entry (presence, size, header; sha1 with ``verify_hashes``);
+    its sample count. ``remedy``: the command that rewrites it, named in the error."""
     raw = info.get("raw_data") or {}
     path = sdir / str(raw.get("basename", "?"))
     if not path.is_file():
@@ -146,7 +148,7 @@ def _check_shard_file(sdir: Path, info: Dict[str, Any], verify_hashes: bool) -> 
                     digest.update(block)
             if digest.hexdigest() != expected:
                 raise DataError(f"{path}: {algo} {digest.hexdigest()} does not match index.json "
-                                f"({expected}): corrupt shard file")
+                                f"({expected}): corrupt shard file; re-run {remedy} to rewrite it")
     return samples
 
 
@@ -171,7 +173,7 @@ def check_split(shard_dir: PathLike, n_ctx: int, split: str, meta: Dict[str, Any
         if cols != want:
             raise DataError(f"{sdir}/index.json: columns {cols}, expected {want} "
                             f"(n_ctx {n_ctx}, packing {meta['packing']})")
-        total += _check_shard_file(sdir, info, verify_hashes)
+        total += check_shard_file(sdir, info, verify_hashes)
     recorded = meta["splits"][split]["samples"]
     if total != recorded:
         raise DataError(f"{sdir}: {total} samples in index.json, meta.json says {recorded}")

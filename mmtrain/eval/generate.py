@@ -15,6 +15,7 @@ generation stops when the model emits EOS (unless ``stop_at_eos=False``).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -133,9 +134,27 @@ def encode_prompt(tokenizer, text: str, add_doc_start: bool = True) -> List[int]
     return ([tokenizer.eos_id] if add_doc_start else []) + tokenizer.encode(text)
 
 
+def sampling_problems(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> List[str]:
+    """What is wrong with sampling settings (empty when they are usable)."""
+    problems = []
+    if max_new_tokens < 0:
+        problems.append(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        problems.append(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        problems.append(f"--top-k must be >= 0 (0 = all tokens), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        problems.append(f"--top-p must be in (0, 1] (1 = off), got {top_p}")
+    return problems
+
+
 def _run(args) -> int:
     from mmtrain.export.bundle import BundleError, load_bundle_tokenizer, load_pretrained
 
+    problems = sampling_problems(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if problems:
+        print("mmtrain generate: " + "; ".join(problems), file=sys.stderr)
+        return 2
     try:
         model = load_pretrained(args.bundle, device=args.device)
         tokenizer = load_bundle_tokenizer(args.bundle)

@@ -19,6 +19,7 @@ their causal masks, and a tied LM head stored once (under the embedding's name).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -132,6 +133,17 @@ def save_weights(state: Dict[str, torch.Tensor], directory: PathLike, max_shard_
     return files + [INDEX_NAME]
 
 
+def bundle_file(directory: PathLike, name: str, what: str) -> Path:
+    """``directory / name`` for a file a bundle's own JSON names; BundleError unless it resolves
+    (symlinks followed) inside the bundle directory: a bundle never makes mmtrain open other files."""
+    root = Path(directory).resolve()
+    path = (root / str(name)).resolve()
+    if not str(name) or os.path.isabs(str(name)) or (path != root and root not in path.parents):
+        raise BundleError(f"{Path(directory)}: {what} {str(name)!r} is not a file inside the bundle directory; "
+                          "refusing to read it (re-export the bundle with `mmtrain export`)")
+    return path
+
+
 def read_weights(directory: PathLike) -> Dict[str, torch.Tensor]:
     """All tensors of a bundle (single file or sharded); BundleError names missing/corrupt files."""
     from safetensors.torch import load_file
@@ -146,7 +158,7 @@ def read_weights(directory: PathLike) -> Dict[str, torch.Tensor]:
         raise BundleError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME} (not an exported bundle?)")
     state: Dict[str, torch.Tensor] = {}
     for file in files:
-        path = directory / file
+        path = bundle_file(directory, file, f"{INDEX_NAME} weight file")
         if not path.is_file():
             raise BundleError(f"{path}: weight shard missing (listed in {directory / INDEX_NAME})")
         try:
@@ -368,7 +380,7 @@ def load_bundle_tokenizer(path: PathLike):
     from mmtrain.data.tokenizer import load_tokenizer
 
     section = read_bundle_config(path)
-    tok_path = Path(path) / section["tokenizer"]["file"]
+    tok_path = bundle_file(path, section["tokenizer"]["file"], "config.json tokenizer file")
     if not tok_path.is_file():
         raise BundleError(f"{tok_path}: tokenizer missing from the bundle")
     tokenizer = load_tokenizer(tok_path)

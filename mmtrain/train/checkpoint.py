@@ -6,6 +6,7 @@ Layout under ``<run_dir>/checkpoints/``::
         mp_rank_00_model_states.pt   (module + client state: step, tokens, loader state, config)
         rng_rank000.pt ...           per-rank RNG states (plain tensors: loads with weights_only)
         resolved_config.yaml
+        manifest.json                world size, ZeRO stage and every file above (written last)
     latest                  tag of the newest *complete* checkpoint (replaced atomically)
 
 Every rank writes into ``step_XXXXXXXX.incomplete/``. Once all ranks have finished, rank 0
@@ -14,6 +15,9 @@ beyond ``keep_last``. So a run killed at any moment of a write leaves ``latest``
 directory named ``step_*``) on complete checkpoints, and never fewer complete checkpoints than
 before; the next start removes the unfinished ``*.incomplete`` directory
 (:func:`remove_incomplete`). Assumes one file system shared by all ranks (as ``latest`` does).
+Before resuming, :func:`resolve_resume` refuses a ``latest`` that names no complete checkpoint of
+this run and a start that would overwrite published checkpoints, and :func:`check_loadable`
+refuses a checkpoint missing a file of its manifest or written at another ZeRO layout or world size.
 
 Checkpoint files are pickles (DeepSpeed's format): load only checkpoints you trust. This module
 reads RNG files with ``torch.load(weights_only=True)``; DeepSpeed loads its own files itself.
@@ -21,6 +25,7 @@ reads RNG files with ``torch.load(weights_only=True)``; DeepSpeed loads its own 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -35,6 +40,7 @@ from mmtrain.train import faults
 
 CHECKPOINT_SUBDIR = "checkpoints"
 LATEST = "latest"
+MANIFEST = "manifest.json"   # world size, ZeRO stage and every file of a checkpoint, written last
 INCOMPLETE_SUFFIX = ".incomplete"
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
 
@@ -99,6 +105,10 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -126,6 +136,10 @@ def save(engine, run_dir: str, step: int, client_state: Dict[str, Any], keep_las
         _atomic_write(os.path.join(staging, "resolved_config.yaml"), config_yaml)
     _barrier()  # every rank's files are on disk
     if rank == 0:
+        files = sorted(f for f in os.listdir(staging) if f != MANIFEST)
+        _atomic_write(os.path.join(staging, MANIFEST), json.dumps(
+            {"world_size": world_size(), "zero_stage": int(engine.zero_optimization_stage()), "files": files},
+            indent=1))
         _publish(staging, path)
         faults.inject("before_latest", step, rank)
         _atomic_write(os.path.join(root, LATEST), tag)
@@ -196,28 +210,116 @@ def prune(root: str, keep_last: int) -> None:
             shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint pointer or directory that cannot be trusted; the message says what to do."""
+
+
+def check_latest(ckpt_root: str) -> Optional[str]:
+    """The tag ``latest`` names, checked: None when there is no ``latest`` file; CheckpointError when
+    it is unreadable or names anything but a complete checkpoint directory of ``ckpt_root``."""
+    path = os.path.join(ckpt_root, LATEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            tag = fh.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        tag, problem = None, f"is unreadable ({type(exc).__name__})"
+    else:
+        problem = None if tag in list_tags(ckpt_root) else f"names {tag[:80]!r}, which is not"
+    if problem is None:
+        return tag
+    complete = list_tags(ckpt_root)
+    raise CheckpointError(
+        f"{path} {problem} a complete checkpoint directory of {ckpt_root}. Complete checkpoints there: "
+        f"{', '.join(complete) or 'none'}. Pick one with checkpoint.resume={os.path.join(ckpt_root, complete[-1]) if complete else '<dir>'}"
+        f" (or checkpoint.resume=none with a new logging.run_dir to start over); nothing was changed")
+
+
 def resolve_resume(resume: str, run_dir: str) -> Optional[Tuple[str, str]]:
     """Where to resume from: ``(checkpoint_root, tag)`` or None to start fresh.
 
     ``auto``: ``<run_dir>/checkpoints/latest`` when present. ``none``: never. Otherwise a path to
     a checkpoint directory (``.../step_XXXXXXXX``) or a checkpoints root holding ``latest``.
+    CheckpointError when ``latest`` cannot be trusted, or when a run started from elsewhere (``none``
+    or an older checkpoint) would write over this run directory's published checkpoints.
     """
-    if resume == "none":
-        return None
+    own_root = checkpoint_root(run_dir)
+    own = list_tags(own_root)
     if resume == "auto":
-        root = checkpoint_root(run_dir)
-        tag = read_latest(root)
-        return (root, tag) if tag else None
-    path = os.path.abspath(resume)
-    if os.path.isdir(path) and _TAG_RE.match(os.path.basename(path)):
-        return os.path.dirname(path), os.path.basename(path)
-    tag = read_latest(path) or read_latest(checkpoint_root(path))
-    if tag is not None:
-        root = path if read_latest(path) else checkpoint_root(path)
-        return root, tag
-    raise FileNotFoundError(
-        f"checkpoint.resume: {resume!r} is neither a checkpoint directory (.../step_XXXXXXXX) nor a "
-        "run / checkpoints directory with a 'latest' file")
+        tag = check_latest(own_root)
+        if tag is None and own:
+            raise CheckpointError(
+                f"{own_root} holds complete checkpoints ({', '.join(own)}) but no 'latest': resume one with "
+                f"checkpoint.resume={os.path.join(own_root, own[-1])}, or use a new logging.run_dir")
+        where = (own_root, tag) if tag else None
+    elif resume == "none":
+        where = None
+    else:
+        path = os.path.abspath(resume)
+        if os.path.isdir(path) and _TAG_RE.match(os.path.basename(path)):
+            where = os.path.dirname(path), os.path.basename(path)
+        else:
+            for root in (path, checkpoint_root(path)):
+                tag = check_latest(root)
+                if tag is not None:
+                    where = root, tag
+                    break
+            else:
+                raise CheckpointError(
+                    f"checkpoint.resume: {resume!r} is neither a checkpoint directory (.../step_XXXXXXXX) nor a "
+                    "run / checkpoints directory with a 'latest' file")
+    if resume == "auto":
+        # a step directory newer than `latest` was never published (killed before `latest` moved): the
+        # resumed run writes that step again
+        return where
+    start = where[1] if where and os.path.abspath(where[0]) == os.path.abspath(own_root) else None
+    newer = [t for t in own if start is None or t > start]
+    if newer:
+        begin = f"from {start}" if start else "from step 0"
+        raise CheckpointError(
+            f"{own_root} already holds complete checkpoints ({', '.join(newer)}) newer than where this run would "
+            f"start ({begin}); it would overwrite and prune them. Resume the newest (checkpoint.resume=auto) or "
+            "train into a new logging.run_dir")
+    return where
+
+
+def check_loadable(root: str, tag: str, rank: int, world_size: int, zero_stage: int) -> None:
+    """CheckpointError unless ``root/tag`` holds every file its manifest lists (and this rank loads:
+    its RNG state, the model states and, at ZeRO >= 1, its optimizer partition), written at this
+    run's ZeRO layout by as many ranks as this run has."""
+    directory = os.path.join(root, tag)
+    manifest_path = os.path.join(directory, MANIFEST)
+    if os.path.isfile(manifest_path):
+        with open(manifest_path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+        saved_stage, saved_world, files = manifest["zero_stage"], manifest["world_size"], manifest["files"]
+    else:   # written before manifests: what the file names say
+        files = sorted(os.listdir(directory))
+        saved_world = len([f for f in files if f.endswith("_mp_rank_00_optim_states.pt")]) or None
+        saved_stage = (3 if any(f.startswith("zero_pp_rank_") and f.endswith("model_states.pt") for f in files)
+                       else None)
+    if saved_stage is not None and (saved_stage == 3) != (zero_stage == 3) or \
+            saved_stage is not None and (saved_stage == 0) != (zero_stage == 0):
+        raise CheckpointError(f"{directory} was written at ZeRO {saved_stage}; this run is engine.zero_stage="
+                              f"{zero_stage}. Resume with the stage it was written at (1 and 2 share a layout)")
+    if saved_world is not None and saved_world != world_size:
+        raise CheckpointError(
+            f"{directory} was written by {saved_world} ranks; this run has {world_size}. Resume with {saved_world} "
+            "ranks: the optimizer partitions (ZeRO), the per-rank RNG states and the data position are per rank, "
+            "and converting a checkpoint to another world size is not supported")
+    model = f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if zero_stage == 3 else "mp_rank_00_model_states.pt"
+    needed = [f"rng_rank{rank:03d}.pt", model]
+    if zero_stage >= 1:
+        needed.append(next((f for f in files if f.endswith(f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")),
+                           f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
+    missing = [n for n in needed if not os.path.isfile(os.path.join(directory, n))]
+    missing += [f for f in files if f not in missing and not os.path.isfile(os.path.join(directory, f))]
+    if missing:
+        others = [t for t in list_tags(root) if t != tag]
+        raise CheckpointError(f"{directory} lacks {', '.join(missing)}: an incomplete or damaged checkpoint. "
+                              f"Other checkpoints there: {', '.join(others) or 'none'} "
+                              "(checkpoint.resume=<dir> picks one)")
 
 
 def load(engine, root: str, tag: str, rank: int) -> Dict[str, Any]:
@@ -225,7 +327,5 @@ def load(engine, root: str, tag: str, rank: int) -> Dict[str, Any]:
     load_path, client_state = engine.load_checkpoint(root, tag=tag)
     if load_path is None:
         raise RuntimeError(f"could not load checkpoint {os.path.join(root, tag)}")
-    rng_file = os.path.join(root, tag, f"rng_rank{rank:03d}.pt")
-    if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=True))
+    set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{rank:03d}.pt"), weights_only=True))
     return client_state or {}

@@ -41,7 +41,7 @@ class ContrastiveTask(Task):
     def setup(self) -> None:
         from mmtrain.data.errors import DataError
         from mmtrain.data.pairs import check_pairs, load_split
-        from mmtrain.export.bundle import BundleError, load_bundle_tokenizer, read_bundle_config
+        from mmtrain.export.bundle import BundleError, bundle_file, load_bundle_tokenizer, read_bundle_config
         from mmtrain.train.losses import GradCache, num_negatives
 
         t = self.trainer
@@ -51,7 +51,8 @@ class ContrastiveTask(Task):
             self.bundle_section = read_bundle_config(r.bundle)
             tokenizer = load_bundle_tokenizer(r.bundle)
             self.meta = check_pairs(cfg.data.shard_dir, tokenizer_sha256=tokenizer.sha256,
-                                    model_n_ctx=self.bundle_section["model"]["n_ctx"], bundle=r.bundle)
+                                    model_n_ctx=self.bundle_section["model"]["n_ctx"], bundle=r.bundle,
+                                    verify_hashes=True)
         except BundleError as exc:
             raise ConfigError([f"retrieval.bundle: {exc}"]) from exc
         except DataError as exc:
@@ -71,7 +72,7 @@ class ContrastiveTask(Task):
         self.eval_n = sorted({min(int(n), pool_size) for n in r.eval_n_candidates if pool_size >= 2})
         self.tokenizer_hash = self.meta["tokenizer_sha256"]
         self.vocab_size = int(self.bundle_section["model"]["vocab_size"])
-        self.tokenizer_path = os.path.abspath(os.path.join(r.bundle, self.bundle_section["tokenizer"]["file"]))
+        self.tokenizer_path = str(bundle_file(r.bundle, self.bundle_section["tokenizer"]["file"], "tokenizer file"))
         self.micro = cfg.train.micro_batch_size
         self.n_random = r.extra_negatives * self.micro
         self.n_hard = r.hard_negatives * self.micro
@@ -225,6 +226,11 @@ class ContrastiveTask(Task):
         config["data"]["tokenizer"] = self.tokenizer_path
         config["embedder"] = self.embedder_info()
         return {"config": config, "embedder": self.embedder_info()}
+
+    def resume_config(self, saved: Dict[str, Any]) -> Dict[str, Any]:
+        # the checkpoint's config carries the bundle's model section and tokenizer path for export
+        saved = {k: v for k, v in saved.items() if k not in ("model", "embedder")}
+        return {**saved, "data": {k: v for k, v in saved.get("data", {}).items() if k != "tokenizer"}}
 
     def banner(self) -> str:
         t, cfg = self.trainer, self.cfg

@@ -37,9 +37,20 @@ def ensure_shards(cfg, is_main: bool) -> Dict:
         expected_hash = load_tokenizer(cfg.data.tokenizer).sha256
     try:
         return check_shards(shard_dir, n_ctx, tokenizer_hash=expected_hash,
-                            vocab_size=cfg.model.vocab_size or None)
+                            vocab_size=cfg.model.vocab_size or None, verify_hashes=cfg.data.verify_shards)
     except DataError as exc:
         raise ConfigError([f"data.shard_dir: {exc}"]) from exc
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, shard_dir: str) -> None:
+    """DataError unless every id of a (host) batch is a token of the vocabulary: a corrupt shard
+    read as tokens is stopped here instead of indexing past the embedding table."""
+    from mmtrain.data.errors import DataError
+
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise DataError(f"{shard_dir}: a batch holds token id {high if high >= vocab_size else low}, outside the "
+                        f"vocabulary 0..{vocab_size - 1}: the shards are corrupt; re-run `mmtrain prepare`")
 
 
 class LMTask(Task):
@@ -84,6 +95,7 @@ class LMTask(Task):
         return self._loader("train", shuffle=self.cfg.data.shuffle, num_workers=self.cfg.data.num_workers)
 
     def micro_batch(self, batch, micro: int = 0):
+        check_token_ids(batch["input_ids"], self.vocab_size, self.cfg.data.shard_dir)
         input_ids = batch["input_ids"].to(self.trainer.device, non_blocking=True).long()
         labels = input_ids.clone()
         mask = batch.get("attention_mask")

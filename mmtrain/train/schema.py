@@ -75,6 +75,10 @@ class CheckpointConfig:
     keep_last: int = setting(3, "Keep the newest K checkpoints; 0 = keep all.")
     resume: str = setting("auto", "`auto` = continue from <run_dir>/checkpoints/latest when present; "
                              "`none` = start fresh; or a checkpoint directory path.")
+    allow_changes: List[str] = setting(list, "Config keys (or sections, e.g. `train.steps`, `engine`) that may "
+                                             "differ from the checkpoint's on resume besides those that always "
+                                             "may (evaluation, logging, checkpoint cadence, stop_at, workers); "
+                                             "any other difference is an error.", factory=True)
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from mmtrain.config import ConfigError, load_config, save_yaml, to_dict, to_yaml
+from mmtrain.data.errors import DataError
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train import faults
 from mmtrain.train import monitor as mon
@@ -45,6 +46,33 @@ EXIT_PREEMPTED = faults.EXIT_PREEMPTED  # 75: stopped by SIGTERM / SIGUSR1 with 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+# Keys that may change when a run resumes (prefixes): they change how the run is watched, not what it trains.
+RESUME_MUTABLE = ("train.stop_at", "train.eval_every", "train.eval_batches", "train.eval_n_ctx", "logging.",
+                  "checkpoint.", "data.num_workers", "engine.peak_flops", "engine.device", "retrieval.eval_")
+
+
+def _leaves(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_changes(saved: Dict[str, Any], current: Dict[str, Any], allowed=()) -> Tuple[List[str], List[str]]:
+    """(forbidden, applied) differences between a checkpoint's config and a resumed run's, one
+    ``key: old -> new`` line each; keys absent from the checkpoint (older versions) are not compared."""
+    old, new = _leaves(saved), _leaves(current)
+    forbidden, applied = [], []
+    for key in sorted(k for k in new if k in old and old[k] != new[k]):
+        line = f"{key}: {old[key]!r} -> {new[key]!r}"
+        free = any(key == p or key.startswith(p if p.endswith((".", "_")) else p + ".")
+                   for p in (*RESUME_MUTABLE, *allowed))
+        (applied if free else forbidden).append(line)
+    return forbidden, applied
 
 
 # ---- collectives (no-ops in a single process) ------------------------------------------------
@@ -136,7 +164,6 @@ class Task:
         """(the micro-batch's mean loss, the terms to back-propagate: one per engine micro-step)."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
         """Evaluate and log (TensorBoard, metrics.jsonl, console); the metrics for the summary."""
         raise NotImplementedError
@@ -149,6 +176,10 @@ class Task:
         """What a checkpoint records besides step, tokens, loader, tokenizer, vocab and world size
         (``config`` there is what `mmtrain export` reads)."""
         return {"config": to_dict(self.trainer.cfg)}
+
+    def resume_config(self, saved: Dict[str, Any]) -> Dict[str, Any]:
+        """The checkpoint's config as this task's config would be (for comparing on resume)."""
+        return saved
 
     def banner(self) -> str:
         raise NotImplementedError
@@ -171,12 +202,16 @@ class Trainer:
         task.trainer = self
         self.dist = init_distributed(cfg.engine.device)
         self.is_main, self.device = self.dist.is_main, self.dist.device
+        if self.device.type == "cpu" and cfg.engine.precision == "fp16":
+            raise ConfigError(["engine.precision: fp16 needs a CUDA device (CPUs have no fp16 training path); "
+                               "use fp32 (or bf16 on a CPU with native bf16)"])
         self.gas = grad_accum_steps(cfg.train, self.dist.world_size)  # fails early on a bad batch split
         seed_everything(cfg.train.seed)
         task.setup()
         self.run_dir = resolve_run_dir(cfg.logging, task.run_name())
         self._check_run_dir()
         try:
+            where = self._resume_point()   # before any work: an untrustworthy `latest` changes nothing
             self.ds_config = deepspeed_config(cfg, self.dist.world_size, *task.engine_micro_steps())
             self.model = self._build_model()
             self._check_disk_space()
@@ -184,10 +219,11 @@ class Trainer:
             self.step = 0
             self.tokens_seen = 0
             self.resolved_yaml = to_yaml(cfg)
-            self._write_run_files()
             self.train_loader = task.train_loader()
             self.resumed_from: Optional[str] = None
-            self._resume()
+            if where is not None:
+                self._resume(*where)
+            self._write_run_files()
         except BaseException:
             self.release_run_dir()   # a run that never started leaves the directory free
             raise
@@ -263,17 +299,42 @@ class Trainer:
         with open(os.path.join(self.run_dir, "deepspeed_config.json"), "w") as fh:
             json.dump(self.ds_config, fh, indent=2)
 
-    def _resume(self) -> None:
-        where = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
-        if where is None:
-            return
-        root, tag = where
+    def _resume_point(self) -> Optional[Tuple[str, str]]:
+        """(checkpoint root, tag) to resume from, or None; ConfigError when it cannot be trusted."""
+        try:
+            where = from_main(ckpt.resolve_resume(self.cfg.checkpoint.resume, self.run_dir))
+        except ckpt.CheckpointError as exc:
+            raise ConfigError([f"checkpoint.resume: {exc}"]) from exc
+        problem = None
+        if where is not None:
+            try:
+                ckpt.check_loadable(*where, self.dist.rank, self.dist.world_size, self.cfg.engine.zero_stage)
+            except ckpt.CheckpointError as exc:
+                problem = str(exc)
+        problems = [problem]
+        if dist.is_initialized() and dist.get_world_size() > 1:   # every rank stops if any rank would fail
+            problems = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+        if problem:
+            raise ConfigError([f"checkpoint.resume: {problem}"])
+        return where
+
+    def _resume(self, root: str, tag: str) -> None:
         state = ckpt.load(self.engine, root, tag, self.dist.rank)
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         if state.get("tokenizer_hash") and state["tokenizer_hash"] != self.task.tokenizer_hash:
             raise ConfigError([f"checkpoint {root}/{tag} was trained with tokenizer "
                                f"{state['tokenizer_hash'][:12]}, the data uses {self.task.tokenizer_hash[:12]}"])
+        forbidden, applied = config_changes(self.task.resume_config(state.get("config", {})), to_dict(self.cfg),
+                                            list(self.cfg.checkpoint.allow_changes))
+        if forbidden:
+            raise ConfigError([f"resuming {root}/{tag} with a config that changes what it trains: {line} (resume "
+                               "with the checkpoint's value, allow it with checkpoint.allow_changes=[KEY], or "
+                               "train into a new logging.run_dir)" for line in forbidden])
+        if applied and self.is_main:
+            print(f"[mmtrain] resuming with changed settings: {'; '.join(applied)}", flush=True)
         self.train_loader.load_state_dict(state["loader"])
         self.resumed_from = os.path.join(root, tag)
         if self.is_main:
@@ -318,7 +379,18 @@ class Trainer:
             grad_norm = engine.get_global_grad_norm()
         if isinstance(grad_norm, torch.Tensor):
             grad_norm = float(grad_norm)
+        # fp16's loss scaler skips an overflowing step itself; anywhere else the update is broken
+        if grad_norm is not None and not math.isfinite(grad_norm) and self.cfg.engine.precision != "fp16":
+            raise NonFiniteLoss(f"non-finite gradient norm ({grad_norm}) at step {self.step + 1}")
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens}
+
+    def weights_finite(self) -> bool:
+        """Whether every weight of the model is finite, on every rank (one fused reduction; at
+        ZeRO-3 each rank checks its own partitions)."""
+        flags = [(~torch.isfinite(x)).any().to(self.device) for x in
+                 (getattr(p, "ds_tensor", p).detach() for p in self.engine.module.parameters()) if x.numel()]
+        bad = torch.stack(flags).sum().double() if flags else torch.zeros((), dtype=torch.float64, device=self.device)
+        return float(all_reduce_sum(bad)) == 0.0
 
     def _current_lr(self) -> float:
         """The learning rate this step uses (read before the scheduler advances)."""
@@ -332,6 +404,9 @@ class Trainer:
     # ---- checkpoint --------------------------------------------------------------------------
 
     def save(self) -> str:
+        """Checkpoint this step; a model with a non-finite weight is never saved (NonFiniteLoss)."""
+        if not self.weights_finite():
+            raise NonFiniteLoss(f"non-finite weights after step {self.step}; not saved")
         self.last_saved_step = self.step
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.train_loader.state_dict(),
                  "tokenizer_hash": self.task.tokenizer_hash, "vocab_size": self.task.vocab_size,
@@ -422,10 +497,16 @@ def run_entry(argv: Optional[List[str]], schema, task_cls, description: str = ""
         return EXIT_CONFIG
     try:
         last = trainer.run()
+    except DataError as exc:
+        print(f"mmtrain {prog}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except NonFiniteLoss as exc:
-        latest = ckpt.read_latest(ckpt.checkpoint_root(trainer.run_dir))
-        print(f"mmtrain {prog}: {exc}; stopping. Last good checkpoint: "
-              f"{latest or 'none'} in {ckpt.checkpoint_root(trainer.run_dir)}", file=sys.stderr)
+        root = ckpt.checkpoint_root(trainer.run_dir)
+        latest = ckpt.read_latest(root)
+        resume = ("; `latest` names it: relaunch with checkpoint.resume=auto (and e.g. a lower train.lr) "
+                  "to continue from it" if latest else "")
+        print(f"mmtrain {prog}: {exc}; stopping. Last finite checkpoint: {latest or 'none'} in {root}{resume}",
+              file=sys.stderr)
         return EXIT_NONFINITE
     finally:
         trainer.release_run_dir()

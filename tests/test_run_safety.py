@@ -1,0 +1,221 @@
+"""Never save a broken run, never lose one: non-finite numbers, steps and weights; untrustworthy
+`latest` pointers; runs that would overwrite newer checkpoints. Real Trainer runs in this process."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import TINY, pretrain_in_process, read_metrics, train_losses
+from mmtrain.config import ConfigError, load_config
+from mmtrain.train import checkpoint as ckpt
+from mmtrain.train.lm import LMTask
+from mmtrain.train.schema import PretrainConfig
+from mmtrain.train.trainer import NonFiniteLoss, Trainer
+
+
+def args(shards, run_dir, *extra):
+    return ["--config", TINY, f"data.shard_dir={shards}", f"logging.run_dir={run_dir}", "train.steps=6",
+            "train.eval_every=0", "checkpoint.every=2", "checkpoint.keep_last=0", *extra]
+
+
+@pytest.mark.parametrize("override", ["train.lr=inf", "train.lr=nan", "train.warmup_steps=0 engine.grad_clip=-inf",
+                                      "engine.peak_flops=inf"])
+def test_non_finite_numbers_in_a_config_are_refused(override):
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        load_config(PretrainConfig, [TINY], override.split())
+
+
+class NanGradientAtStep4(LMTask):
+    """Step 4's backward sees an infinite loss scale: its gradient, and the update, are non-finite."""
+
+    def loss(self, engine, inputs):
+        loss, terms = super().loss(engine, inputs)
+        if self.trainer.step == 3:
+            terms = [term * float("inf") for term in terms]
+        return loss, terms
+
+
+def test_a_non_finite_step_is_never_saved_and_the_run_resumes_from_the_last_finite_checkpoint(demo_shards,
+                                                                                             tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = load_config(PretrainConfig, [TINY], args(demo_shards, run_dir)[2:])
+    trainer = Trainer(cfg, NanGradientAtStep4())
+    try:
+        with pytest.raises(NonFiniteLoss, match="non-finite gradient norm .* at step 4"):
+            trainer.run()
+    finally:
+        trainer.release_run_dir()
+        trainer.stop_request.uninstall()
+    root = run_dir / "checkpoints"
+    assert ckpt.check_latest(str(root)) == "step_00000002" and ckpt.list_tags(str(root)) == ["step_00000002"]
+    # the saved step is finite, and the run continues from it to the end
+    resumed = pretrain_in_process(args(demo_shards, run_dir))
+    assert resumed.resumed_from == str(root / "step_00000002") and resumed.step == 6
+    losses = train_losses(run_dir)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in losses.values())
+
+
+def test_weights_that_are_not_finite_are_never_saved(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    trainer = pretrain_in_process(args(demo_shards, run_dir, "train.steps=2"))
+    with torch.no_grad():
+        trainer.engine.module.wte.weight[0, 0] = float("nan")
+    trainer.step = 3
+    with pytest.raises(NonFiniteLoss, match="non-finite weights after step 3; not saved"):
+        trainer.save()
+    assert ckpt.list_tags(str(run_dir / "checkpoints")) == ["step_00000002"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+
+
+@pytest.mark.parametrize("latest, problem", [
+    (b"step_00000099", "names 'step_00000099', which is not"),
+    (b"\xff\xfe\x00garbage", "is unreadable"),
+    (b"../../other/checkpoints/step_00000002", "names '../../other/checkpoints/step_00000002', which is not"),
+])
+def test_a_latest_that_names_no_complete_checkpoint_is_an_error_and_nothing_is_touched(demo_shards, tmp_path,
+                                                                                       latest, problem):
+    run_dir = tmp_path / "run"
+    pretrain_in_process(args(demo_shards, run_dir, "train.steps=4"))
+    root = run_dir / "checkpoints"
+    (root / "latest").write_bytes(latest)
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(ConfigError) as info:
+        pretrain_in_process(args(demo_shards, run_dir, "train.steps=6"))
+    message = str(info.value)
+    assert problem in message and "step_00000002, step_00000004" in message
+    assert f"checkpoint.resume={root / 'step_00000004'}" in message
+    assert sorted(p.name for p in root.iterdir()) == before
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_run_never_overwrites_newer_checkpoints(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    pretrain_in_process(args(demo_shards, run_dir, "train.steps=4"))
+    root = run_dir / "checkpoints"
+    for extra, needle in ((["checkpoint.resume=none"], "newer than where this run would start (from step 0)"),
+                          ([f"checkpoint.resume={root / 'step_00000002'}"], "(step_00000004) newer than")):
+        with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            pretrain_in_process(args(demo_shards, run_dir, *extra))
+    (root / "latest").unlink()
+    with pytest.raises(ConfigError, match="but no 'latest'"):
+        pretrain_in_process(args(demo_shards, run_dir))
+    assert ckpt.list_tags(str(root)) == ["step_00000002", "step_00000004"]
+
+
+def corrupt_copy(demo_shards, tmp_path):
+    """A copy of the demo shards whose first training shard has its second half overwritten (same size)."""
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(demo_shards, copy)
+    shard = sorted((copy / "ctx32" / "train").glob("shard.*.mds"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2:] = b"\xff" * (len(data) - len(data) // 2)
+    shard.write_bytes(bytes(data))
+    return copy, shard
+
+
+def test_a_corrupt_shard_is_named_before_training(demo_shards, tmp_path):
+    shards, shard = corrupt_copy(demo_shards, tmp_path)
+    with pytest.raises(ConfigError, match=rf"{shard}: sha1 .* does not match index.json .* re-run `mmtrain prepare`"):
+        pretrain_in_process(args(shards, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_token_ids_outside_the_vocabulary_stop_the_run_with_the_fix(demo_shards, tmp_path):
+    from mmtrain.data.errors import DataError
+
+    shards, _ = corrupt_copy(demo_shards, tmp_path)   # unchecked: ids 65535 reach the loader
+    with pytest.raises(DataError, match=r"token id 65535, outside the vocabulary 0..4095: the shards are corrupt"):
+        pretrain_in_process(args(shards, tmp_path / "run", "data.verify_shards=false", "checkpoint.every=0"))
+
+
+@pytest.mark.parametrize("escape", ["../../../../etc/passwd", "/etc/passwd", "symlink"])
+def test_a_bundle_never_makes_mmtrain_read_outside_its_directory(exported_bundles, tmp_path, escape):
+    import json
+    import shutil
+
+    from mmtrain.export.bundle import BundleError, load_bundle_tokenizer, load_pretrained
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(exported_bundles["mixer_zero1"], bundle)
+    config = json.loads((bundle / "config.json").read_text())
+    if escape == "symlink":
+        outside = tmp_path / "outside.model"
+        shutil.copy(bundle / config["mmtrain"]["tokenizer"]["file"], outside)
+        (bundle / config["mmtrain"]["tokenizer"]["file"]).unlink()
+        (bundle / config["mmtrain"]["tokenizer"]["file"]).symlink_to(outside)
+    else:
+        config["mmtrain"]["tokenizer"]["file"] = escape
+        (bundle / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="is not a file inside the bundle directory"):
+        load_bundle_tokenizer(bundle)
+    # a sharded index naming a weight file outside the bundle
+    (bundle / "model.safetensors").rename(tmp_path / "w.safetensors")
+    (bundle / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"wte.weight": "../w.safetensors"}}))
+    with pytest.raises(BundleError, match="weight file '../w.safetensors' is not a file inside"):
+        load_pretrained(bundle)
+
+
+def test_fp16_on_a_cpu_is_a_clear_error(demo_shards, tmp_path):
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        pretrain_in_process(args(demo_shards, tmp_path / "run", "engine.precision=fp16", "engine.device=cpu"))
+
+
+@pytest.mark.parametrize("flags, needle", [(["--top-p", "0"], "--top-p must be in (0, 1]"),
+                                           (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+                                           (["--temperature", "-0.5"], "--temperature must be a finite number >= 0")])
+def test_generate_refuses_unusable_sampling_settings(exported_bundles, capsys, flags, needle):
+    from mmtrain import cli
+
+    assert cli.main(["generate", str(exported_bundles["mixer_zero1"]), *flags]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_a_checkpoint_missing_a_rank_file_or_from_another_layout_is_named_before_resuming(demo_shards, tmp_path):
+    import json
+    import shutil
+
+    run_dir = tmp_path / "run"
+    pretrain_in_process(args(demo_shards, run_dir, "train.steps=4"))
+    step4 = run_dir / "checkpoints" / "step_00000004"
+    cases = [
+        ("rng_rank000.pt", [], "lacks rng_rank000.pt: an incomplete or damaged checkpoint"),
+        ("zero_pp_rank_0_mp_rank_00_optim_states.pt", [], "lacks zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+        (None, ["engine.zero_stage=3"], "was written at ZeRO 1; this run is engine.zero_stage=3"),
+        ("world", [], "was written by 2 ranks; this run has 1. Resume with 2 ranks"),
+    ]
+    for change, extra, needle in cases:
+        saved = tmp_path / "saved"
+        shutil.copytree(step4, saved)
+        if change == "world":
+            manifest = json.loads((step4 / "manifest.json").read_text())
+            (step4 / "manifest.json").write_text(json.dumps({**manifest, "world_size": 2}))
+        elif change:
+            (step4 / change).unlink()
+        with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            pretrain_in_process(args(demo_shards, run_dir, "train.steps=6", *extra))
+        shutil.rmtree(step4)
+        shutil.move(saved, step4)
+    resumed = pretrain_in_process(args(demo_shards, run_dir, "train.steps=6", "checkpoint.allow_changes=[train.steps]"))
+    assert resumed.resumed_from == str(step4) and resumed.step == 6   # a longer schedule, asked for explicitly
+
+
+def test_resuming_with_a_changed_training_setting_is_an_error_and_watching_settings_apply(demo_shards, tmp_path):
+    import yaml
+
+    run_dir = tmp_path / "run"
+    pretrain_in_process(args(demo_shards, run_dir, "train.steps=6", "train.stop_at=2"))
+    with pytest.raises(ConfigError) as info:
+        pretrain_in_process(args(demo_shards, run_dir, "train.steps=6", "train.lr=1e-2", "train.global_batch_size=16"))
+    message = str(info.value)
+    assert "train.lr: 0.003 -> 0.01" in message and "train.global_batch_size: 8 -> 16" in message
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lr"] == 0.003   # not rewritten
+    # evaluation / logging / checkpoint cadence may change, and a key named in allow_changes may too
+    trainer = pretrain_in_process(args(demo_shards, run_dir, "train.steps=6", "train.eval_every=3",
+                                       "logging.log_every=2", "train.warmup_steps=3",
+                                       "checkpoint.allow_changes=[train.warmup_steps]"))
+    assert trainer.step == 6 and trainer.resumed_from.endswith("step_00000002")
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["eval_every"] == 3

@@ -223,8 +223,12 @@ def test_a_failing_prepare_leaves_old_shards_intact_and_nothing_that_looks_compl
     meta_before = (tmp_path / "ctx64" / "meta.json").read_bytes()
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs) + '{"title": "no text"}\n')
-    with pytest.raises(DataError, match=rf"bad\.jsonl:{len(docs) + 1}: no field 'text'"):
+    # another corpus into the same --out: refused unless asked for ...
+    with pytest.raises(ConfigError, match=r"ctx64 holds complete shards prepared with another recipe.*--overwrite"):
         prepare(make_cfg(input=[str(bad)], n_ctx=[64, 128], **common), progress=False)
+    # ... and when asked for, a failure half-way keeps the old shards
+    with pytest.raises(DataError, match=rf"bad\.jsonl:{len(docs) + 1}: no field 'text'"):
+        prepare(make_cfg(input=[str(bad)], n_ctx=[64, 128], overwrite=True, **common), progress=False)
     assert (tmp_path / "ctx64" / "meta.json").read_bytes() == meta_before
     S.check_shards(tmp_path, 64)
     assert not (tmp_path / "ctx128").exists()

@@ -219,3 +219,17 @@ def test_resuming_with_a_changed_training_setting_is_an_error_and_watching_setti
                                        "checkpoint.allow_changes=[train.warmup_steps]"))
     assert trainer.step == 6 and trainer.resumed_from.endswith("step_00000002")
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["eval_every"] == 3
+
+
+def test_bundle_weights_are_as_readable_as_its_other_files(exported_bundles):
+    bundle = exported_bundles["mixer_zero1"]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in bundle.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
+
+
+def test_prepare_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    from mmtrain import cli
+
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["prepare", "--out", str(tmp_path / "afile"), "--n-ctx", "32", "max_docs=20"]) == 2
+    assert "is a file; give a directory" in capsys.readouterr().err

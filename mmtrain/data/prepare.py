@@ -145,6 +145,14 @@ def _exclude_recipe(cfg: DictConfig) -> Dict[str, Any]:
     return {"exclude_pairs": heldout_fingerprint(pairs)} if pairs else {}
 
 
+def _complete(out: Path, n_ctx: int, tok: Tokenizer) -> bool:
+    try:
+        S.check_shards(out, n_ctx, tokenizer_hash=tok.sha256)
+    except DataError:
+        return False
+    return True
+
+
 def _up_to_date(out: Path, n_ctx: int, tok: Tokenizer, recipe: Dict[str, Any]) -> bool:
     try:
         meta = S.check_shards(out, n_ctx, tokenizer_hash=tok.sha256)
@@ -165,6 +173,8 @@ def prepare(cfg: DictConfig, *, progress: bool = True) -> Dict[str, Any]:
         raise C.ConfigError(problems)
     start = time.time()
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise C.ConfigError([f"out: {out} is a file; give a directory (new or one written by `mmtrain prepare`)"])
     from mmtrain.data.pairs import heldout_texts
 
     corpus = Corpus(list(cfg.input), text_field=cfg.text_field, delimiter=cfg.delimiter,
@@ -176,6 +186,11 @@ def prepare(cfg: DictConfig, *, progress: bool = True) -> Dict[str, Any]:
     _check_tokenizer_conflicts(out, tok, n_ctx_list)
     recipe = _recipe(cfg, corpus)
     todo = [n for n in n_ctx_list if not _up_to_date(out, n, tok, recipe)]
+    other = [n for n in todo if _complete(out, n, tok)]
+    if other and not cfg.overwrite:
+        raise C.ConfigError([f"out: {S.ctx_dir(out, n)} holds complete shards prepared with another recipe "
+                             "(corpus, packing, split or held-out pairs); pass --overwrite (overwrite=true) to "
+                             "replace them, or choose another --out" for n in other])
     written = write_shards(cfg, corpus, tok, todo, out, recipe, progress) if todo else {}
     # after the shards: a failed run leaves <out>/tokenizer.model matching the ctx dirs that exist
     _save_root_tokenizer(out, tok, record)
@@ -240,6 +255,8 @@ def demo_prepare_config(out: str, n_ctx: List[int], tokenizer: str = str(DEMO_TO
 # ---------------------------------------------------------------------------------------------
 
 _FLAGS = [  # (flag, config key, argparse kwargs)
+    ("--overwrite", "overwrite", dict(action="store_true",
+                                      help="replace ctx<N> directories prepared from another corpus or recipe")),
     ("--input", "input", dict(nargs="+", metavar="PATH",
                               help="corpus files, directories or globs (.txt .jsonl .jsonl.gz .json .parquet); "
                                    "`demo` = built-in Python-docstring corpus")),

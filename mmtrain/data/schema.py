@@ -56,6 +56,8 @@ class PrepareConfig:
     seed: int = setting(0, "Seed of the train/validation split.")
     num_proc: int = setting(2, "Tokenizer worker processes.")
     max_docs: int = setting(0, "Use only the first N documents; 0 = all.")
+    overwrite: bool = setting(False, "Replace an existing ctx<N> directory prepared with another recipe (corpus, "
+                                     "packing, split, held-out pairs); without it that is an error.")
     exclude_pairs: List[str] = setting(list, "Pair directories (`mmtrain prepare-pairs`) whose held-out val and test "
                                         "pairs must not leak into pretraining: documents containing the text "
                                         "of any held-out query or document are dropped.", factory=True)

@@ -118,13 +118,20 @@ def save_weights(state: Dict[str, torch.Tensor], directory: PathLike, max_shard_
     directory = Path(directory)
     plan = shard_plan(state, max_shard_size)
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def save(tensors, path: Path) -> None:
+        save_file(tensors, str(path), metadata=metadata)
+        os.chmod(path, 0o666 & ~umask)   # safetensors writes 0600; the bundle's other files follow the umask
+
     if len(plan) == 1:
-        save_file(state, str(directory / WEIGHTS_NAME), metadata=metadata)
+        save(state, directory / WEIGHTS_NAME)
         return [WEIGHTS_NAME]
     files, weight_map = [], {}
     for i, names in enumerate(plan):
         file = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
-        save_file({n: state[n] for n in names}, str(directory / file), metadata=metadata)
+        save({n: state[n] for n in names}, directory / file)
         weight_map.update({n: file for n in names})
         files.append(file)
     total = sum(t.numel() * t.element_size() for t in state.values())

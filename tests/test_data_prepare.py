@@ -279,7 +279,23 @@ def test_a_split_without_a_full_block_is_an_error(tmp_path):
     small = write_jsonl(tmp_path / "small.jsonl", ["a short document"] * 10)
     with pytest.raises(DataError, match="would have no samples"):
         prepare(make_cfg(input=[str(small)], out=str(tmp_path / "o"), n_ctx=[512], tokenizer=str(DEMO_TOKENIZER),
+                         num_proc=1, val_fraction=0.5), progress=False)
+
+
+def test_a_corpus_too_few_documents_for_both_splits_fails_before_tokenizing(tmp_path, monkeypatch):
+    """One 10 MB line is one document: it fails before any of it is tokenized."""
+    import mmtrain.data.writer as writer
+
+    def never(*args, **kwargs):
+        raise AssertionError("tokenizing started")
+
+    monkeypatch.setattr(writer, "encode_documents", never)
+    big = tmp_path / "one.txt"
+    big.write_text("word " * 2_000_000)
+    with pytest.raises(DataError, match="the val split would get no documents: the corpus has 1 document "):
+        prepare(make_cfg(input=[str(big)], out=str(tmp_path / "o"), n_ctx=[64], tokenizer=str(DEMO_TOKENIZER),
                          num_proc=1), progress=False)
+    assert not (tmp_path / "o" / "ctx64").exists()
 
 
 def test_cli_flags_and_key_value_overrides_map_onto_the_config(tmp_path):

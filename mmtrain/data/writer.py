@@ -111,6 +111,22 @@ def _meta(n_ctx: int, cfg: DictConfig, tok: Tokenizer, tok_source_path: str, dty
     }
 
 
+def _check_both_splits_get_documents(corpus: Corpus, seed: int, val_fraction: float) -> None:
+    """Before any tokenizing: read documents until each split has one (usually a handful), so a
+    corpus of one huge document fails in a moment instead of after tokenizing all of it."""
+    seen, n = set(), 0
+    for n, _ in enumerate(corpus, 1):
+        seen.add("val" if is_validation(n - 1, seed, val_fraction) else "train")
+        if len(seen) == len(S.SPLITS):
+            return
+    if n == 0:
+        raise DataError(f"the corpus is empty: no non-empty documents in {corpus.describe()}")
+    missing = [s for s in S.SPLITS if s not in seen]
+    raise DataError(f"the {missing[0]} split would get no documents: the corpus has {n} document{'s' if n != 1 else ''} "
+                    f"(val_fraction {val_fraction}, by document). Use more documents, split long ones (a "
+                    f"plain-text `delimiter`, one document per line of a .jsonl), or change val_fraction.")
+
+
 def write_shards(cfg: DictConfig, corpus: Corpus, tok: Tokenizer, n_ctx_list: List[int], out: Path,
                  recipe: Dict[str, Any], progress: bool = True) -> Dict[int, Dict[str, Any]]:
     """Tokenize the corpus once and write ``<out>/ctx<N>`` for every N in ``n_ctx_list``."""
@@ -118,6 +134,7 @@ def write_shards(cfg: DictConfig, corpus: Corpus, tok: Tokenizer, n_ctx_list: Li
     tmp_dirs = {n: out / f".ctx{n}.tmp-{os.getpid()}" for n in n_ctx_list}
     writers: Dict[Tuple[int, str], _SplitWriter] = {}
     docs = {split: {"documents": 0, "document_tokens": 0} for split in S.SPLITS}
+    _check_both_splits_get_documents(corpus, int(cfg.seed), float(cfg.val_fraction))
     try:
         for n, tmp in tmp_dirs.items():
             shutil.rmtree(tmp, ignore_errors=True)

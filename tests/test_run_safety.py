@@ -233,3 +233,14 @@ def test_prepare_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert cli.main(["prepare", "--out", str(tmp_path / "afile"), "--n-ctx", "32", "max_docs=20"]) == 2
     assert "is a file; give a directory" in capsys.readouterr().err
+
+
+def test_resuming_from_moved_shards_warns_and_goes_on(demo_shards, tmp_path, capsys):
+    import shutil
+
+    run_dir, moved = tmp_path / "run", tmp_path / "moved"
+    pretrain_in_process(args(demo_shards, run_dir, "train.stop_at=2"))
+    shutil.copytree(demo_shards, moved)
+    assert pretrain_in_process(args(moved, run_dir)).step == 6
+    assert f"warning: resuming with changed settings: data.shard_dir: '{demo_shards}' -> '{moved}'" in \
+        capsys.readouterr().out

@@ -50,7 +50,8 @@ class NonFiniteLoss(RuntimeError):
 
 # Keys that may change when a run resumes (prefixes): they change how the run is watched, not what it trains.
 RESUME_MUTABLE = ("train.stop_at", "train.eval_every", "train.eval_batches", "train.eval_n_ctx", "logging.",
-                  "checkpoint.", "data.num_workers", "engine.peak_flops", "engine.device", "retrieval.eval_")
+                  "checkpoint.", "data.num_workers", "engine.peak_flops", "engine.device", "retrieval.eval_",
+                  "data.shard_dir")   # moved shards: the tokenizer hash is still checked; printed as a warning
 
 
 def _leaves(d: Any, prefix: str = "") -> Dict[str, Any]:
@@ -334,7 +335,7 @@ class Trainer:
                                "with the checkpoint's value, allow it with checkpoint.allow_changes=[KEY], or "
                                "train into a new logging.run_dir)" for line in forbidden])
         if applied and self.is_main:
-            print(f"[mmtrain] resuming with changed settings: {'; '.join(applied)}", flush=True)
+            print(f"[mmtrain] warning: resuming with changed settings: {'; '.join(applied)}", flush=True)
         self.train_loader.load_state_dict(state["loader"])
         self.resumed_from = os.path.join(root, tag)
         if self.is_main:

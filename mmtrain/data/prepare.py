@@ -145,20 +145,12 @@ def _exclude_recipe(cfg: DictConfig) -> Dict[str, Any]:
     return {"exclude_pairs": heldout_fingerprint(pairs)} if pairs else {}
 
 
-def _complete(out: Path, n_ctx: int, tok: Tokenizer) -> bool:
+def _existing_recipe(out: Path, n_ctx: int, tok: Tokenizer) -> Optional[Dict[str, Any]]:
+    """The recipe of complete shards for ``n_ctx`` made with ``tok`` in ``out``, else None."""
     try:
-        S.check_shards(out, n_ctx, tokenizer_hash=tok.sha256)
+        return S.check_shards(out, n_ctx, tokenizer_hash=tok.sha256).get("prepare", {})
     except DataError:
-        return False
-    return True
-
-
-def _up_to_date(out: Path, n_ctx: int, tok: Tokenizer, recipe: Dict[str, Any]) -> bool:
-    try:
-        meta = S.check_shards(out, n_ctx, tokenizer_hash=tok.sha256)
-    except DataError:
-        return False
-    return meta.get("prepare") == recipe
+        return None
 
 
 def prepare(cfg: DictConfig, *, progress: bool = True) -> Dict[str, Any]:
@@ -185,8 +177,9 @@ def prepare(cfg: DictConfig, *, progress: bool = True) -> Dict[str, Any]:
     tok, source, record = resolve_tokenizer(cfg, corpus, out, progress)
     _check_tokenizer_conflicts(out, tok, n_ctx_list)
     recipe = _recipe(cfg, corpus)
-    todo = [n for n in n_ctx_list if not _up_to_date(out, n, tok, recipe)]
-    other = [n for n in todo if _complete(out, n, tok)]
+    existing = {n: _existing_recipe(out, n, tok) for n in n_ctx_list}
+    todo = [n for n in n_ctx_list if existing[n] != recipe]
+    other = [n for n in todo if existing[n] is not None]
     if other and not cfg.overwrite:
         raise C.ConfigError([f"out: {S.ctx_dir(out, n)} holds complete shards prepared with another recipe "
                              "(corpus, packing, split or held-out pairs); pass --overwrite (overwrite=true) to "

@@ -14,6 +14,8 @@ or its real error.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import types
 
@@ -56,9 +58,6 @@ STREAMING_VERSION = streaming.__version__
 def read_samples(split_dir):
     """Every sample of a local MDS directory, in stored order, read from its shards directly: no
     StreamingDataset, so no shared memory (which a StreamingDataset holds until the process exits)."""
-    import json
-    import os
-
     from streaming.base.format import reader_from_json
 
     with open(os.path.join(split_dir, "index.json"), encoding="utf-8") as fh:

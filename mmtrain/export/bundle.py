@@ -18,6 +18,7 @@ their causal masks, and a tied LM head stored once (under the embedding's name).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -357,24 +358,20 @@ def load_pretrained(path: PathLike, device: Any = "cpu", dtype: Optional[torch.d
     if problems:
         raise BundleError(f"{path}: weights do not match config.json's model:\n  - " + "\n  - ".join(problems))
     gather = init_gather()
-    if gather is None:
-        with torch.no_grad():
-            for name, tensor in model.state_dict().items():
-                if name not in aliases:
-                    tensor.copy_(stored[name])
-        return model.to(device=device, dtype=dtype or torch.float32).eval()
-    # Built partitioned (ZeRO-3, deepspeed.zero.Init): each module's own tensors are whole only
-    # while gathered, one module at a time.
+    # One module's own parameters at a time; when the model was built partitioned (ZeRO-3,
+    # deepspeed.zero.Init) they are whole only while gathered.
     with torch.no_grad():
         for prefix, module in model.named_modules():
             own = {f"{prefix}.{n}" if prefix else n: p for n, p in module.named_parameters(recurse=False)}
             if not own:
                 continue
-            with gather(list(own.values())):
+            with (gather(list(own.values())) if gather else contextlib.nullcontext()):
                 for name, param in own.items():
                     if name not in aliases:
                         param.data.copy_(stored[name])
-    return model.eval()
+    if gather:
+        return model.eval()   # the partitions already live where zero.Init put them
+    return model.to(device=device, dtype=dtype or torch.float32).eval()
 
 
 def _shape(tensor: torch.Tensor) -> List[int]:

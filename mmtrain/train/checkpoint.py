@@ -61,15 +61,12 @@ def list_tags(ckpt_root: str) -> List[str]:
 
 
 def read_latest(ckpt_root: str) -> Optional[str]:
-    """The tag ``latest`` points at, or None when there is no complete checkpoint."""
-    path = os.path.join(ckpt_root, LATEST)
-    if not os.path.isfile(path):
+    """The tag ``latest`` points at, or None when there is no trustworthy one (:func:`check_latest`
+    without the error)."""
+    try:
+        return check_latest(ckpt_root)
+    except CheckpointError:
         return None
-    with open(path, "r", encoding="utf-8") as fh:
-        tag = fh.read().strip()
-    if not tag or not os.path.isdir(os.path.join(ckpt_root, tag)):
-        return None
-    return tag
 
 
 def _atomic_write(path: str, text: str) -> None:

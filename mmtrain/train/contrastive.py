@@ -161,10 +161,9 @@ class ContrastiveTask(Task):
             return loss, [loss]
         gc = self.grad_cache
         loss, grad = gc.representation_grads(self._info_nce, gc.embed_no_grad(embed, ids, lengths))
-        n_chunks = len(gc.chunks(ids.shape[0]))
+        chunks = gc.chunks(ids.shape[0])
         # the engine divides by its micro-steps (gas x chunks); the chunk part is undone here
-        return loss, (gc.surrogate(embed(ids[s:e], lengths[s:e]), grad[s:e]) * n_chunks
-                      for s, e in gc.chunks(ids.shape[0]))
+        return loss, (gc.surrogate(embed(ids[s:e], lengths[s:e]), grad[s:e]) * len(chunks) for s, e in chunks)
 
     def _temperature(self):
         """The InfoNCE temperature: the configured one, or the learned exp(-logit_scale) (>= MIN_TEMPERATURE)."""

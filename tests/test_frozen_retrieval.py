@@ -183,3 +183,19 @@ def test_mismatched_embeddings_missing_files_and_a_too_large_n_are_refused(expor
     assert "embeddings.pairs" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert cli.main(_args(mixer, pairs, tmp_path / "x", "train.batchsize=4")) == 2
     assert "unknown key 'train.batchsize'" in capsys.readouterr().err
+
+
+def test_frozen_retrieval_never_writes_into_or_over_its_inputs(exported_bundles, pairs, tmp_path, capsys):
+    bundle = exported_bundles["mixer_zero1"]
+    before = sorted(p.name for p in bundle.iterdir())
+    (tmp_path / "afile").write_text("x")
+    cases = [([f"out_dir={bundle}"], "overlaps the bundle"),
+             ([f"out_dir={bundle / 'scorer-run'}"], "overlaps the bundle"),
+             ([f"out_dir={pairs.parent}"], "overlaps the pair shards"),   # the pairs lie inside it
+             ([f"out_dir={tmp_path / 'run'}", f"embeddings.dir={pairs / 'train'}"], "embeddings.dir"),
+             ([f"out_dir={tmp_path / 'afile'}"], "is a file; give a directory")]
+    for extra, needle in cases:
+        assert cli.main(_args(bundle, pairs, tmp_path / "run", *extra)) == 2, extra
+        assert needle in capsys.readouterr().err, extra
+    assert sorted(p.name for p in bundle.iterdir()) == before and (tmp_path / "afile").read_text() == "x"
+    assert not (tmp_path / "run").exists()

@@ -179,7 +179,7 @@ def test_n_larger_than_the_pool_is_refused(pipeline, capsys):
     assert f"N={pool + 1} is larger than the pool of {pool} documents" in capsys.readouterr().err
 
 
-def test_hard_negatives_and_a_learned_temperature_train_and_export(pipeline, tmp_path):
+def test_hard_negatives_and_a_learned_temperature_train_and_export(pipeline, tmp_path, capsys):
     base = pipeline["base"]
     pairs = tmp_path / "pairs-hn"
     assert cli.main(["prepare-pairs", "--config", str(DEMO_PAIRS), "--bundle", str(base / "base"),
@@ -195,6 +195,15 @@ def test_hard_negatives_and_a_learned_temperature_train_and_export(pipeline, tmp
     assert cli.main(["export-embedder", str(tmp_path / "r"), "--out", str(tmp_path / "emb")]) == 0
     embedder = json.loads((tmp_path / "emb" / "config.json").read_text())["mmtrain"]["embedder"]
     assert embedder["learned_temperature"] is True and embedder["temperature"] == pytest.approx(temps[-1], rel=0.05)
+    # export-embedder's --out: never a file, a non-empty directory (without --overwrite) or the run itself
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    for out, flags, needle in [(tmp_path / "afile", [], "exists and is not a directory"),
+                               (tmp_path / "emb", [], "exists and is not empty"),
+                               (tmp_path / "r", ["--overwrite"], "contains the checkpoint")]:
+        assert cli.main(["export-embedder", str(tmp_path / "r"), "--out", str(out), *flags]) == 2
+        assert needle in capsys.readouterr().err
+    assert (tmp_path / "r" / "checkpoints" / "latest").is_file() and (tmp_path / "afile").read_text() == "x"
     # more mined negatives than the shards hold: a clear error before training
     proc = run_retrieval(common + [f"logging.run_dir={tmp_path / 'r2'}", "retrieval.hard_negatives=3"], check=False)
     assert proc.returncode == 2 and "hard_negatives=3" in proc.stderr

@@ -184,23 +184,67 @@ def test_a_checkpoint_missing_a_rank_file_or_from_another_layout_is_named_before
     cases = [
         ("rng_rank000.pt", [], "lacks rng_rank000.pt: an incomplete or damaged checkpoint"),
         ("zero_pp_rank_0_mp_rank_00_optim_states.pt", [], "lacks zero_pp_rank_0_mp_rank_00_optim_states.pt"),
-        (None, ["engine.zero_stage=3"], "was written at ZeRO 1; this run is engine.zero_stage=3"),
-        ("world", [], "was written by 2 ranks; this run has 1. Resume with 2 ranks"),
+        (None, ["engine.zero_stage=3"], "was written at ZeRO 1; this run is engine.zero_stage=3. Resume at ZeRO 1 or 2"),
+        (None, ["engine.zero_stage=0"], "was written at ZeRO 1; this run is engine.zero_stage=0. Resume at ZeRO 1 or 2"),
+        ("rank1", [], "lacks zero_pp_rank_1_mp_rank_00_optim_states.pt"),   # a 2-rank checkpoint, one rank lost
     ]
     for change, extra, needle in cases:
         saved = tmp_path / "saved"
         shutil.copytree(step4, saved)
-        if change == "world":
+        if change == "rank1":
             manifest = json.loads((step4 / "manifest.json").read_text())
-            (step4 / "manifest.json").write_text(json.dumps({**manifest, "world_size": 2}))
+            files = manifest["files"] + ["rng_rank001.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+            (step4 / "manifest.json").write_text(json.dumps({**manifest, "world_size": 2, "files": files}))
+            shutil.copy(step4 / "rng_rank000.pt", step4 / "rng_rank001.pt")
         elif change:
             (step4 / change).unlink()
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             pretrain_in_process(args(demo_shards, run_dir, "train.steps=6", *extra))
         shutil.rmtree(step4)
         shutil.move(saved, step4)
-    resumed = pretrain_in_process(args(demo_shards, run_dir, "train.steps=6", "checkpoint.allow_changes=[train.steps]"))
+    resumed = pretrain_in_process(args(demo_shards, run_dir, "train.steps=6", "engine.zero_stage=2",
+                                       "checkpoint.allow_changes=[train.steps]"))
     assert resumed.resumed_from == str(step4) and resumed.step == 6   # a longer schedule, asked for explicitly
+    # ZeRO 1 and 2 share a layout
+
+
+@pytest.mark.parametrize("stages", [(0, 1, 2, 3)])
+def test_a_run_resumes_on_another_number_of_ranks_at_every_zero_stage(demo_shards, tmp_path, stages):
+    """1 rank (steps 1-2) -> 2 ranks (3-4) -> 1 rank (5-6) at the same global batch trains what one
+    uninterrupted rank trains: a ZeRO >= 1 checkpoint is converted to a universal checkpoint
+    (kept only until the resumed run saves), a ZeRO 0 one loads as it is."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port, script_env
+
+    def run_args(z, run_dir, *extra):
+        return [str(a) for a in args(demo_shards, run_dir, f"engine.zero_stage={z}", "data.num_workers=0", *extra)]
+
+    for z in stages:
+        pretrain_in_process(run_args(z, tmp_path / f"z{z}", "train.stop_at=2"))
+    spec = tmp_path / "two_ranks.json"
+    spec.write_text(json.dumps([run_args(z, tmp_path / f"z{z}", "train.stop_at=4") for z in stages]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                           str(ROOT / "tests" / "scripts" / "train_two_ranks.py"), str(spec)],
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for z in stages:
+        converting = f"z{z}/checkpoints/step_00000002 was written by 1 rank(s) at ZeRO {z}; this run has 2"
+        assert (converting in proc.stdout) == (z >= 1), proc.stdout[-3000:]
+        resumed = pretrain_in_process(run_args(z, tmp_path / f"z{z}"))
+        universal = tmp_path / f"z{z}" / "checkpoints" / "universal"
+        assert resumed.resumed_from == str(universal / "step_00000004" if z else
+                                           tmp_path / f"z{z}" / "checkpoints" / "step_00000004")
+        assert ckpt.list_tags(str(universal)) == []   # conversions are pruned once a newer step is saved
+        reference = pretrain_in_process(run_args(z, tmp_path / f"ref{z}"))
+        got, want = train_losses(tmp_path / f"z{z}"), train_losses(tmp_path / f"ref{z}")
+        assert sorted(got) == list(range(1, 7))
+        for step in got:
+            assert got[step] == pytest.approx(want[step], rel=1e-5, abs=0), (z, step, got, want)
+        assert reference.step == resumed.step == 6
 
 
 def test_resuming_with_a_changed_training_setting_is_an_error_and_watching_settings_apply(demo_shards, tmp_path):

@@ -387,6 +387,20 @@ def _device(name: str) -> str:
     return name
 
 
+def check_outputs(out_dir: Path, embeddings_dir: Path, inputs: Dict[str, str]) -> None:
+    """FrozenRetrievalError unless the directories this command writes are directories (or new)
+    and lie outside its inputs (``{what: path}``: the bundle and the pair shards), so a run never
+    writes into, or over, what it reads."""
+    for what, path in (("out_dir", out_dir), ("embeddings.dir", embeddings_dir)):
+        path = path.resolve()
+        if path.exists() and not path.is_dir():
+            raise FrozenRetrievalError(f"{what} {path} is a file; give a directory")
+        for name, source in inputs.items():
+            source = Path(source).resolve()
+            if path == source or source in path.parents or path in source.parents:
+                raise FrozenRetrievalError(f"{what} {path} overlaps the {name} {source}; choose a directory outside it")
+
+
 def run(cfg, json_path: Optional[str] = None, embed_only: bool = False,
         log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Embed (or reuse), train, evaluate, save; the result dict (also written to ``json_path``)."""
@@ -404,6 +418,7 @@ def run(cfg, json_path: Optional[str] = None, embed_only: bool = False,
             raise FrozenRetrievalError(str(exc)) from None
     out_dir = Path(cfg.out_dir)
     directory = Path(e.dir) if e.dir else out_dir / "embeddings"
+    check_outputs(out_dir, directory, {"bundle": e.bundle, "pair shards": e.pairs})
     embeddings, reused = load_or_compute_embeddings(source, directory, overwrite=e.overwrite,
                                                     batch_size=e.batch_size, device=device, log=log)
     kind = source["bundle_model"]["kind"]

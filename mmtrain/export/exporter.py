@@ -331,8 +331,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def export(path: str, out: str, tag: Optional[str] = None, dtype: str = "fp32",
            max_shard_size: int = B.DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-           tokenizer: Optional[str] = None) -> Dict[str, Any]:
-    """Export a checkpoint to a verified bundle in ``out``; returns the bundle's config.json dict."""
+           tokenizer: Optional[str] = None, embedder: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Export a checkpoint to a verified bundle in ``out``; returns the bundle's config.json dict.
+    ``embedder``: a retrieval run's embedder settings, stored in config.json before publishing."""
     if dtype not in B.DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(B.DTYPES)}, got {dtype!r}")
     out_path = Path(out).resolve()
@@ -351,6 +352,8 @@ def export(path: str, out: str, tag: Optional[str] = None, dtype: str = "fp32",
         config = B.write_bundle(model, tmp, tokenizer_path, dtype=dtype, max_shard_size=max_shard_size,
                                 source=source, training=training)
         config["mmtrain"]["verification"] = verify_bundle(tmp, model, dtype)
+        if embedder is not None:
+            config["mmtrain"]["embedder"] = embedder
         B.rewrite_config(tmp, config)
         if out_path.exists():
             shutil.rmtree(out_path)
@@ -392,12 +395,11 @@ def _export_embedder(args) -> int:
         if info is None:
             raise ExportError(f"{checkpoint.path}: not a retrieval checkpoint (no embedder settings); "
                               "use `mmtrain export`")
-        config = export(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite)
+        config = export(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite,
+                        embedder=info)
     except (ExportError, B.BundleError, FileNotFoundError) as exc:
         print(f"mmtrain export-embedder: {exc}", file=sys.stderr)
         return 2
-    config["mmtrain"]["embedder"] = info
-    B.rewrite_config(Path(args.out), config)
     print(f"exported embedder ({info['pooling']} pooling, step {config['mmtrain']['source']['step']}) -> {args.out}")
     return 0
 

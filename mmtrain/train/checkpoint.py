@@ -8,6 +8,9 @@ Layout under ``<run_dir>/checkpoints/``::
         resolved_config.yaml
         manifest.json                world size, ZeRO stage and every file above (written last)
     latest                  tag of the newest *complete* checkpoint (replaced atomically)
+    universal/step_00000100/  the same checkpoint as a DeepSpeed universal checkpoint (made by
+                            :func:`to_universal` to resume on another number of ranks;
+                            deleted once a newer checkpoint is published)
 
 Every rank writes into ``step_XXXXXXXX.incomplete/``. Once all ranks have finished, rank 0
 renames it to ``step_XXXXXXXX``, then points ``latest`` at it, and only then deletes checkpoints
@@ -17,7 +20,8 @@ before; the next start removes the unfinished ``*.incomplete`` directory
 (:func:`remove_incomplete`). Assumes one file system shared by all ranks (as ``latest`` does).
 Before resuming, :func:`resolve_resume` refuses a ``latest`` that names no complete checkpoint of
 this run and a start that would overwrite published checkpoints, and :func:`check_loadable`
-refuses a checkpoint missing a file of its manifest or written at another ZeRO layout or world size.
+refuses a checkpoint missing a file of its manifest, and says when one written by another number
+of ranks or at another ZeRO partitioning must first be converted (:func:`to_universal`).
 
 Checkpoint files are pickles (DeepSpeed's format): load only checkpoints you trust. This module
 reads RNG files with ``torch.load(weights_only=True)``; DeepSpeed loads its own files itself.
@@ -30,7 +34,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,6 +46,7 @@ CHECKPOINT_SUBDIR = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"   # world size, ZeRO stage and every file of a checkpoint, written last
 INCOMPLETE_SUFFIX = ".incomplete"
+UNIVERSAL = "universal"      # subdirectory of universal conversions (resume on another layout)
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 
@@ -190,6 +195,9 @@ def remove_incomplete(ckpt_root: str) -> List[str]:
             shutil.rmtree(path, ignore_errors=True)
         elif name.startswith(LATEST + ".tmp"):
             os.remove(path)
+        elif name == UNIVERSAL and os.path.isdir(path):
+            removed += remove_incomplete(path)
+            continue
         else:
             continue
         removed.append(path)
@@ -197,10 +205,15 @@ def remove_incomplete(ckpt_root: str) -> List[str]:
 
 
 def prune(root: str, keep_last: int) -> None:
-    """Delete complete checkpoints older than the newest ``keep_last`` (never the latest)."""
+    """Delete complete checkpoints older than the newest ``keep_last`` (never the latest; 0 keeps
+    all), and universal conversions of any checkpoint but the latest."""
+    latest = read_latest(root)
+    universal = os.path.join(root, UNIVERSAL)
+    for tag in list_tags(universal):   # a conversion is only needed until the resumed run saves
+        if tag != latest:
+            shutil.rmtree(os.path.join(universal, tag), ignore_errors=True)
     if keep_last <= 0:
         return
-    latest = read_latest(root)
     tags = [t for t in list_tags(root) if latest is None or t <= latest]
     for tag in tags[:-keep_last]:
         if tag != latest:
@@ -281,10 +294,24 @@ def resolve_resume(resume: str, run_dir: str) -> Optional[Tuple[str, str]]:
     return where
 
 
-def check_loadable(root: str, tag: str, rank: int, world_size: int, zero_stage: int) -> None:
-    """CheckpointError unless ``root/tag`` holds every file its manifest lists (and this rank loads:
-    its RNG state, the model states and, at ZeRO >= 1, its optimizer partition), written at this
-    run's ZeRO layout by as many ranks as this run has."""
+_SAME_LAYOUT = {0: "0", 1: "1 or 2", 2: "1 or 2", 3: "3"}
+
+
+class LoadPlan(NamedTuple):
+    """How a checkpoint loads into this run: ``universal`` when it must first be converted (a
+    ZeRO >= 1 checkpoint written by another number of ranks); ``same_ranks`` when it was written
+    by as many ranks as this run has (each rank then restores its RNG)."""
+    universal: bool
+    same_ranks: bool
+    saved_world: Optional[int]
+    saved_stage: Optional[int]
+
+
+def check_loadable(root: str, tag: str, rank: int, world_size: int, zero_stage: int) -> LoadPlan:
+    """How ``root/tag`` loads into this run (:class:`LoadPlan`); CheckpointError unless it holds
+    every file its manifest lists (and, at the same layout, what this rank loads: its RNG state,
+    the model states and, at ZeRO >= 1, its optimizer partition), or when it was written at a ZeRO
+    stage of another layout (0 | 1, 2 | 3: no conversion between those)."""
     directory = os.path.join(root, tag)
     manifest_path = os.path.join(directory, MANIFEST)
     if os.path.isfile(manifest_path):
@@ -296,20 +323,22 @@ def check_loadable(root: str, tag: str, rank: int, world_size: int, zero_stage: 
         saved_world = len([f for f in files if f.endswith("_mp_rank_00_optim_states.pt")]) or None
         saved_stage = (3 if any(f.startswith("zero_pp_rank_") and f.endswith("model_states.pt") for f in files)
                        else None)
-    if saved_stage is not None and (saved_stage == 3) != (zero_stage == 3) or \
-            saved_stage is not None and (saved_stage == 0) != (zero_stage == 0):
+    if saved_stage is not None and ((saved_stage == 0) != (zero_stage == 0) or (saved_stage == 3) != (zero_stage == 3)):
         raise CheckpointError(f"{directory} was written at ZeRO {saved_stage}; this run is engine.zero_stage="
-                              f"{zero_stage}. Resume with the stage it was written at (1 and 2 share a layout)")
-    if saved_world is not None and saved_world != world_size:
-        raise CheckpointError(
-            f"{directory} was written by {saved_world} ranks; this run has {world_size}. Resume with {saved_world} "
-            "ranks: the optimizer partitions (ZeRO), the per-rank RNG states and the data position are per rank, "
-            "and converting a checkpoint to another world size is not supported")
-    model = f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if zero_stage == 3 else "mp_rank_00_model_states.pt"
-    needed = [f"rng_rank{rank:03d}.pt", model]
-    if zero_stage >= 1:
-        needed.append(next((f for f in files if f.endswith(f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")),
-                           f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
+                              f"{zero_stage}. Resume at ZeRO {_SAME_LAYOUT[saved_stage]} (any number of ranks): "
+                              "ZeRO 0 keeps a plain optimizer state, 1 and 2 a partitioned one, 3 also "
+                              "partitioned weights, and there is no conversion between those")
+    same_ranks = saved_world is None or saved_world == world_size
+    universal = zero_stage >= 1 and not same_ranks
+    needed = []
+    if not universal:
+        needed.append(f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if zero_stage == 3
+                      else "mp_rank_00_model_states.pt")
+        if zero_stage >= 1:
+            needed.append(next((f for f in files if f.endswith(f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")),
+                               f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
+    if same_ranks:
+        needed.insert(0, f"rng_rank{rank:03d}.pt")
     missing = [n for n in needed if not os.path.isfile(os.path.join(directory, n))]
     missing += [f for f in files if f not in missing and not os.path.isfile(os.path.join(directory, f))]
     if missing:
@@ -317,12 +346,75 @@ def check_loadable(root: str, tag: str, rank: int, world_size: int, zero_stage: 
         raise CheckpointError(f"{directory} lacks {', '.join(missing)}: an incomplete or damaged checkpoint. "
                               f"Other checkpoints there: {', '.join(others) or 'none'} "
                               "(checkpoint.resume=<dir> picks one)")
+    return LoadPlan(universal, same_ranks, saved_world, saved_stage)
 
 
-def load(engine, root: str, tag: str, rank: int) -> Dict[str, Any]:
-    """Restore engine (model, optimizer, scheduler) and this rank's RNG; return the client state."""
+def _repair_zero3_universal(engine, directory: str) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal loader: it gives every optimizer group the
+    first group's hyperparameters (so the no-decay group would decay), and one shared ``step``
+    tensor to every group's state (Adam increments it in place once per group, so later groups
+    would see their bias correction run ahead)."""
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    saved = torch.load(os.path.join(directory, "zero", "optimizer_state.pt"), weights_only=False)
+    saved_groups = saved["optimizer_state_dict"]["param_groups"]
+    groups = engine.optimizer.optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise CheckpointError(f"{directory} has {len(saved_groups)} optimizer groups; this model has {len(groups)}")
+    for group, values in zip(groups, saved_groups):
+        group.update({k: v for k, v in values.items() if k != "params"})
+
+
+def to_universal(root: str, tag: str) -> str:
+    """Convert ``root/tag`` (a ZeRO >= 1 checkpoint) into a DeepSpeed universal checkpoint at
+    ``root/universal/tag`` (once: a finished conversion is reused) and return ``root/universal``.
+    Every parameter's fp32 weights and Adam moments are stored whole, so any number of ranks at
+    the same ZeRO layout loads it (``checkpoint.load_universal`` in the DeepSpeed config). The
+    conversion is written to ``tag.incomplete`` and renamed when done. Run it on one rank."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out_root = os.path.join(root, UNIVERSAL)
+    out = os.path.join(out_root, tag)
+    if os.path.isfile(os.path.join(out, MANIFEST)):
+        return out_root
+    staging = out + INCOMPLETE_SUFFIX
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(out_root, exist_ok=True)
+    args = argparse.Namespace(input_folder=os.path.join(root, tag), output_folder=staging, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)   # checkpoints written without Megatron's marker
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal(args)
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"could not convert {os.path.join(root, tag)} to a universal checkpoint "
+                              f"({type(exc).__name__}: {exc}); resume with the world size and ZeRO stage it "
+                              "was written at") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(out_root, "latest_universal"))   # DeepSpeed's pointer; we name the tag
+    files = sorted(f for f in os.listdir(staging) if f != MANIFEST)
+    _atomic_write(os.path.join(staging, MANIFEST), json.dumps({"universal_of": tag, "files": files}, indent=1))
+    _publish(staging, out)
+    return out_root
+
+
+def load(engine, root: str, tag: str, rank: int, rng_dir: Optional[str] = "") -> Dict[str, Any]:
+    """Restore engine (model, optimizer, scheduler) and this rank's RNG from ``rng_dir`` (default:
+    the checkpoint directory; None: leave the RNG alone); return the client state."""
     load_path, client_state = engine.load_checkpoint(root, tag=tag)
     if load_path is None:
         raise RuntimeError(f"could not load checkpoint {os.path.join(root, tag)}")
-    set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{rank:03d}.pt"), weights_only=True))
+    if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 3:
+        _repair_zero3_universal(engine, os.path.join(root, tag))
+    if rng_dir is not None:
+        set_rng_state(torch.load(os.path.join(rng_dir or os.path.join(root, tag), f"rng_rank{rank:03d}.pt"),
+                                 weights_only=True))
     return client_state or {}

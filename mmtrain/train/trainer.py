@@ -51,6 +51,7 @@ class NonFiniteLoss(RuntimeError):
 # Keys that may change when a run resumes (prefixes): they change how the run is watched, not what it trains.
 RESUME_MUTABLE = ("train.stop_at", "train.eval_every", "train.eval_batches", "train.eval_n_ctx", "logging.",
                   "checkpoint.", "data.num_workers", "engine.peak_flops", "engine.device", "retrieval.eval_",
+                  "engine.zero_stage", "engine.offload_",   # a layout: checked (and converted) by check_loadable
                   "data.shard_dir")   # moved shards: the tokenizer hash is still checked; printed as a warning
 
 
@@ -214,6 +215,8 @@ class Trainer:
         try:
             where = self._resume_point()   # before any work: an untrustworthy `latest` changes nothing
             self.ds_config = deepspeed_config(cfg, self.dist.world_size, *task.engine_micro_steps())
+            if self.load_plan is not None and self.load_plan.universal:
+                self.ds_config["checkpoint"] = {"load_universal": True}
             self.model = self._build_model()
             self._check_disk_space()
             self.engine, _ = build_engine(cfg, self.model, self.dist.world_size, self.ds_config)
@@ -301,7 +304,9 @@ class Trainer:
             json.dump(self.ds_config, fh, indent=2)
 
     def _resume_point(self) -> Optional[Tuple[str, str]]:
-        """(checkpoint root, tag) to resume from, or None; ConfigError when it cannot be trusted."""
+        """(checkpoint root, tag) to resume from, or None; ConfigError when it cannot be trusted.
+        Sets ``self.load_plan``; a ZeRO >= 1 checkpoint of another world size is first converted to a universal checkpoint (rank 0, once) and its conversion returned instead."""
+        self.load_plan: Optional[ckpt.LoadPlan] = None
         try:
             where = from_main(ckpt.resolve_resume(self.cfg.checkpoint.resume, self.run_dir))
         except ckpt.CheckpointError as exc:
@@ -309,9 +314,28 @@ class Trainer:
         problem = None
         if where is not None:
             try:
-                ckpt.check_loadable(*where, self.dist.rank, self.dist.world_size, self.cfg.engine.zero_stage)
+                self.load_plan = ckpt.check_loadable(*where, self.dist.rank, self.dist.world_size,
+                                                     self.cfg.engine.zero_stage)
             except ckpt.CheckpointError as exc:
                 problem = str(exc)
+        self._raise_any(problem)
+        self.resume_source = where
+        if where is None or not self.load_plan.universal:
+            return where
+        plan, problem, converted = self.load_plan, None, None
+        if self.is_main:
+            print(f"[mmtrain] {os.path.join(*where)} was written by {plan.saved_world} rank(s) at ZeRO "
+                  f"{plan.saved_stage}; this run has {self.dist.world_size} at ZeRO {self.cfg.engine.zero_stage}: "
+                  "converting it to a universal checkpoint", flush=True)
+            try:
+                converted = ckpt.to_universal(*where)
+            except ckpt.CheckpointError as exc:
+                problem = str(exc)
+        self._raise_any(problem)
+        return from_main(converted), where[1]
+
+    def _raise_any(self, problem: Optional[str]) -> None:
+        """ConfigError on every rank when any rank has a ``problem`` (a collective)."""
         problems = [problem]
         if dist.is_initialized() and dist.get_world_size() > 1:   # every rank stops if any rank would fail
             problems = [None] * dist.get_world_size()
@@ -319,11 +343,14 @@ class Trainer:
         problem = next((p for p in problems if p), None)
         if problem:
             raise ConfigError([f"checkpoint.resume: {problem}"])
-        return where
 
     def _resume(self, root: str, tag: str) -> None:
-        state = ckpt.load(self.engine, root, tag, self.dist.rank)
+        plan = self.load_plan
+        state = ckpt.load(self.engine, root, tag, self.dist.rank,
+                          rng_dir=os.path.join(*self.resume_source) if plan.same_ranks else None)
         self.step = int(state["step"])
+        if not plan.same_ranks:   # no per-rank RNG state to restore: one stream per (seed, step, rank)
+            seed_everything(self.cfg.train.seed + 1_000_003 * self.step + 7919 * self.dist.rank)
         self.tokens_seen = int(state["tokens_seen"])
         if state.get("tokenizer_hash") and state["tokenizer_hash"] != self.task.tokenizer_hash:
             raise ConfigError([f"checkpoint {root}/{tag} was trained with tokenizer "

@@ -175,7 +175,8 @@ def test_large_bundles_are_sharded_with_an_index(exported_bundles, tmp_path):
     index = json.loads((tmp_path / "b" / B.INDEX_NAME).read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and not (tmp_path / "b" / B.WEIGHTS_NAME).exists()
-    assert sorted(index["weight_map"]) == sorted(model.state_dict())
+    assert sorted(index["weight_map"]) == sorted(B.export_state_dict(model))
+    assert "blocks.0.token_mixing.weight" in index["weight_map"]   # the dense masked matrix, as in the paper
     for file in files:
         shard = load_file(str(tmp_path / "b" / file))
         # at most 200 KB, unless one tensor alone is larger (the 4096 x 32 fp32 embedding: 512 KiB)

@@ -137,7 +137,7 @@ def test_position_scaled_mixing_init(heads):
     model = _model(kind="mixer", mixing_init="position", mixer_heads=heads)
     mixing = model.blocks[0].token_mixing
     mixing = mixing.mixing if heads else mixing
-    weight = mixing.weight if heads else mixing.weight[None]
+    weight = mixing.dense_weight() if heads else mixing.dense_weight()[None]
     assert torch.all(torch.triu(weight, diagonal=1) == 0)
     rows = torch.arange(1, 33, dtype=torch.float32).sqrt()[:, None]      # sqrt(live inputs of row i)
     scaled = (weight * rows)[:, torch.tril(torch.ones(32, 32)) > 0]          # should be U(-1, 1)
@@ -146,7 +146,7 @@ def test_position_scaled_mixing_init(heads):
     assert abs((weight[:, -1, :] * math.sqrt(32)).std().item() - 1 / math.sqrt(3)) < 0.15
     uniform = _model(kind="mixer", mixer_heads=heads).blocks[0].token_mixing
     uniform = uniform.mixing if heads else uniform
-    assert uniform.weight[..., 0, 0].abs().max().item() <= 1.0 / math.sqrt(32)
+    assert uniform.dense_weight()[..., 0, 0].abs().max().item() <= 1.0 / math.sqrt(32)
 
 
 def test_same_seed_same_init():

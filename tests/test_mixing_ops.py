@@ -137,11 +137,23 @@ MIXERS = {
 
 
 def logits_and_grads(cfg: dict, tokens: torch.Tensor, **overrides):
+    """Logits and every parameter's gradient; a packed mixing matrix's gradient as the dense
+    lower-triangular ``weight`` gradient it stands for (comparable across layouts and blocks)."""
+    from mmtrain.models.mixer import CausalMixingMatrix
+    from mmtrain.models.mixing_ops import unpack_lower
+
     torch.manual_seed(0)
     model = build_model({**cfg, **overrides}, VOCAB)
     out = model(tokens, labels=tokens)
     out.loss.backward()
-    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, module in model.named_modules():
+        if isinstance(module, CausalMixingMatrix) and module.layout == "packed":
+            packed = grads.pop(f"{name}.packed_weight")
+            grads[f"{name}.weight"] = unpack_lower(packed, module.n_ctx, module.block)
+        elif isinstance(module, CausalMixingMatrix):
+            grads[f"{name}.weight"] = grads[f"{name}.weight"].tril()
+    return out.logits.detach(), grads
 
 
 @pytest.mark.parametrize("name", list(MIXERS))
@@ -149,7 +161,9 @@ def logits_and_grads(cfg: dict, tokens: torch.Tensor, **overrides):
 def test_mixer_lm_triangular_equals_dense(name, length):
     tokens = torch.randint(0, VOCAB, (3, length), generator=torch.Generator().manual_seed(3))
     dense_logits, dense_grads = logits_and_grads(MIXERS[name], tokens, mixer_impl="dense")
-    for overrides in (dict(mixer_impl="triangular", mixer_block_size=8), dict(mixer_impl="auto")):
+    for overrides in (dict(mixer_impl="triangular", mixer_block_size=8), dict(mixer_impl="auto"),
+                      dict(mixer_impl="triangular", mixer_block_size=8, mixer_layout="dense"),
+                      dict(mixer_impl="auto", mixer_layout="dense"), dict(mixer_impl="dense", mixer_layout="dense")):
         logits, grads = logits_and_grads(MIXERS[name], tokens, **overrides)
         assert rel_err(logits, dense_logits) < 1e-5, overrides
         # Token-mixing biases feed only LayerNorms and residuals, whose input gradient sums to
@@ -170,3 +184,137 @@ def test_activation_checkpointing_gives_equal_loss_and_gradients(cfg):
     assert torch.equal(ckpt_logits, logits)
     for key, grad in grads.items():
         assert torch.allclose(ckpt_grads[key], grad, rtol=1e-6, atol=1e-7), key
+
+
+# --------------------------------------------------------------------------------------------
+# Packed lower-triangular storage (the default mixer layout)
+# --------------------------------------------------------------------------------------------
+
+from mmtrain.models.mixing_ops import (pack_lower, packed_mask, packed_mix, packed_panels,  # noqa: E402
+                                       packed_size, unpack_lower, unpack_rows)
+
+PACKED_N = 37   # not a multiple of the block sizes below: the last panel is short
+
+
+def _packed_case(heads, length, block, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lead = (heads,) if heads else ()
+    dense = torch.randn(*lead, PACKED_N, PACKED_N, generator=g, dtype=dtype)
+    x = torch.randn(*lead, length, 6, generator=g, dtype=dtype)
+    grad_y = torch.randn(*lead, length, 6, generator=g, dtype=dtype)
+    return dense, x, grad_y
+
+
+@pytest.mark.parametrize("heads", [0, 3], ids=["flat", "heads"])
+@pytest.mark.parametrize("block", [1, 5, 8, 16, PACKED_N, 64])
+def test_packed_mix_equals_masked_product_values_and_gradients(heads, block):
+    for length in sorted({min(max(1, n), PACKED_N) for n in (1, block - 1, block, block + 1, PACKED_N)}):
+        dense, x, grad_y = _packed_case(heads, length, block)
+        packed = pack_lower(dense, block).requires_grad_()
+        xp = x.clone().requires_grad_()
+        y = packed_mix(packed, xp, PACKED_N, block)
+        y.backward(grad_y)
+        w = dense.clone().requires_grad_()
+        xr = x.clone().requires_grad_()
+        reference = masked_reference(w, xr)
+        reference.backward(grad_y)
+        assert rel_err(y, reference) < 1e-5, (block, length)
+        assert rel_err(xp.grad, xr.grad) < 1e-5, (block, length)
+        # the packed gradient is the dense gradient's lower triangle, packed; rows >= L get zero
+        assert rel_err(packed.grad, pack_lower(w.grad, block)) < 1e-5, (block, length)
+        assert torch.count_nonzero(unpack_lower(packed.grad, PACKED_N, block)[..., length:, :]) == 0
+
+
+def test_packed_storage_is_about_half_and_round_trips():
+    for n, block in [(37, 8), (4096, 128), (4096, 256), (8192, 256)]:
+        size = packed_size(n, block)
+        assert size == sum((r1 - r0) * r1 for r0, r1, _ in packed_panels(n, block))
+        assert size <= n * (n + block) / 2 and size < 0.55 * n * n or n < 100
+    dense = torch.randn(2, PACKED_N, PACKED_N)
+    for block in (1, 5, 8, PACKED_N):
+        packed = pack_lower(dense, block)
+        assert packed.shape == (2, packed_size(PACKED_N, block))
+        assert torch.equal(unpack_lower(packed, PACKED_N, block), dense.tril())
+        assert torch.equal(unpack_rows(packed, PACKED_N, block, 9, 23, 17), dense.tril()[:, 9:23, :17])
+        assert packed_mask(PACKED_N, block).sum() == PACKED_N * (PACKED_N + 1) // 2
+
+
+def test_packed_entries_above_the_diagonal_have_no_influence_and_zero_gradient():
+    dense, x, grad_y = _packed_case(2, PACKED_N, 8, dtype=torch.float64)
+    packed = pack_lower(dense, 8)
+    junk = packed + 7.0 * (~packed_mask(PACKED_N, 8)).double()     # stored zeros overwritten
+    junk.requires_grad_()
+    assert torch.equal(packed_mix(junk, x, PACKED_N, 8), packed_mix(packed, x, PACKED_N, 8))
+    packed_mix(junk, x, PACKED_N, 8).backward(grad_y)
+    assert torch.count_nonzero(junk.grad[:, ~packed_mask(PACKED_N, 8)]) == 0
+    assert torch.equal(unpack_lower(junk.detach(), PACKED_N, 8), dense.tril())
+
+
+def test_packed_gradcheck_float64():
+    for heads in (0, 2):
+        dense, x, _ = _packed_case(heads, 11, 4, dtype=torch.float64)
+        n = PACKED_N
+        packed = pack_lower(dense[..., :13, :13], 4).requires_grad_()
+        x = x[..., :11, :3].clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda p, v: packed_mix(p, v, 13, 4), (packed, x)), n
+
+
+def test_packed_bf16_follows_fp32_with_one_rounding():
+    dense, x, grad_y = _packed_case(0, PACKED_N, 8)
+    packed = pack_lower(dense, 8)
+    p32, x32 = packed.clone().requires_grad_(), x.clone().requires_grad_()
+    packed_mix(p32, x32, PACKED_N, 8).backward(grad_y)
+    p16 = packed.bfloat16().requires_grad_()
+    x16 = x.bfloat16().requires_grad_()
+    y16 = packed_mix(p16, x16, PACKED_N, 8)
+    y16.backward(grad_y.bfloat16())
+    assert y16.dtype == torch.bfloat16 and p16.grad.dtype == torch.bfloat16
+    # bf16 has 8 bits of mantissa: inputs rounded once (2^-9 each) and each output rounded once
+    assert rel_err(y16.float(), packed_mix(packed, x, PACKED_N, 8)) < 2e-2
+    assert rel_err(x16.grad.float(), x32.grad) < 2e-2
+    assert rel_err(p16.grad.float(), p32.grad) < 2e-2
+
+
+def test_packed_mix_rejects_bad_shapes_with_clear_errors():
+    packed = pack_lower(torch.randn(PACKED_N, PACKED_N), 8)
+    with pytest.raises(ValueError, match="packed must be"):
+        packed_mix(packed[:-1], torch.randn(5, 2), PACKED_N, 8)
+    with pytest.raises(ValueError, match="exceeds n_ctx"):
+        packed_mix(packed, torch.randn(PACKED_N + 1, 2), PACKED_N, 8)
+    with pytest.raises(ValueError, match="x must be"):
+        packed_mix(packed, torch.randn(2, 5, 2), PACKED_N, 8)
+
+
+@pytest.mark.parametrize("cfg", [dict(kind="mixer", d_model=32, n_layers=2, n_ctx=40, mixer_block_size=16),
+                                 dict(kind="mixer", d_model=32, n_layers=2, n_ctx=40, mixer_heads=2,
+                                      mixer_block_size=16),
+                                 dict(kind="hybrid", d_model=32, n_layers=2, n_ctx=40, n_heads=4, mixer_block_size=16),
+                                 dict(kind="mixer_autoencoder", d_model=32, n_layers=2, n_ctx=40,
+                                      mixer_block_size=16)],
+                         ids=["flat", "heads", "hybrid", "autoencoder"])
+def test_packed_and_dense_layouts_are_the_same_model_and_load_each_other(cfg):
+    """The same seed gives the same model in both layouts (init draws the dense matrix and packs
+    it); each layout loads the other's state dict; bundles store the dense masked weight."""
+    from mmtrain.export.bundle import export_state_dict
+
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    packed = build_model({**cfg, "mixer_layout": "packed"}, VOCAB).eval()
+    torch.manual_seed(0)
+    dense = build_model({**cfg, "mixer_layout": "dense"}, VOCAB).eval()
+    assert packed.stored_params() < dense.stored_params() and packed.num_params() == dense.num_params()
+    with torch.no_grad():
+        assert rel_err(packed(tokens).logits, dense(tokens).logits) < 1e-5
+        exported = export_state_dict(packed)
+        assert exported.keys() == export_state_dict(dense).keys()
+        assert all(torch.equal(t, export_state_dict(dense)[k]) for k, t in exported.items())
+        # packed state dict -> dense model, dense state dict -> packed model (perturbed first)
+        for p in packed.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        dense.load_state_dict(packed.state_dict())
+        assert rel_err(dense(tokens).logits, packed(tokens).logits) < 1e-5
+        again = build_model({**cfg, "mixer_layout": "packed", "mixer_block_size": 8}, VOCAB).eval()
+        again.load_state_dict(dense.state_dict())
+        assert rel_err(again(tokens).logits, packed(tokens).logits) < 1e-5
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            build_model({**cfg, "n_ctx": 32, "mixer_layout": "packed"}, VOCAB).load_state_dict(dense.state_dict())

@@ -13,7 +13,9 @@ from omegaconf import OmegaConf
 
 from mmtrain.models.schema import ModelConfig
 from mmtrain.models import LlamaLM, MaskedMixerLM, build_model
-from mmtrain.models.mixer import MaskedMixingMatrix
+from mmtrain.models.mixer import CausalMixingMatrix, MaskedMixingMatrix
+
+MIXING = (MaskedMixingMatrix, CausalMixingMatrix)
 
 VOCAB = 61
 N_CTX = 32
@@ -47,9 +49,9 @@ def perturb(model):
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
         for module in model.modules():
-            if isinstance(module, MaskedMixingMatrix):
-                dead = module.mask.expand_as(module.weight) == 0
-                module.weight[dead] = torch.randn(int(dead.sum()))
+            if isinstance(module, MIXING):
+                dead = module.masked_entries()
+                module.mixing_parameter[dead] = torch.randn(int(dead.sum()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,9 +80,9 @@ def expected_masks(model) -> dict:
     masks = {}
     e = model.config_dict["mixer_expansion"]
     for name, module in model.named_modules():
-        if not isinstance(module, MaskedMixingMatrix):
+        if not isinstance(module, MIXING):
             continue
-        n_out, n_in = module.weight.shape[-2:]
+        n_out, n_in = module.dense_weight().shape[-2:]
         out_pos = torch.arange(n_out)[:, None]
         in_pos = torch.arange(n_in)[None, :]
         if name.endswith("expand"):      # hidden row r belongs to position r // e
@@ -93,43 +95,47 @@ def expected_masks(model) -> dict:
     return masks
 
 
+@pytest.mark.parametrize("layout", ["packed", "dense"])
 @pytest.mark.parametrize("name", list(MIXERS))
-def test_masked_half_of_token_mixing_gets_exactly_zero_gradient(name):
-    model = make(MIXERS[name]).train()
+def test_masked_half_of_token_mixing_gets_exactly_zero_gradient(name, layout):
+    model = make(MIXERS[name], mixer_layout=layout).train()
     masks = expected_masks(model)
     expected_counts = {"flat": 2, "multi_head": 2, "expanded": 4}
     assert len(masks) == expected_counts[name]
     for module_name, mask in masks.items():
         module = model.get_submodule(module_name)
-        assert torch.equal(module.mask.bool(), mask), module_name
-        dead = ~mask.expand_as(module.weight)
-        assert torch.count_nonzero(module.weight.detach()[dead]) == 0, "dead entries are zeroed at init"
+        dense = module.dense_weight().detach()
+        assert torch.count_nonzero(dense[~mask.expand_as(dense)]) == 0, "dead entries are zero at init"
+        assert torch.count_nonzero(module.mixing_parameter.detach()[module.masked_entries()]) == 0
     perturb(model)
     tokens = random_tokens(4, N_CTX)
     model(tokens, labels=tokens).loss.backward()
     for module_name, mask in masks.items():
         module = model.get_submodule(module_name)
-        dead = ~mask.expand_as(module.weight)
-        assert torch.count_nonzero(module.weight.grad[dead]) == 0, module_name
-        assert torch.count_nonzero(module.weight.grad[~dead]) > 0.9 * (~dead).sum(), module_name
+        dead, grad = module.masked_entries(), module.mixing_parameter.grad
+        assert torch.count_nonzero(grad[dead]) == 0, module_name
+        assert torch.count_nonzero(grad[~dead]) > 0.9 * (~dead).sum(), module_name
 
 
+@pytest.mark.parametrize("layout", ["packed", "dense"])
 @pytest.mark.parametrize("name", list(MIXERS))
-def test_values_in_masked_entries_have_no_effect_and_are_not_overwritten(name):
+def test_values_in_masked_entries_have_no_effect_and_are_not_overwritten(name, layout):
     """The mask is applied in forward: forward never writes into the weights (ZeRO-3 safe)."""
-    model = make(MIXERS[name])
+    model = make(MIXERS[name], mixer_layout=layout)
     tokens = random_tokens(2, N_CTX)
     with torch.no_grad():
         reference = model(tokens).logits
         masks = expected_masks(model)
-        for module_name, mask in masks.items():
-            weight = model.get_submodule(module_name).weight
-            weight[~mask.expand_as(weight)] = 5.0
+        for module_name in masks:
+            module = model.get_submodule(module_name)
+            module.mixing_parameter[module.masked_entries()] = 5.0
         perturbed = model(tokens).logits
     assert torch.equal(reference, perturbed)
     for module_name, mask in masks.items():
-        weight = model.get_submodule(module_name).weight
-        assert (weight[~mask.expand_as(weight)] == 5.0).all()
+        module = model.get_submodule(module_name)
+        assert (module.mixing_parameter[module.masked_entries()] == 5.0).all()
+        dense = module.dense_weight()
+        assert torch.count_nonzero(dense[~mask.expand_as(dense)]) == 0
 
 
 @pytest.mark.parametrize("name", list(ALL_MODELS))

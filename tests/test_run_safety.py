@@ -288,3 +288,35 @@ def test_resuming_from_moved_shards_warns_and_goes_on(demo_shards, tmp_path, cap
     assert pretrain_in_process(args(moved, run_dir)).step == 6
     assert f"warning: resuming with changed settings: data.shard_dir: '{demo_shards}' -> '{moved}'" in \
         capsys.readouterr().out
+
+
+def test_checkpoints_record_their_mixing_layout_and_resume_only_into_it(demo_shards, tmp_path):
+    """A dense-layout checkpoint (what earlier versions wrote) is refused by a packed run before any
+    work, resumes with model.mixer_layout=dense, and its weights export to a bundle that loads
+    into a packed model with the same logits."""
+    import json
+
+    from mmtrain.export import bundle as B
+    from mmtrain.export.exporter import export
+
+    run_dir = tmp_path / "run"
+    pretrain_in_process(args(demo_shards, run_dir, "train.stop_at=2", "model.mixer_layout=dense"))
+    manifest = json.loads((run_dir / "checkpoints" / "step_00000002" / "manifest.json").read_text())
+    assert manifest["mixing_layout"] == "dense"
+    del manifest["mixing_layout"]   # as written before layouts were recorded: dense
+    (run_dir / "checkpoints" / "step_00000002" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="holds dense token-mixing matrices; this run builds them packed"):
+        pretrain_in_process(args(demo_shards, run_dir))
+    assert ckpt.list_tags(str(run_dir / "checkpoints")) == ["step_00000002"]
+    resumed = pretrain_in_process(args(demo_shards, run_dir, "model.mixer_layout=dense"))
+    assert resumed.step == 6
+    export(str(run_dir), str(tmp_path / "bundle"))
+    config = json.loads((tmp_path / "bundle" / "config.json").read_text())
+    assert config["mmtrain"]["model"].pop("mixer_layout") == "dense"   # as an earlier version's bundle
+    (tmp_path / "bundle" / "config.json").write_text(json.dumps(config))
+    packed = B.load_pretrained(tmp_path / "bundle")
+    assert {m.layout for m in packed.modules() if hasattr(m, "layout")} == {"packed"}   # the default
+    tokens = torch.randint(0, packed.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = resumed.model(tokens.to(resumed.device)).logits   # the dense run's own model
+        assert (packed(tokens).logits - reference).abs().max() < 1e-5

@@ -29,7 +29,8 @@ import torch
 
 from mmtrain.models import CausalLM, build_model
 from mmtrain.models.layers import init_gather
-from mmtrain.models.mixer import MaskedMixingMatrix
+from mmtrain.models.mixing_ops import pack_lower, unpack_lower
+from mmtrain.models.mixer import CausalMixingMatrix, MaskedMixingMatrix
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -69,9 +70,13 @@ def tied_names(model: torch.nn.Module) -> Dict[str, str]:
 
 
 def export_state_dict(model: CausalLM, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
-    """The tensors a bundle stores: masked token-mixing weights, no tied duplicates, ``dtype``, CPU."""
+    """The tensors a bundle stores: masked token-mixing weights (a packed matrix as the dense
+    ``weight`` it holds, in its place), no tied duplicates, ``dtype``, CPU."""
     masked = {f"{name}.weight": module for name, module in model.named_modules()
-              if isinstance(module, MaskedMixingMatrix)}
+              if isinstance(module, MaskedMixingMatrix) or
+              isinstance(module, CausalMixingMatrix) and module.layout == "dense"}
+    packed = {f"{name}.packed_weight": module for name, module in model.named_modules()
+              if isinstance(module, CausalMixingMatrix) and module.layout == "packed"}
     aliases = tied_names(model)
     state = {}
     for name, tensor in model.state_dict().items():
@@ -80,6 +85,9 @@ def export_state_dict(model: CausalLM, dtype: torch.dtype = torch.float32) -> Di
         tensor = tensor.detach()
         if name in masked:  # exact: multiplying by 1 or 0
             tensor = tensor * masked[name].mask.to(tensor.dtype)
+        elif name in packed:
+            module = packed[name]
+            tensor, name = unpack_lower(tensor, module.n_ctx, module.block), name[:-len("packed_weight")] + "weight"
         state[name] = tensor.to(device="cpu", dtype=dtype).contiguous().clone()
     return state
 
@@ -347,7 +355,7 @@ def load_pretrained(path: PathLike, device: Any = "cpu", dtype: Optional[torch.d
     if kind is not None and section["model"]["kind"] != kind:
         raise ValueError(f"{path} holds a {section['model']['kind']!r} model, not a {kind!r} model")
     model = build_model(section["model"])
-    stored = read_weights(path)
+    stored = _in_model_layout(model, read_weights(path), path)
     aliases = tied_names(model)
     expected = {name: _shape(t) for name, t in model.state_dict(keep_vars=True).items() if name not in aliases}
     problems = [f"missing tensor {name!r} (expected shape {shape})"
@@ -372,6 +380,27 @@ def load_pretrained(path: PathLike, device: Any = "cpu", dtype: Optional[torch.d
     if gather:
         return model.eval()   # the partitions already live where zero.Init put them
     return model.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+def _in_model_layout(model: CausalLM, stored: Dict[str, torch.Tensor], path: PathLike) -> Dict[str, torch.Tensor]:
+    """The bundle's tensors as ``model`` names them: the dense ``weight`` a bundle stores for each
+    packed causal mixing matrix becomes its ``packed_weight`` (after checking its shape)."""
+    stored, problems = dict(stored), []
+    for prefix, module in model.named_modules():
+        if not (isinstance(module, CausalMixingMatrix) and module.layout == "packed"):
+            continue
+        dense_key = f"{prefix}.weight" if prefix else "weight"
+        if dense_key not in stored:
+            continue
+        want = _shape(module.packed_weight)[:-1] + [module.n_ctx, module.n_ctx]
+        dense = stored.pop(dense_key)
+        if list(dense.shape) != want:
+            problems.append(f"tensor {dense_key!r} has shape {list(dense.shape)}, the model needs {want}")
+            continue
+        stored[dense_key[:-len("weight")] + "packed_weight"] = pack_lower(dense, module.block)
+    if problems:
+        raise BundleError(f"{path}: weights do not match config.json's model:\n  - " + "\n  - ".join(problems))
+    return stored
 
 
 def _shape(tensor: torch.Tensor) -> List[int]:

@@ -84,7 +84,8 @@ class MixerAutoencoderLM(CausalLM):
         self.decoder_layers = c["decoder_layers"] or c["n_layers"]
 
         def block() -> MixerBlock:
-            return MixerBlock(d, c["n_ctx"], c["ffn_mult"], c["mixer_heads"], c["mixer_expansion"], c["norm_eps"])
+            return MixerBlock(d, c["n_ctx"], c["ffn_mult"], c["mixer_heads"], c["mixer_expansion"], c["norm_eps"],
+                              c["mixer_block_size"], c["mixer_layout"])
 
         self.wte = nn.Embedding(c["vocab_size"], d)
         self.encoder = nn.ModuleList(block() for _ in range(self.encoder_layers))

@@ -62,10 +62,11 @@ class ReverseTokenMixing(MaskedMixingMatrix):
 class BidirectionalMixerBlock(nn.Module):
     """One block of both streams: (x, y) [B, L, d] each -> (x, y)."""
 
-    def __init__(self, d_model: int, n_ctx: int, ffn_mult: int, eps: float):
+    def __init__(self, d_model: int, n_ctx: int, ffn_mult: int, eps: float, layout: str = "packed",
+                 block_size: int = 0):
         super().__init__()
         self.token_norm = nn.LayerNorm(d_model, eps=eps)
-        self.token_mixing = FlatTokenMixing(n_ctx)
+        self.token_mixing = FlatTokenMixing(n_ctx, block_size, layout)
         self.reverse_norm = nn.LayerNorm(d_model, eps=eps)
         self.reverse_mixing = ReverseTokenMixing(n_ctx)
         self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
@@ -94,7 +95,8 @@ class BidirectionalMixerLM(CausalLM):
         c = self.config_dict
         d = c["d_model"]
         self.wte = nn.Embedding(c["vocab_size"], d)
-        self.blocks = nn.ModuleList(BidirectionalMixerBlock(d, c["n_ctx"], c["ffn_mult"], c["norm_eps"])
+        self.blocks = nn.ModuleList(BidirectionalMixerBlock(d, c["n_ctx"], c["ffn_mult"], c["norm_eps"], c["mixer_layout"],
+                                                            c["mixer_block_size"])
                                     for _ in range(c["n_layers"]))
         self._finish_mixer_lm()
 

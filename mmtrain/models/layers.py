@@ -295,15 +295,25 @@ class CausalLM(nn.Module):
         return length
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Number of (unique) parameters.
+        """Number of (unique) parameters, each token-mixing matrix counted as its dense
+        ``n_ctx x n_ctx`` (the paper's count, the same in every storage layout; see
+        :meth:`stored_params` for what the parameters hold).
 
         exclude_embeddings=True drops the input embedding table. When the LM head is tied to it
         the shared matrix is kept, because it is still the output projection (nanoGPT's rule).
         """
-        total = sum(_numel(p) for p in self.parameters())
+        total = self.stored_params()
+        for module in self.modules():
+            if getattr(module, "is_token_mixing", False):
+                total += module.dense_numel() - _numel(module.mixing_parameter)
         if exclude_embeddings and self.lm_head.weight is not self.embedding.weight:
             total -= _numel(self.embedding.weight)
         return total
+
+    def stored_params(self) -> int:
+        """Values the (unique) parameters hold: what gradients, optimizer moments and ZeRO
+        partitions are sized by (a packed token-mixing matrix stores about half of n_ctx^2)."""
+        return sum(_numel(p) for p in self.parameters())
 
     def matmul_params(self) -> int:
         """Weights of all dense projections (every ``nn.Linear``, the LM head included, tied or

@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtrain.models.layers import CausalLM, DecodingCache
-from mmtrain.models.mixing_ops import AUTO_BLOCK_SIZE, triangular_mix
+from mmtrain.models.mixing_ops import (AUTO_BLOCK_SIZE, pack_lower, packed_mask, packed_mix, packed_size,
+                                       triangular_mix, unpack_lower, unpack_rows)
 
 Cache = Dict[str, torch.Tensor]
 
@@ -101,6 +102,23 @@ class MaskedMixingMatrix(nn.Module):
                 self.bias.uniform_(-1.0, 1.0).mul_(rows)
             self.weight.mul_(self.mask)
 
+    @property
+    def mixing_parameter(self) -> nn.Parameter:
+        """The parameter holding the mixing matrix (for optimizer groups)."""
+        return self.weight
+
+    def masked_entries(self) -> torch.Tensor:
+        """Bool, the mixing parameter's shape: True where a stored entry is masked (never read)."""
+        return (self.mask == 0).expand_as(self.weight)
+
+    def dense_numel(self) -> int:
+        """Entries of the dense matrices (what the paper counts as this module's parameters)."""
+        return int(torch.Size(getattr(self.weight, "ds_shape", self.weight.shape)).numel())
+
+    def dense_weight(self) -> torch.Tensor:
+        """The whole masked matrix [(heads,) n_out, n_in] (what a bundle stores)."""
+        return self.weight * self.mask.to(self.weight.dtype)
+
     def masked_weight(self, n_out: int, n_in: int, start: int = 0) -> torch.Tensor:
         """(W ⊙ M) restricted to outputs start..n_out-1 and the first n_in inputs:
         [(heads,) n_out - start, n_in]."""
@@ -130,26 +148,169 @@ def causal_mask(n_ctx: int) -> torch.Tensor:
     return torch.tril(torch.ones(n_ctx, n_ctx))
 
 
-class FlatTokenMixing(MaskedMixingMatrix):
-    """The paper's main token mixing: ``(W ⊙ tril)[:L, :L] · U + b[:L, None]``.
+LAYOUTS = ("packed", "dense")
+DENSE_PANEL_MAX = 256    # up to this n_ctx a packed matrix is one panel: the dense matrix itself
 
-    U [B, L, d] -> [B, L, d] (dense masked matmul), or sequence-first U [L, B, d] -> [L, B, d]
-    through :func:`triangular_mix` on the [L, B*d] view. Parameters: weight [n_ctx, n_ctx],
-    bias [n_ctx]. Forward cost per token averaged over positions: 2 * d * (L + 1) / 2 FLOPs
-    (the lower triangle).
+
+def packed_block(n_ctx: int, block_size: int = 0) -> int:
+    """Rows per block row of a packed matrix: ``block_size`` when set, else one panel (the dense
+    matrix) up to DENSE_PANEL_MAX positions and AUTO_BLOCK_SIZE (128) rows above: a packed matrix
+    then stores n (n + 128) / 2 values, 51.6 % of the dense count at n_ctx 4096 (256-row panels run
+    a few per cent faster at 4096 on CPUs but store 53.1 %; benchmarks/mixing.py)."""
+    if block_size:
+        return min(block_size, n_ctx)
+    return n_ctx if n_ctx <= DENSE_PANEL_MAX else AUTO_BLOCK_SIZE
+
+
+class CausalMixingMatrix(nn.Module):
+    """A learned lower-triangular ``n_ctx x n_ctx`` matrix over positions (or one per head), with
+    a per-position bias: ``Y = tril(W)[:L, :L] · U + b[:L]``.
+
+    ``layout``:
+
+    - ``packed`` (default): ``packed_weight [(heads,) P]`` holds only the lower triangle, one row
+      panel per block of :func:`packed_block` rows (:mod:`mmtrain.models.mixing_ops`), so the
+      parameter, its gradient, its optimizer moments and its ZeRO partitions are about half of
+      ``n_ctx^2``; the sequence-first product is :func:`packed_mix` (one GEMM per block row).
+    - ``dense``: ``weight [(heads,) n_ctx, n_ctx]`` with a 0/1 mask buffer, the product
+      :func:`triangular_mix` (the layout of earlier versions).
+
+    Either layout loads the other's state dict (``weight`` dense or ``packed_weight``), so old and
+    new checkpoints and bundles load into both; bundles always store the dense, masked ``weight``
+    (:meth:`dense_weight`). Init draws the dense matrix as the dense layout does and packs it, so
+    a seed gives the same model in both layouts.
     """
 
-    def __init__(self, n_ctx: int, block_size: int = 0):
-        super().__init__(causal_mask(n_ctx))
+    #: Marks the module for :func:`mmtrain.models.layers.initialize_` (model.mixing_init).
+    is_token_mixing = True
+
+    def __init__(self, n_ctx: int, heads: Optional[int] = None, layout: str = "packed", block_size: int = 0):
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"mixing layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+        self.n_ctx, self.layout = n_ctx, layout
+        self.block = packed_block(n_ctx, block_size)
+        lead = () if heads is None else (heads,)
+        if layout == "packed":
+            self.packed_weight = nn.Parameter(torch.empty(*lead, packed_size(n_ctx, self.block)))
+        else:
+            self.weight = nn.Parameter(torch.empty(*lead, n_ctx, n_ctx))
+            self.register_buffer("mask", causal_mask(n_ctx), persistent=False)
+        self.bias = nn.Parameter(torch.empty(*lead, n_ctx))
+        self._register_load_state_dict_pre_hook(self._convert_layout)
+        self.reset_parameters()
+
+    @property
+    def mixing_parameter(self) -> nn.Parameter:
+        return self.packed_weight if self.layout == "packed" else self.weight
+
+    def masked_entries(self) -> torch.Tensor:
+        """Bool, the mixing parameter's shape: True where a stored entry lies above the diagonal
+        (packed: in a diagonal block; dense: anywhere), never read."""
+        param = self.mixing_parameter
+        if self.layout == "packed":
+            return (~packed_mask(self.n_ctx, self.block, param.device)).expand_as(param)
+        return (self.mask == 0).expand_as(param)
+
+    def dense_numel(self) -> int:
+        """Entries of the dense ``[(heads,) n_ctx, n_ctx]`` matrices, whatever the layout stores
+        (the paper's parameter count)."""
+        shape = getattr(self.mixing_parameter, "ds_shape", self.mixing_parameter.shape)
+        lead = shape[:-1] if self.layout == "packed" else shape[:-2]
+        return int(torch.Size(lead).numel()) * self.n_ctx * self.n_ctx
+
+    def reset_parameters(self, mode: str = "uniform") -> None:
+        """``uniform``: U(+-1/sqrt(n_ctx)) for weight and bias; ``position``: row i U(+-1/sqrt(i+1))
+        for both. Entries above the diagonal are zero (packed: not stored)."""
+        if mode not in ("uniform", "position"):
+            raise ValueError(f"mixing init {mode!r} is not one of 'uniform', 'position'")
+        param = self.mixing_parameter
+        lead = param.shape[:-1] if self.layout == "packed" else param.shape[:-2]
+        with torch.no_grad():
+            dense = torch.empty(*lead, self.n_ctx, self.n_ctx, dtype=param.dtype, device=param.device)
+            if mode == "uniform":
+                bound = 1.0 / math.sqrt(self.n_ctx)
+                dense.uniform_(-bound, bound)
+                self.bias.uniform_(-bound, bound)
+            else:
+                rows = torch.arange(1, self.n_ctx + 1, dtype=param.dtype, device=param.device).rsqrt()
+                dense.uniform_(-1.0, 1.0).mul_(rows[:, None])
+                self.bias.uniform_(-1.0, 1.0).mul_(rows)
+            param.copy_(pack_lower(dense, self.block) if self.layout == "packed" else dense.tril())
+
+    def dense_weight(self) -> torch.Tensor:
+        """The whole lower-triangular matrix [(heads,) n_ctx, n_ctx] (what a bundle stores)."""
+        if self.layout == "packed":
+            return unpack_lower(self.packed_weight, self.n_ctx, self.block)
+        return self.weight * self.mask.to(self.weight.dtype)
+
+    def masked_weight(self, n_out: int, n_in: int, start: int = 0) -> torch.Tensor:
+        """tril(W) rows start..n_out-1, columns 0..n_in-1: [(heads,) n_out - start, n_in]
+        (packed: read from the panels those rows lie in)."""
+        if self.layout == "packed":
+            return unpack_rows(self.packed_weight, self.n_ctx, self.block, start, n_out, n_in)
+        return self.weight[..., start:n_out, :n_in] * self.mask[start:n_out, :n_in].to(self.weight.dtype)
+
+    def forward(self, u: torch.Tensor, n_out: Optional[int] = None, start: int = 0,
+                triangular_block: Optional[int] = None) -> torch.Tensor:
+        """u [B, (heads,) n_in, width] -> rows start..n_out-1 [B, (heads,) n_out - start, width]
+        (masked matmul; ``start > 0`` is incremental decoding). With ``triangular_block`` (the
+        dense layout's tile size, 0 = auto), u is sequence-first [(heads,) L, N] and the product
+        is :func:`packed_mix` / :func:`triangular_mix`."""
+        if triangular_block is not None:
+            length = u.shape[-2]
+            if self.layout == "packed":
+                mixed = packed_mix(self.packed_weight, u, self.n_ctx, self.block)
+            else:
+                mixed = triangular_mix(self.weight, u, triangular_block)
+            return mixed + self.bias[..., :length, None].to(mixed.dtype)
+        n_in = u.shape[-2]
+        n_out = n_in if n_out is None else n_out
+        return torch.matmul(self.masked_weight(n_out, n_in, start), u) + self.bias[..., start:n_out, None]
+
+    def _convert_layout(self, state_dict, prefix, *args) -> None:
+        """Accept the other layout's tensor: dense ``weight`` -> packed, or ``packed_weight`` -> dense
+        (the block size of a packed tensor is inferred from its length)."""
+        dense_key, packed_key = prefix + "weight", prefix + "packed_weight"
+        if self.layout == "packed" and dense_key in state_dict and packed_key not in state_dict:
+            dense = state_dict.pop(dense_key)
+            state_dict[packed_key] = pack_lower(dense, self.block) if dense.dim() >= 2 and \
+                dense.shape[-1] == dense.shape[-2] == self.n_ctx else dense   # a wrong shape: load_state_dict says so
+        elif self.layout == "dense" and packed_key in state_dict and dense_key not in state_dict:
+            packed = state_dict.pop(packed_key)
+            block = next((b for b in range(1, self.n_ctx + 1) if packed_size(self.n_ctx, b) == packed.shape[-1]), None)
+            state_dict[dense_key] = packed if block is None else unpack_lower(packed, self.n_ctx, block)
+
+
+def mixing_layout(model: nn.Module) -> Optional[str]:
+    """The storage layout of a model's causal token-mixing matrices ("packed" / "dense"), or
+    None when it has none."""
+    layouts = sorted({m.layout for m in model.modules() if isinstance(m, CausalMixingMatrix)})
+    if len(layouts) > 1:
+        raise ValueError(f"a model mixes token-mixing layouts: {layouts}")
+    return layouts[0] if layouts else None
+
+
+class FlatTokenMixing(CausalMixingMatrix):
+    """The paper's main token mixing: ``tril(W)[:L, :L] · U + b[:L, None]``.
+
+    U [B, L, d] -> [B, L, d] (masked matmul), or sequence-first U [L, B, d] -> [L, B, d] through
+    the packed (or dense-layout) triangular op on the [L, B*d] view. Parameters: the mixing
+    matrix (:class:`CausalMixingMatrix`) and bias [n_ctx]. Forward cost per token averaged over
+    positions: 2 * d * (L + 1) / 2 FLOPs (the lower triangle).
+    """
+
+    def __init__(self, n_ctx: int, block_size: int = 0, layout: str = "packed"):
+        super().__init__(n_ctx, layout=layout, block_size=block_size)
         self.block_size = block_size
 
     def mix_sequence_first(self, u: torch.Tensor) -> torch.Tensor:
-        """u [L, B, d] -> tril(W)[:L, :L] · u + b[:L]: [L, B, d] (one block-triangular product)."""
+        """u [L, B, d] -> tril(W)[:L, :L] · u + b[:L]: [L, B, d] (one triangular product)."""
         length, batch, width = u.shape
         return self(u.reshape(length, batch * width), triangular_block=self.block_size).view(length, batch, width)
 
     def init_cache(self, batch: int, width: int, new) -> Cache:
-        return {"u": new(batch, self.weight.shape[-1], width)}
+        return {"u": new(batch, self.n_ctx, width)}
 
     def forward_step(self, u: torch.Tensor, cache: Cache, start: int) -> torch.Tensor:
         """u [B, T, d] (positions start..start+T-1) -> [B, T, d], caching U."""
@@ -169,14 +330,14 @@ class MultiHeadTokenMixing(nn.Module):
     weight. Both projections are Linear(d, d) with bias (as the original's MixerHead).
     """
 
-    def __init__(self, d_model: int, n_ctx: int, heads: int, block_size: int = 0):
+    def __init__(self, d_model: int, n_ctx: int, heads: int, block_size: int = 0, layout: str = "packed"):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model {d_model} is not divisible by mixer_heads {heads}")
         self.heads = heads
         self.block_size = block_size
         self.in_proj = nn.Linear(d_model, d_model)
-        self.mixing = MaskedMixingMatrix(causal_mask(n_ctx), heads=heads)
+        self.mixing = CausalMixingMatrix(n_ctx, heads=heads, layout=layout, block_size=block_size)
         self.out_proj = nn.Linear(d_model, d_model)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -197,8 +358,7 @@ class MultiHeadTokenMixing(nn.Module):
         return self.out_proj(mixed)
 
     def init_cache(self, batch: int, width: int, new) -> Cache:
-        n_ctx = self.mixing.weight.shape[-1]
-        return {"heads": new(batch, self.heads, n_ctx, width // self.heads)}
+        return {"heads": new(batch, self.heads, self.mixing.n_ctx, width // self.heads)}
 
     def forward_step(self, u: torch.Tensor, cache: Cache, start: int) -> torch.Tensor:
         """u [B, T, d] -> [B, T, d], caching the projected head inputs [B, h, n_ctx, d/h]."""
@@ -289,15 +449,17 @@ class MLP(nn.Module):
         return self.fc_out(F.gelu(self.fc_in(x)))
 
 
-def build_token_mixing(d_model: int, n_ctx: int, heads: int, expansion: int, block_size: int = 0) -> nn.Module:
-    """Flat, multi-head or expanded token mixing; block_size is the triangular op's (0 = auto)."""
+def build_token_mixing(d_model: int, n_ctx: int, heads: int, expansion: int, block_size: int = 0,
+                       layout: str = "packed") -> nn.Module:
+    """Flat, multi-head or expanded token mixing; block_size is the triangular op's (0 = auto),
+    layout the causal matrices' storage (:class:`CausalMixingMatrix`; expanded mixing is dense)."""
     if heads > 0 and expansion > 1:
         raise ValueError("mixer_heads > 0 and mixer_expansion > 1 cannot be combined")
     if heads > 0:
-        return MultiHeadTokenMixing(d_model, n_ctx, heads, block_size)
+        return MultiHeadTokenMixing(d_model, n_ctx, heads, block_size, layout)
     if expansion > 1:
         return ExpandedTokenMixing(n_ctx, expansion)
-    return FlatTokenMixing(n_ctx, block_size)
+    return FlatTokenMixing(n_ctx, block_size, layout)
 
 
 class MixerBlock(nn.Module):
@@ -308,10 +470,10 @@ class MixerBlock(nn.Module):
     """
 
     def __init__(self, d_model: int, n_ctx: int, ffn_mult: int, heads: int, expansion: int, eps: float,
-                 block_size: int = 0):
+                 block_size: int = 0, layout: str = "packed"):
         super().__init__()
         self.token_norm = nn.LayerNorm(d_model, eps=eps)
-        self.token_mixing = build_token_mixing(d_model, n_ctx, heads, expansion, block_size)
+        self.token_mixing = build_token_mixing(d_model, n_ctx, heads, expansion, block_size, layout)
         self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
         self.mlp = MLP(d_model, ffn_mult * d_model)
 
@@ -346,7 +508,7 @@ class MaskedMixerLM(CausalLM):
         block_size = c["mixer_block_size"] or (AUTO_BLOCK_SIZE if c["mixer_impl"] == "triangular" else 0)
         self.blocks = nn.ModuleList(
             MixerBlock(d, c["n_ctx"], c["ffn_mult"], c["mixer_heads"], c["mixer_expansion"], c["norm_eps"],
-                       block_size)
+                       block_size, c["mixer_layout"])
             for _ in range(c["n_layers"]))
         # auto / triangular: run sequence-first so token mixing is one large triangular GEMM.
         self.sequence_first = c["mixer_impl"] != "dense"

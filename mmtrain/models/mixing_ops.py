@@ -184,3 +184,197 @@ def triangular_mix(weight: torch.Tensor, x: torch.Tensor, block_size: int = 0) -
     if x.dtype != weight.dtype:
         x = x.to(weight.dtype)
     return TriangularMixing.apply(weight, x, block_size or auto_block_size(length))
+
+
+# --------------------------------------------------------------------------------------------
+# Packed lower-triangular storage: only the lower half of the matrix exists as a parameter.
+# --------------------------------------------------------------------------------------------
+#
+# For block size b, block row i holds matrix rows r0 = i*b .. r1 = min(r0 + b, n) - 1 and, of
+# them, the columns 0 .. r1 - 1 (everything left of and including its diagonal block): a row
+# panel P_i = [C_i | D_i] of shape [r1 - r0, r1] stored row-major at ``offset_i``, one panel after
+# another (C_i: the full rectangle left of the diagonal, D_i: the diagonal block). No entry right
+# of the diagonal block is stored; the entries of D_i above the diagonal are stored (as zeros
+# after init) but never read: every product uses tril(D_i), and their gradient is exactly zero.
+# So a packed matrix holds ``sum_i (r1 - r0) * r1 ~ n (n + b) / 2`` values instead of n^2, and
+# each product is two GEMMs per block row over contiguous memory::
+#
+#     forward   Y[r0:r1]      = C_i · X[:r0]  +  tril(D_i) · X[r0:r1]
+#     input     dX[:r0]      += C_iᵀ · dY[r0:r1];  dX[r0:r1] += tril(D_i)ᵀ · dY[r0:r1]
+#     weight    dP_i          = dY[r0:r1] · X[:r1]ᵀ    (one GEMM; D_i's part tril'ed in place)
+#
+# O(L / b) GEMMs per product. In bf16 / fp16 the two halves of a forward row and the input
+# gradient's sums are accumulated in fp32 and rounded once; ``block >= n`` is the dense matrix
+# itself (one panel [n, n]).
+
+
+def packed_panels(n_ctx: int, block: int) -> List[Tuple[int, int, int]]:
+    """``(r0, r1, offset)`` of each block row's panel ``[r1 - r0, r1]`` in a packed matrix."""
+    if n_ctx < 1 or block < 1:
+        raise ValueError(f"packed_panels: n_ctx and block must be >= 1, got {n_ctx}, {block}")
+    panels, offset = [], 0
+    for r0 in range(0, n_ctx, block):
+        r1 = min(r0 + block, n_ctx)
+        panels.append((r0, r1, offset))
+        offset += (r1 - r0) * r1
+    return panels
+
+
+def packed_size(n_ctx: int, block: int) -> int:
+    """Values in a packed ``n_ctx x n_ctx`` lower-triangular matrix of block size ``block``."""
+    r0, r1, offset = packed_panels(n_ctx, block)[-1]
+    return offset + (r1 - r0) * r1
+
+
+def _panel(packed: torch.Tensor, r0: int, r1: int, offset: int) -> torch.Tensor:
+    """Block row (r0, r1)'s panel [(h,) r1 - r0, r1] as a view of packed [(h,) P]."""
+    return packed[..., offset:offset + (r1 - r0) * r1].unflatten(-1, (r1 - r0, r1))
+
+
+def pack_lower(dense: torch.Tensor, block: int) -> torch.Tensor:
+    """[(h,) n, n] -> packed [(h,) P]: the lower triangle (diagonal included); entries above the
+    diagonal are dropped (the stored ones in diagonal blocks become exact zeros)."""
+    n = dense.shape[-1]
+    if dense.shape[-2] != n:
+        raise ValueError(f"pack_lower: expected a square [(h,) n, n] matrix, got {tuple(dense.shape)}")
+    lower = dense.tril()
+    return torch.cat([lower[..., r0:r1, :r1].flatten(-2) for r0, r1, _ in packed_panels(n, block)], dim=-1)
+
+
+def unpack_rows(packed: torch.Tensor, n_ctx: int, block: int, start: int, stop: int, n_in: int) -> torch.Tensor:
+    """Rows start..stop-1 and columns 0..n_in-1 of the dense lower-triangular matrix a packed
+    [(h,) P] holds: [(h,) stop - start, n_in], zeros above the diagonal. Differentiable."""
+    if not 0 <= start <= stop <= n_ctx or not 0 <= n_in <= n_ctx:
+        raise ValueError(f"unpack_rows: rows {start}:{stop}, columns :{n_in} outside a {n_ctx} x {n_ctx} matrix")
+    pieces = []
+    for r0, r1, offset in packed_panels(n_ctx, block):
+        lo, hi = max(r0, start), min(r1, stop)
+        if lo >= hi:
+            continue
+        rows = _panel(packed, r0, r1, offset)[..., lo - r0:hi - r0, :min(r1, n_in)].tril(lo)
+        pieces.append(torch.nn.functional.pad(rows, (0, n_in - rows.shape[-1])))
+    if not pieces:
+        return packed.new_zeros(*packed.shape[:-1], 0, n_in)
+    return torch.cat(pieces, dim=-2)
+
+
+def packed_mask(n_ctx: int, block: int, device=None) -> torch.Tensor:
+    """[P] bool: True where a packed matrix stores a lower-triangular entry, False for the stored
+    zeros above the diagonal of each diagonal block."""
+    ones = torch.ones(n_ctx, n_ctx, dtype=torch.bool, device=device)
+    return pack_lower(ones, block)
+
+
+def unpack_lower(packed: torch.Tensor, n_ctx: int, block: int) -> torch.Tensor:
+    """packed [(h,) P] -> the dense lower-triangular [(h,) n, n] it holds."""
+    return unpack_rows(packed, n_ctx, block, 0, n_ctx, n_ctx)
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a · b (batched for 3-d operands) summed and returned in fp32, whatever a and b's dtype."""
+    mm = torch.bmm if a.dim() == 3 else torch.mm
+    if a.dtype in (torch.float32, torch.float64):
+        return mm(a, b)
+    if a.is_cuda:
+        return mm(a, b, out_dtype=torch.float32)
+    return mm(a.float(), b.float())
+
+
+def _exact(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.float64)
+
+
+class PackedTriangularMixing(torch.autograd.Function):
+    """``tril(W)[:L, :L] · X`` for W stored packed (:func:`pack_lower`); two GEMMs per block row
+    and product (see the comment above :func:`packed_panels`). Use :func:`packed_mix`."""
+
+    @staticmethod
+    def forward(ctx, packed: torch.Tensor, x: torch.Tensor, n_ctx: int, block: int) -> torch.Tensor:
+        x = x.contiguous()
+        ctx.save_for_backward(packed, x)
+        ctx.n_ctx, ctx.block = n_ctx, block
+        length, exact = x.shape[-2], _exact(x.dtype)
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        for r0, r1, offset in packed_panels(n_ctx, block):
+            if r0 >= length:
+                break
+            hi = min(r1, length)
+            panel = _panel(packed, r0, r1, offset)
+            diagonal = panel[..., :hi - r0, r0:hi].tril()
+            out = y[..., r0:hi, :]
+            if exact:
+                _mm(diagonal, x[..., r0:hi, :], out)
+                if r0:
+                    out.baddbmm_(panel[..., :hi - r0, :r0], x[..., :r0, :]) if out.dim() == 3 else \
+                        out.addmm_(panel[:hi - r0, :r0], x[:r0])
+            else:
+                acc = _mm_acc(diagonal, x[..., r0:hi, :])
+                if r0:
+                    acc += _mm_acc(panel[..., :hi - r0, :r0], x[..., :r0, :])
+                out.copy_(acc)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        packed, x = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        length, exact = x.shape[-2], _exact(x.dtype)
+        panels = [p for p in packed_panels(ctx.n_ctx, ctx.block) if p[0] < length]
+        grad_packed = grad_x = None
+        if ctx.needs_input_grad[1]:
+            acc = torch.empty(x.shape, dtype=x.dtype if exact else torch.float32, device=x.device)
+            # The last block row first: its diagonal block writes its rows, its rectangle all rows
+            # above it; every later product adds into rows already written.
+            for k, (r0, r1, offset) in enumerate(reversed(panels)):
+                hi = min(r1, length)
+                panel = _panel(packed, r0, r1, offset)
+                gy = grad_y[..., r0:hi, :]
+                parts = [(panel[..., :hi - r0, r0:hi].tril().transpose(-1, -2), acc[..., r0:hi, :])]
+                if r0:
+                    parts.append((panel[..., :hi - r0, :r0].transpose(-1, -2), acc[..., :r0, :]))
+                for a, out in parts:
+                    if k == 0:
+                        _mm(a, gy, out) if exact else out.copy_(_mm_acc(a, gy))
+                    elif not exact:
+                        out += _mm_acc(a, gy)
+                    else:
+                        out.baddbmm_(a, gy) if out.dim() == 3 else out.addmm_(a, gy)
+            grad_x = acc if acc.dtype == x.dtype else acc.to(x.dtype)
+        if ctx.needs_input_grad[0]:
+            whole = length == ctx.n_ctx   # every panel is written in full
+            grad_packed = torch.empty_like(packed) if whole else torch.zeros_like(packed)
+            for r0, r1, offset in panels:
+                hi = min(r1, length)
+                out = _panel(grad_packed, r0, r1, offset)[..., :hi - r0, :hi]
+                _mm(grad_y[..., r0:hi, :], x[..., :hi, :].transpose(-1, -2), out)
+                out[..., r0:hi].tril_()   # the diagonal block: entries above the diagonal get zero
+        return grad_packed, grad_x, None, None
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = a · b (batched over a leading head axis for 3-d operands), written into ``out``."""
+    if out.is_contiguous():
+        (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out=out)
+    else:
+        out.copy_(torch.bmm(a, b) if a.dim() == 3 else torch.mm(a, b))
+
+
+def packed_mix(packed: torch.Tensor, x: torch.Tensor, n_ctx: int, block: int) -> torch.Tensor:
+    """``tril(W)[:L, :L] · x`` for W packed (:func:`pack_lower`, block size ``block``).
+
+    packed [P] with x [L, N], or packed [h, P] with x [h, L, N] (all heads in one ``bmm`` per
+    block row); L = x.shape[-2] <= n_ctx. Differentiable in both; returns x's shape in packed's
+    dtype. Entries above the diagonal are never read (in diagonal blocks they are stored and get
+    an exactly zero gradient).
+    """
+    if packed.dim() not in (1, 2) or packed.shape[-1] != packed_size(n_ctx, block):
+        raise ValueError(f"packed_mix: packed must be [{packed_size(n_ctx, block)}] or [heads, "
+                         f"{packed_size(n_ctx, block)}] for n_ctx {n_ctx}, block {block}; got {tuple(packed.shape)}")
+    if x.dim() != packed.dim() + 1 or (packed.dim() == 2 and x.shape[0] != packed.shape[0]):
+        raise ValueError(f"packed_mix: for packed {tuple(packed.shape)} x must be "
+                         f"[{'heads, ' if packed.dim() == 2 else ''}L, N], got {tuple(x.shape)}")
+    if x.shape[-2] > n_ctx:
+        raise ValueError(f"packed_mix: sequence length {x.shape[-2]} exceeds n_ctx {n_ctx}")
+    if x.dtype != packed.dtype:
+        x = x.to(packed.dtype)
+    return PackedTriangularMixing.apply(packed, x, n_ctx, block)

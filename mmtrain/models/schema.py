@@ -74,8 +74,15 @@ class ModelConfig:
                                  "same op, one dense tril block for short inputs and blocks above the "
                                  "crossover measured by benchmarks/mixing.py.",
                          choices=["auto", "dense", "triangular"])
-    mixer_block_size: int = setting(0, "Rows per block of the triangular op (e.g. 256); 0 = the measured default "
-                                  "(auto: one dense block for L <= 256, else 128; triangular: 128).")
+    mixer_block_size: int = setting(0, "Rows per block of the triangular op and of a packed mixing matrix (e.g. "
+                                  "256); 0 = the measured defaults (packed: one panel up to n_ctx 256, else 128 rows; "
+                                  "dense layout: one block for L <= 256, else 128).")
+    mixer_layout: str = setting("packed", "Storage of the causal token-mixing matrices. `packed`: only the lower "
+                                "triangle (about half the parameters, gradients, optimizer state and ZeRO "
+                                "partitions of `dense`), one GEMM per block row. `dense`: the full n_ctx x n_ctx "
+                                "matrix with a mask (the layout of earlier versions). Bundles always store the "
+                                "dense masked matrix; each layout loads the other's weights.",
+                                choices=["packed", "dense"])
     activation_checkpointing: bool = setting(False, "Recompute each block's activations in the backward pass "
                                                "(torch.utils.checkpoint, non-reentrant): less memory, ~1/3 "
                                                "more compute.")
@@ -106,6 +113,8 @@ def validate_model(m: DictConfig, prefix: str = "model") -> List[str]:
             p.append(f"{prefix}: mixer_heads > 0 and mixer_expansion > 1 cannot be combined")
     if m.get("mixer_impl", "auto") not in ("auto", "dense", "triangular"):
         p.append(f"{prefix}.mixer_impl: {m.mixer_impl!r} is not one of 'auto', 'dense', 'triangular'")
+    if m.get("mixer_layout", "packed") not in ("packed", "dense"):
+        p.append(f"{prefix}.mixer_layout: {m.mixer_layout!r} is not one of 'packed', 'dense'")
     if m.get("mixer_block_size", 0) < 0:
         p.append(f"{prefix}.mixer_block_size: must be >= 0 (0 = auto), got {m.mixer_block_size}")
     if m.kind in ("transformer", "hybrid"):

@@ -6,7 +6,8 @@ Layout under ``<run_dir>/checkpoints/``::
         mp_rank_00_model_states.pt   (module + client state: step, tokens, loader state, config)
         rng_rank000.pt ...           per-rank RNG states (plain tensors: loads with weights_only)
         resolved_config.yaml
-        manifest.json                world size, ZeRO stage and every file above (written last)
+        manifest.json                world size, ZeRO stage, token-mixing layout and every file above
+                                     (written last)
     latest                  tag of the newest *complete* checkpoint (replaced atomically)
     universal/step_00000100/  the same checkpoint as a DeepSpeed universal checkpoint (made by
                             :func:`to_universal` to resume on another number of ranks;
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmtrain.models.mixer import mixing_layout
 from mmtrain.train import faults
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -140,8 +142,8 @@ def save(engine, run_dir: str, step: int, client_state: Dict[str, Any], keep_las
     if rank == 0:
         files = sorted(f for f in os.listdir(staging) if f != MANIFEST)
         _atomic_write(os.path.join(staging, MANIFEST), json.dumps(
-            {"world_size": world_size(), "zero_stage": int(engine.zero_optimization_stage()), "files": files},
-            indent=1))
+            {"world_size": world_size(), "zero_stage": int(engine.zero_optimization_stage()),
+             "mixing_layout": mixing_layout(engine.module), "files": files}, indent=1))
         _publish(staging, path)
         faults.inject("before_latest", step, rank)
         _atomic_write(os.path.join(root, LATEST), tag)
@@ -347,6 +349,24 @@ def check_loadable(root: str, tag: str, rank: int, world_size: int, zero_stage: 
                               f"Other checkpoints there: {', '.join(others) or 'none'} "
                               "(checkpoint.resume=<dir> picks one)")
     return LoadPlan(universal, same_ranks, saved_world, saved_stage)
+
+
+def check_layout(root: str, tag: str, layout: Optional[str]) -> None:
+    """CheckpointError unless ``root/tag`` stores its causal token-mixing matrices in ``layout``
+    (the model's; None = the model has none). Checkpoints that do not record it (written before
+    packed storage existed) hold dense matrices."""
+    if layout is None:
+        return
+    manifest_path = os.path.join(root, tag, MANIFEST)
+    saved = "dense"
+    if os.path.isfile(manifest_path):
+        with open(manifest_path, encoding="utf-8") as fh:
+            saved = json.load(fh).get("mixing_layout") or "dense"
+    if saved != layout:
+        raise CheckpointError(
+            f"{os.path.join(root, tag)} holds {saved} token-mixing matrices; this run builds them {layout} "
+            f"(model.mixer_layout). Resume with model.mixer_layout={saved}: the optimizer state is stored per "
+            "layout. The weights load into either layout (mmtrain export, load_pretrained)")
 
 
 def _repair_zero3_universal(engine, directory: str) -> None:

@@ -131,7 +131,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, mixing_weight_deca
     ``lr_scale`` attribute gets a group of its own, without decay, at ``base_lr * lr_scale``."""
     exempt = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     if not mixing_weight_decay:
-        exempt |= {id(m.weight) for m in model.modules() if getattr(m, "is_token_mixing", False)}
+        exempt |= {id(m.mixing_parameter) for m in model.modules() if getattr(m, "is_token_mixing", False)}
     decay, no_decay, scaled = [], [], []
     for _, param in model.named_parameters():
         if not param.requires_grad:

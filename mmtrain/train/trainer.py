@@ -218,6 +218,8 @@ class Trainer:
             if self.load_plan is not None and self.load_plan.universal:
                 self.ds_config["checkpoint"] = {"load_universal": True}
             self.model = self._build_model()
+            if where is not None:
+                self._check_layout()
             self._check_disk_space()
             self.engine, _ = build_engine(cfg, self.model, self.dist.world_size, self.ds_config)
             self.step = 0
@@ -333,6 +335,15 @@ class Trainer:
                 problem = str(exc)
         self._raise_any(problem)
         return from_main(converted), where[1]
+
+    def _check_layout(self) -> None:
+        """ConfigError when the checkpoint stores the token-mixing matrices in another layout."""
+        from mmtrain.models.mixer import mixing_layout
+
+        try:
+            ckpt.check_layout(*self.resume_source, mixing_layout(self.model))
+        except ckpt.CheckpointError as exc:
+            raise ConfigError([f"checkpoint.resume: {exc}"]) from exc
 
     def _raise_any(self, problem: Optional[str]) -> None:
         """ConfigError on every rank when any rank has a ``problem`` (a collective)."""

@@ -4,9 +4,12 @@ One full training step (forward, backward, AdamW step with gradient clipping) of
 through ``mmtrain.train.engine.build_engine`` (one process, ZeRO stage ``--zero-stage``) on random
 tokens (vocabulary 4096; no data loader, so only model + engine are measured), for every n_ctx:
 
-* ``mixer``        our flat masked mixer (``model.kind=mixer``)
+* ``mixer``        our flat masked mixer (``model.kind=mixer``; packed lower-triangular mixing)
 * ``mixer-mh``     our multi-head mixer (``model.mixer_heads``)
-* ``mixer-dense``  our mixer with ``model.mixer_impl=dense`` (the plain masked product)
+* ``mixer-dense-param``  our mixer with ``model.mixer_layout=dense`` (full n_ctx x n_ctx parameters
+                   and masks, the layout of earlier versions; the same triangular-op speed path)
+* ``mixer-dense``  our mixer with ``model.mixer_impl=dense`` and the dense layout (the plain
+                   masked product)
 * ``paper-mixer``  reference: the paper's formulation, token mixing as ``nn.Conv1d(n_ctx, n_ctx, 1)``
                    over positions-as-channels whose weight is re-masked in place with ``tril`` every
                    forward; same width, depth, MLP (d -> 4d -> d, GELU) and final LayerNorm as ours
@@ -57,12 +60,14 @@ from torch import nn
 LABELS = {
     "mixer": "mixer (ours)",
     "mixer-mh": "mixer multi-head (ours)",
+    "mixer-dense-param": "mixer dense params (ours)",
     "mixer-dense": "mixer dense (ours)",
     "paper-mixer": "paper mixer, Conv1d (ref)",
     "transformer": "transformer (ours)",
     "hf-llama": "HF LlamaForCausalLM (ref)",
 }
 REFERENCE = {"mixer": "paper-mixer", "mixer-mh": "paper-mixer", "mixer-dense": "paper-mixer",
+             "mixer-dense-param": "paper-mixer",
              "transformer": "hf-llama"}
 ALL_MODELS = list(LABELS)
 
@@ -135,8 +140,10 @@ def our_model_config(name: str, job: Dict[str, Any]) -> Dict[str, Any]:
         return dict(base, kind="mixer")
     if name == "mixer-mh":
         return dict(base, kind="mixer", mixer_heads=job["mixer_heads"])
+    if name == "mixer-dense-param":
+        return dict(base, kind="mixer", mixer_layout="dense")
     if name == "mixer-dense":
-        return dict(base, kind="mixer", mixer_impl="dense")
+        return dict(base, kind="mixer", mixer_impl="dense", mixer_layout="dense")
     if name in ("transformer", "hf-llama"):
         return dict(base, kind="transformer", n_heads=job["heads"])
     raise ValueError(name)

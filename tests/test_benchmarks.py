@@ -192,3 +192,107 @@ def test_learning_first_step_below_and_argument_checks(capsys, monkeypatch):
     args = learning.parse_args(["--quick", "--set", "model.init=gpt"])
     overrides = learning.run_overrides("mixer", 64, args.spec, args, Path("/tmp/x"))
     assert "train.steps=200" in overrides and overrides[-2:] == ["train.lr=3e-3", "model.init=gpt"]
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/device_check.sh: its commands (--dry-run), and that a failing or slow step is
+# recorded while the script goes on (a stand-in interpreter; no GPU needed)
+# --------------------------------------------------------------------------------------------
+
+DEVICE_CHECK = BENCH / "device_check.sh"
+
+
+def device_check(*args, env=None, timeout=60):
+    full_env = script_env()
+    full_env.update(env or {})
+    return subprocess.run(["bash", str(DEVICE_CHECK), *args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def dry_run_steps(stdout: str):
+    """[(title, limit_s, command)] of a --dry-run listing."""
+    lines = stdout.splitlines()
+    steps = []
+    for i, line in enumerate(lines):
+        match = re.fullmatch(r"\[(\d+)\] (.+) \(limit (\d+)s\)", line)
+        if match:
+            steps.append((match.group(2), int(match.group(3)), lines[i + 1].strip()))
+    return steps
+
+
+def test_device_check_dry_run_prints_every_command_with_a_time_limit():
+    results = ROOT / "benchmarks" / "results" / "gpu-nvidia-h200.md"
+    before = results.stat().st_mtime_ns if results.exists() else None
+    proc = device_check("--dry-run", "--device-name", "NVIDIA H200")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    steps = dry_run_steps(out)
+    commands = [command for _, _, command in steps]
+    assert len(steps) == 10 and [int(n) for n in re.findall(r"^\[(\d+)\]", out, re.M)] == list(range(1, 11))
+    # every command runs under `timeout`, and the limits fit in the budget, which fits in 8 minutes
+    assert all(re.match(r"timeout -k \d+ \d+ ", c) for c in commands)
+    budget = int(re.search(r"budget (\d+)s", out).group(1))
+    assert sum(limit for _, limit, _ in steps) <= budget <= 8 * 60 - 10
+
+    def one(pattern):
+        found = [c for c in commands if re.search(pattern, c)]
+        assert found, f"no command matches {pattern!r}:\n" + "\n".join(commands)
+        return found
+
+    assert one(r"nvidia-smi -L") == [commands[0]] and steps[0][0].startswith("device")
+    assert "python '<inline script" in commands[0]    # torch / CUDA versions and the device's name
+    assert one(r"python -m pytest -m gpu -q$")
+    throughput = one(r"python benchmarks/throughput\.py ")
+    assert len(throughput) == 2
+    for command, d in zip(throughput, (512, 1024)):
+        assert "--dtype bf16" in command and "--device cuda" in command and f"--d-model {d}" in command
+        assert "--n-ctx 512 1024 2048 4096 8192" in command
+        assert "--models mixer mixer-dense-param paper-mixer transformer hf-llama" in command
+    mixing = one(r"python benchmarks/mixing\.py ")
+    assert [re.search(r"--d-model (\d+)", c).group(1) for c in mixing] == ["512", "1024"]
+    assert all("--n-ctx 512 1024 2048 4096 8192" in c for c in mixing)
+    assert one(r"python benchmarks/zero_memory\.py .*--stages 1 2 3")
+    prepare = one(r"-m mmtrain\.cli prepare --input demo ")[0]
+    assert "--n-ctx 512" in prepare and "--tokenizer tokenizer/demo-bpe-4096.model" in prepare
+    pretrain = one(r"mmtrain[./]pretrain")[0]
+    for piece in ("--config configs/pretrain/mixer-d512-ctx512.yaml", "engine.precision=bf16", "train.steps=200",
+                  "data.shard_dir=", "logging.run_dir="):
+        assert piece in pretrain
+    shards = re.search(r"--out (\S+)", prepare).group(1)
+    assert f"data.shard_dir={shards}" in pretrain                  # the run reads the shards just prepared
+    assert one(r"MFU")
+    assert "results: benchmarks/results/gpu-nvidia-h200.md" in out
+    # a dry run writes nothing
+    assert (results.stat().st_mtime_ns if results.exists() else None) == before
+    default = device_check("--dry-run")
+    assert default.returncode == 0 and "benchmarks/results/gpu-<device>.md" in default.stdout
+
+
+def test_device_check_records_a_failing_step_and_goes_on(tmp_path):
+    out = tmp_path / "gpu-test.md"
+    proc = device_check("--device-name", "Test GPU", "--out", str(out),
+                        env={"PYTHON": "false", "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 1, proc.stderr
+    text = out.read_text()
+    assert text.startswith("# Device check: Test GPU\n")
+    rows = re.findall(r"^\| (\d+) \| (.+?) \| (.+?) \| \d+ \|$", text, re.M)
+    assert [int(n) for n, _, _ in rows] == list(range(1, 11))           # every step ran and was recorded
+    assert all(status == "FAILED (exit 1)" for _, _, status in rows), rows
+    assert text.count("status: **FAILED (exit 1)**") == 10
+
+
+def test_device_check_stops_a_slow_step_at_its_limit_and_skips_what_the_budget_cannot_hold(tmp_path):
+    slow = tmp_path / "slow-python"
+    slow.write_text("#!/bin/sh\necho started\nsleep 60\n")
+    slow.chmod(0o755)
+    out = tmp_path / "gpu-test.md"
+    proc = device_check("--device-name", "Test GPU", "--out", str(out), "--budget", "16",
+                        env={"PYTHON": str(slow), "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 1, proc.stderr
+    text = out.read_text()
+    rows = re.findall(r"^\| (\d+) \| (.+?) \| (.+?) \| (\d+) \|$", text, re.M)
+    assert len(rows) == 10
+    first_status, first_seconds = rows[0][2], int(rows[0][3])
+    assert re.fullmatch(r"TIMED OUT after \d+s", first_status) and first_seconds < 16
+    assert all(status == "skipped (time budget spent)" for _, _, status, _ in rows[1:]), rows
+    assert "started" in text                                            # the step's output is kept

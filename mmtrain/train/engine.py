@@ -5,12 +5,15 @@
 * :func:`deepspeed_config` — the DeepSpeed JSON derived from the typed config (nowhere else).
 * :func:`build_engine` — AdamW with decay/no-decay groups, warmup + decay schedule,
   ``deepspeed.initialize``.
+* :func:`peak_flops` — the peak FLOP/s MFU divides by, with its source: ``engine.peak_flops``,
+  the data-sheet table :data:`DEVICE_PEAKS`, or a measured matmul.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -197,17 +200,126 @@ def build_engine(cfg, model: torch.nn.Module, world_size: int,
     return engine, ds_config
 
 
-def peak_flops(device: torch.device, precision: str, max_size: int = 2048, budget_s: float = 0.25) -> float:
-    """Measured dense matmul FLOP/s on ``device`` for the training dtype.
+# ---- peak FLOP/s for MFU ------------------------------------------------------------------------
 
-    On CPUs without native bf16/fp16 matmuls those are emulated far below the fp32 rate; the
-    peak the hardware offers is then the fp32 one, so the better of the two is returned.
+@dataclass(frozen=True)
+class DevicePeak:
+    """Dense (no structured sparsity) peak FLOP/s of one device, per training precision."""
+
+    name: str
+    pattern: str        #: regex searched in the lower-cased ``torch.cuda.get_device_name()``
+    bf16: float
+    fp16: float
+    fp32: float         #: plain FP32 (CUDA cores), what an fp32 run's matmuls use by default
+    tf32: float         #: TF32 tensor cores, used only when torch allows TF32 matmuls
+    source: str         #: the vendor document the figures come from
+
+
+_T = 1e12
+# Vendors' data sheets list tensor-core rates "with sparsity" (2:4 structured), which are twice
+# the dense rates; only the dense figures are used here. Decimals as in the architecture
+# whitepapers (the data sheets round them: H100 SXM FP32 "67", BF16 "1,979*" = 2 x 989.4).
+#   H100 SXM / PCIe: "NVIDIA H100 Tensor Core GPU" data sheet and "NVIDIA H100 Tensor Core GPU
+#                    Architecture" whitepaper: SXM5 FP32 66.9, TF32 494.7, BF16/FP16 989.4 TFLOPS;
+#                    PCIe FP32 51.2, TF32 378, BF16/FP16 756.5 TFLOPS (dense).
+#   H200 (SXM):      "NVIDIA H200 Tensor Core GPU" data sheet: the H100 SXM compute figures
+#                    (FP32 67, TF32 989*, BF16/FP16 1,979* TFLOPS, * = with sparsity).
+#   A100 SXM/PCIe:   "NVIDIA A100 Tensor Core GPU" data sheet, 40 GB and 80 GB alike: FP32 19.5,
+#                    TF32 156, BF16/FP16 312 TFLOPS dense (312* and 624* with sparsity).
+#   L4:              "NVIDIA L4 Tensor Core GPU" data sheet: FP32 30.3, TF32 120*, BF16/FP16 242*
+#                    TFLOPS (* = with sparsity), i.e. TF32 60 and BF16/FP16 121 dense.
+# Order matters: the first pattern that matches wins (H100 PCIe before the other H100s). The NVL
+# parts (H100 NVL, H200 NVL) have other clocks and power limits and are not in the table: they
+# get a measured peak, as does every other device.
+DEVICE_PEAKS: Tuple[DevicePeak, ...] = (
+    DevicePeak("NVIDIA H100 PCIe", r"\bh100\b.*\bpcie\b", 756.5 * _T, 756.5 * _T, 51.2 * _T, 378.0 * _T,
+               "NVIDIA H100 Tensor Core GPU data sheet"),
+    DevicePeak("NVIDIA H100 SXM", r"\bh100\b(?!.*\bnvl\b)", 989.4 * _T, 989.4 * _T, 66.9 * _T, 494.7 * _T,
+               "NVIDIA H100 Tensor Core GPU data sheet"),
+    DevicePeak("NVIDIA H200", r"\bh200\b(?!.*\bnvl\b)", 989.4 * _T, 989.4 * _T, 66.9 * _T, 494.7 * _T,
+               "NVIDIA H200 Tensor Core GPU data sheet"),
+    DevicePeak("NVIDIA A100", r"\ba100\b", 312.0 * _T, 312.0 * _T, 19.5 * _T, 156.0 * _T,
+               "NVIDIA A100 Tensor Core GPU data sheet"),
+    DevicePeak("NVIDIA L4", r"\bl4\b", 121.0 * _T, 121.0 * _T, 30.3 * _T, 60.0 * _T,
+               "NVIDIA L4 Tensor Core GPU data sheet"),
+)
+
+
+@dataclass(frozen=True)
+class PeakFlops:
+    """The peak FLOP/s per device that MFU divides by, and where it came from: ``source`` is
+    ``"config: engine.peak_flops"``, ``"table: <device> <dtype> dense (<data sheet>)"`` or
+    ``"measured: <dtype> matmul on <device>"``."""
+
+    value: float
+    source: str
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def describe(self) -> str:
+        """``"989.4 TFLOP/s (table: NVIDIA H100 SXM bf16 dense (...))"`` for a log line."""
+        return f"{_format_flops(self.value)} ({self.source})"
+
+
+def _format_flops(value: float) -> str:
+    for unit, scale in (("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
+        if value >= scale:
+            return f"{value / scale:,.1f} {unit}"
+    return f"{value:,.3g} FLOP/s"
+
+
+def device_name(device: torch.device) -> str:
+    """The name the peak table is matched against (``torch.cuda.get_device_name``; "" on CPU)."""
+    if device.type != "cuda":
+        return ""
+    return torch.cuda.get_device_name(device)
+
+
+def tf32_matmuls_enabled() -> bool:
+    """Whether torch may run fp32 CUDA matmuls on TF32 tensor cores (off by default)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+
+
+def table_peak(name: str, precision: str, tf32: bool = False) -> Optional[PeakFlops]:
+    """The data-sheet dense peak of the device called ``name`` for ``precision`` (bf16, fp16, fp32;
+    fp32 with ``tf32`` = TF32 tensor cores), or None for a device the table does not know."""
+    lowered = name.lower()
+    for entry in DEVICE_PEAKS:
+        if re.search(entry.pattern, lowered):
+            dtype = "tf32" if precision == "fp32" and tf32 else precision
+            if dtype not in ("bf16", "fp16", "fp32", "tf32"):
+                return None
+            return PeakFlops(getattr(entry, dtype), f"table: {entry.name} {dtype} dense ({entry.source})")
+    return None
+
+
+def peak_flops(device: torch.device, precision: str, configured: float = 0.0, max_size: int = 2048,
+               budget_s: float = 0.25) -> PeakFlops:
+    """Peak FLOP/s per device for MFU, and its source, in this order:
+
+    1. ``configured`` > 0 (``engine.peak_flops``): that value, source ``config: engine.peak_flops``;
+    2. a CUDA device in :data:`DEVICE_PEAKS`: its dense data-sheet figure for the training dtype
+       (fp32: plain FP32, or TF32 when torch allows TF32 matmuls);
+    3. otherwise a dense matmul measured on ``device`` in the training dtype. On CPUs without
+       native bf16/fp16 matmuls those are emulated far below the fp32 rate; the peak the
+       hardware offers is then the fp32 one, so the better of the two is used (and named).
     """
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if configured > 0:
+        return PeakFlops(float(configured), "config: engine.peak_flops")
+    if device.type == "cuda":
+        known = table_peak(device_name(device), precision, tf32=precision == "fp32" and tf32_matmuls_enabled())
+        if known is not None:
+            return known
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype, label = dtypes.get(precision, torch.float32), precision if precision in dtypes else "fp32"
     rate = _matmul_rate(device, dtype, max_size, budget_s)
     if device.type == "cpu" and dtype != torch.float32:
-        rate = max(rate, _matmul_rate(device, torch.float32, max_size, budget_s))
-    return rate
+        fp32_rate = _matmul_rate(device, torch.float32, max_size, budget_s)
+        if fp32_rate > rate:
+            rate, label = fp32_rate, "fp32"
+    where = device.type if device.type == "cpu" else f"{device.type} {device_name(device)}".strip()
+    return PeakFlops(rate, f"measured: {label} matmul on {where}")
 
 
 def _matmul_rate(device: torch.device, dtype: torch.dtype, max_size: int, budget_s: float) -> float:

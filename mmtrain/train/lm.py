@@ -76,9 +76,10 @@ class LMTask(Task):
         model = build_model(self.cfg.model, self.vocab_size)
         self.label_shift = model.label_shift  # targets of out.loss: labels[:, shift:] (0 = autoencoder)
         self.flops_per_token = model.flops_per_token(self.n_ctx)
-        self.peak_flops = self.cfg.engine.peak_flops
-        if self.peak_flops <= 0:
-            self.peak_flops = peak_flops(self.trainer.device, self.cfg.engine.precision)
+        # MFU's denominator: engine.peak_flops, else the device's data-sheet figure, else a measured
+        # matmul; the banner names which. The numerator (flops_per_token) is the same on every device.
+        self.peak = peak_flops(self.trainer.device, self.cfg.engine.precision, self.cfg.engine.peak_flops)
+        self.peak_flops = self.peak.value
         return model
 
     def _loader(self, split: str, shuffle: bool, num_workers: int):
@@ -155,9 +156,15 @@ class LMTask(Task):
     def banner(self) -> str:
         t, cfg = self.trainer, self.cfg
         return (f"[mmtrain] run dir {t.run_dir} | {cfg.model.kind} n_ctx={self.n_ctx} "
-                f"params={t.model.num_params():,} | world={t.dist.world_size} "
+                f"params={t.model.num_params():,}{self._stored()} | world={t.dist.world_size} "
                 f"zero={cfg.engine.zero_stage} {cfg.engine.precision} | global batch "
-                f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {t.gas} x {t.dist.world_size}")
+                f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {t.gas} x {t.dist.world_size} | "
+                f"MFU peak {self.peak.describe()} per device")
+
+    def _stored(self) -> str:
+        """`` (N stored)`` when the parameters hold fewer values than the paper's count (packed mixing)."""
+        stored = self.trainer.model.stored_params()
+        return f" ({stored:,} stored)" if stored != self.trainer.model.num_params() else ""
 
     def step_report(self, stats: Dict[str, float], seconds: float):
         t = self.trainer

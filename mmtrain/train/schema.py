@@ -53,7 +53,9 @@ class EngineConfig:
     offload_optimizer: bool = setting(False, "ZeRO-Offload the optimizer state to CPU (stage >= 1).")
     offload_params: bool = setting(False, "ZeRO-Offload parameters to CPU (stage 3).")
     device: str = setting("auto", "`auto` = CUDA when available, else CPU.", choices=["auto", "cpu", "cuda"])
-    peak_flops: float = setting(0.0, "Peak FLOP/s per device used for MFU; 0 = measure a matmul at start.")
+    peak_flops: float = setting(0.0, "Peak FLOP/s per device used for MFU; 0 = the device's dense data-sheet "
+                                     "figure for the precision (H100, H200, A100, L4), else a matmul measured "
+                                     "at start. The run's banner names the source.")
     torch_adam: bool = setting(True, "Use torch.optim.AdamW (builds nothing). false = DeepSpeed's fused/CPU "
                                 "Adam (JIT-built on first use).")
     compile: bool = setting(False, "Experimental: torch.compile the model through DeepSpeed (engine.compile()) "

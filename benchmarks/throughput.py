@@ -43,6 +43,7 @@ Writes ``<out-dir>/throughput.{md,csv,png}`` (default out-dir: runs/benchmarks).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -273,6 +274,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (0 = torch's default; --quick: 1)")
     p.add_argument("--overhead-n-ctx", type=int, help="n_ctx of the engine-overhead rows (default 512)")
     p.add_argument("--no-overhead", action="store_true", help="skip the engine-overhead rows")
+    p.add_argument("--crossover", type=int, nargs=2, metavar=("B1", "B2"),
+                   help="also measure the peak memory of each mixer row and the transformer at these two "
+                        "batch sizes (one step each) and report the batch size from which the mixer needs "
+                        "less memory than the transformer (peak memory is affine in the batch size)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "benchmarks",
                    help="where throughput.{md,csv,png} go (default runs/benchmarks)")
     args = p.parse_args(argv)
@@ -346,8 +351,45 @@ def run_all(args) -> Dict[str, Any]:
         run(job_for(args, "mixer", n_ctx, mode="plain"), "overhead", "mixer, plain PyTorch loop")
         for stage in (1, 2, 3):
             run(job_for(args, "mixer", n_ctx, zero_stage=stage), "overhead", f"mixer, engine ZeRO {stage}")
+    if args.crossover:
+        mixers = [m for m in args.models if m.startswith("mixer")]
+        for n_ctx in args.n_ctx:
+            for model in mixers + ["transformer"]:
+                for batch in args.crossover:
+                    job = dict(job_for(args, model, n_ctx), batch=batch, warmup=0, repeats=1)
+                    run(job, "crossover", LABELS[model])
     add_ratios(records)
     return {"peak_flops": peak["peak_flops"], "records": records}
+
+
+def crossover_table(records: List[Dict[str, Any]]) -> str:
+    """Per n_ctx and mixer: peak memory at the two batch sizes, the transformer's, and the
+    smallest batch from which the mixer's (affine) peak memory is below the transformer's."""
+    rows = []
+    mem = {(r["model"], r["n_ctx"], r["batch"]): r["peak_mem_mib"] for r in records
+           if r["section"] == "crossover" and "error" not in r}
+    batches = sorted({b for (_, _, b) in mem})
+    if len(batches) != 2:
+        return ""
+    b1, b2 = batches
+    for model, n_ctx in dict.fromkeys((m, n) for (m, n, _) in mem if m != "transformer"):
+        keys = [(model, n_ctx, b1), (model, n_ctx, b2), ("transformer", n_ctx, b1), ("transformer", n_ctx, b2)]
+        if not all(k in mem for k in keys):
+            continue
+        m1, m2, t1, t2 = (mem[k] for k in keys)
+        m_slope, t_slope = (m2 - m1) / (b2 - b1), (t2 - t1) / (b2 - b1)
+        m_base, t_base = m1 - m_slope * b1, t1 - t_slope * b1
+        if m_base <= t_base and m_slope <= t_slope:
+            cross = "every batch"
+        elif t_slope <= m_slope:
+            cross = "never (per-sequence memory not smaller)"
+        else:
+            cross = f"{max(1, math.floor((m_base - t_base) / (t_slope - m_slope)) + 1)}"
+        rows.append([LABELS[model], n_ctx, fmt(m1, 1), fmt(m2, 1), fmt(t1, 1), fmt(t2, 1),
+                     f"{m_slope:,.1f} / {t_slope:,.1f}", cross])
+    headers = ["mixer", "n_ctx", f"mixer MiB @{b1}", f"mixer MiB @{b2}", f"transformer MiB @{b1}",
+               f"transformer MiB @{b2}", "MiB per sequence (mixer / transformer)", "mixer below from batch"]
+    return markdown_table(headers, rows, align="lrrrrrrl")
 
 
 def add_ratios(records: List[Dict[str, Any]]) -> None:
@@ -359,7 +401,7 @@ def add_ratios(records: List[Dict[str, Any]]) -> None:
         return None
 
     for r in records:
-        if "error" in r:
+        if "error" in r or r["section"] == "crossover":
             continue
         if r["section"] == "sweep":
             ref = find("sweep", REFERENCE.get(r["model"], ""), r["n_ctx"])
@@ -372,7 +414,7 @@ def add_ratios(records: List[Dict[str, Any]]) -> None:
             r["peak_mem_ratio"] = r["peak_mem_mib"] / ref["peak_mem_mib"] if ref["peak_mem_mib"] > 0 else None
 
 
-TABLE_HEADERS = ["model", "n_ctx", "ZeRO", "params (M)", "step (ms)", "tokens/s", "peak mem (MiB)", "MFU",
+TABLE_HEADERS = ["model", "n_ctx", "ZeRO", "stored params (M)", "step (ms)", "tokens/s", "peak mem (MiB)", "MFU",
                  "tokens/s ratio", "mem ratio", "ratio vs"]
 
 
@@ -444,7 +486,10 @@ def main(argv: Optional[List[str]] = None) -> int:
              f"vocab {VOCAB}, sweep ZeRO {args.zero_stage}, median of {args.repeats} steps after "
              f"{args.warmup} warm-up")
     peak_line = f"{args.dtype} matmul peak (measured in this run): {result['peak_flops'] / 1e9:,.1f} GFLOP/s"
-    text = table(records)
+    text = table([r for r in records if r["section"] != "crossover"])
+    if args.crossover:
+        text += ("\n\nPeak memory against batch size (one step per configuration; crossing point of the two "
+                 "affine fits)\n\n" + crossover_table(records))
     for r in records:
         r["peak_flops"] = result["peak_flops"]
     report(args.out_dir, "throughput", info, f"{setup}\n{peak_line}; memory: {memory}", text, records)

@@ -69,7 +69,7 @@ def bench_runs(demo_shards, tmp_path_factory):
 def test_throughput_quick_prints_every_model_at_both_lengths_with_ratios(bench_runs):
     stdout, out_dir = bench_runs["throughput"]
     header, rows = markdown_rows(stdout, "model")
-    assert header == ["model", "n_ctx", "ZeRO", "params (M)", "step (ms)", "tokens/s", "peak mem (MiB)", "MFU",
+    assert header == ["model", "n_ctx", "ZeRO", "stored params (M)", "step (ms)", "tokens/s", "peak mem (MiB)", "MFU",
                       "tokens/s ratio", "mem ratio", "ratio vs"]
     by_name = {}
     for row in rows:

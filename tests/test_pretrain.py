@@ -17,8 +17,9 @@ STEPS = 6
 
 
 def tiny_args(shards, run_dir, *extra):
+    # 8-row panels: the packed mixing matrices (n_ctx 32) span 4 block rows, partitioned at ZeRO 1-3
     return ["--config", TINY, f"data.shard_dir={shards}", f"logging.run_dir={run_dir}",
-            f"train.steps={STEPS}", "train.eval_every=3", "checkpoint.every=3", *extra]
+            f"train.steps={STEPS}", "train.eval_every=3", "checkpoint.every=3", "model.mixer_block_size=8", *extra]
 
 
 @pytest.fixture(scope="module")

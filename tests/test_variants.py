@@ -17,7 +17,7 @@ from mmtrain.config import ConfigError
 from mmtrain.eval.generate import generate
 from mmtrain.models import build_model, causal_lm_loss
 from mmtrain.models.bidirectional import ReverseTokenMixing
-from mmtrain.models.mixer import MaskedMixingMatrix
+from mmtrain.models.mixer import CausalMixingMatrix, MaskedMixingMatrix
 from mmtrain.models.transformer import rotary_cos_sin
 from mmtrain.data.tokenizer import DEMO_TOKENIZER
 
@@ -54,9 +54,9 @@ def perturb(model) -> None:
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
         for module in model.modules():
-            if isinstance(module, MaskedMixingMatrix):
-                dead = module.mask.expand_as(module.weight) == 0
-                module.weight[dead] = torch.randn(int(dead.sum()))
+            if isinstance(module, (MaskedMixingMatrix, CausalMixingMatrix)):
+                dead = module.masked_entries()
+                module.mixing_parameter[dead] = torch.randn(int(dead.sum()))
 
 
 def random_tokens(batch: int, length: int, seed: int = 1, vocab: int = VOCAB) -> torch.Tensor:
@@ -170,25 +170,29 @@ def test_bidirectional_loss_is_the_shifted_next_token_cross_entropy():
     assert torch.equal(out.loss, causal_lm_loss(out.logits, tokens))
 
 
-def test_reverse_mixing_is_shifted_triu_and_its_masked_half_gets_exactly_zero_gradient():
-    model = make(BIDIRECTIONAL).train()
+@pytest.mark.parametrize("layout", ["packed", "dense"])
+def test_reverse_mixing_is_shifted_triu_and_its_masked_half_gets_exactly_zero_gradient(layout):
+    model = make(BIDIRECTIONAL, mixer_layout=layout).train()
     mixers = [m for m in model.modules() if isinstance(m, ReverseTokenMixing)]
     assert len(mixers) == 2
     rows, cols = torch.arange(N_CTX)[:, None], torch.arange(N_CTX)[None, :]
     live = cols >= rows + 2
     for module in mixers:
-        assert torch.equal(module.mask.bool(), live)
+        weight = module.dense_weight().detach()
+        assert torch.count_nonzero(weight[~live]) == 0 and torch.count_nonzero(weight[live]) == live.sum()
     # forward equals the written-out sum over inputs m >= n + 2 (length 12 < n_ctx: top-left block)
     u = torch.randn(2, 12, 8)
     module = mixers[0]
-    expected = torch.stack([sum((module.weight[n, m] * u[:, m] for m in range(n + 2, 12)), torch.zeros(2, 8))
+    weight = module.dense_weight().detach()
+    expected = torch.stack([sum((weight[n, m] * u[:, m] for m in range(n + 2, 12)), torch.zeros(2, 8))
                             + module.bias[n] for n in range(12)], dim=1)
     assert torch.allclose(module(u), expected, atol=1e-6)
     tokens = random_tokens(4, N_CTX)
     model(tokens, labels=tokens).loss.backward()
     for module in mixers:
-        assert torch.count_nonzero(module.weight.grad[~live]) == 0
-        assert torch.count_nonzero(module.weight.grad[live]) > 0.9 * live.sum()
+        dead, grad = module.masked_entries(), module.mixing_parameter.grad
+        assert torch.count_nonzero(grad[dead]) == 0
+        assert torch.count_nonzero(grad[~dead]) > 0.9 * (~dead).sum()
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,10 +349,11 @@ def test_reverse_mixing_weights_are_stored_masked(variant_bundles):
 
     model, bundle = variant_bundles["bidirectional_mixer"]
     stored = load_file(str(bundle / B.WEIGHTS_NAME))
-    weight = stored["blocks.0.reverse_mixing.weight"]
-    dead = model.blocks[0].reverse_mixing.mask == 0
+    weight = stored["blocks.0.reverse_mixing.weight"]                 # dense, masked (triu 2)
+    dead = ~torch.ones(weight.shape, dtype=torch.bool).triu(2)
     assert torch.count_nonzero(weight[dead]) == 0
-    assert torch.equal(weight[~dead], model.blocks[0].reverse_mixing.weight.detach()[~dead])
+    assert torch.equal(weight[~dead], model.blocks[0].reverse_mixing.dense_weight().detach()[~dead])
+    assert "blocks.0.reverse_mixing.packed_weight" in model.state_dict()   # trained packed
 
 
 @pytest.mark.parametrize("name, reason", [("bidirectional_mixer", "reads tokens after the position"),

@@ -29,7 +29,6 @@ import torch
 
 from mmtrain.models import CausalLM, build_model
 from mmtrain.models.layers import init_gather
-from mmtrain.models.mixing_ops import pack_lower, unpack_lower
 from mmtrain.models.mixer import CausalMixingMatrix, MaskedMixingMatrix
 
 FORMAT_VERSION = 1
@@ -87,7 +86,7 @@ def export_state_dict(model: CausalLM, dtype: torch.dtype = torch.float32) -> Di
             tensor = tensor * masked[name].mask.to(tensor.dtype)
         elif name in packed:
             module = packed[name]
-            tensor, name = unpack_lower(tensor, module.n_ctx, module.block), name[:-len("packed_weight")] + "weight"
+            tensor, name = module.unpack(tensor), name[:-len("packed_weight")] + "weight"
         state[name] = tensor.to(device="cpu", dtype=dtype).contiguous().clone()
     return state
 
@@ -397,7 +396,7 @@ def _in_model_layout(model: CausalLM, stored: Dict[str, torch.Tensor], path: Pat
         if list(dense.shape) != want:
             problems.append(f"tensor {dense_key!r} has shape {list(dense.shape)}, the model needs {want}")
             continue
-        stored[dense_key[:-len("weight")] + "packed_weight"] = pack_lower(dense, module.block)
+        stored[dense_key[:-len("weight")] + "packed_weight"] = module.pack(dense)
     if problems:
         raise BundleError(f"{path}: weights do not match config.json's model:\n  - " + "\n  - ".join(problems))
     return stored

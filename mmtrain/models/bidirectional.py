@@ -33,27 +33,23 @@ import torch
 from torch import nn
 
 from mmtrain.models.layers import CausalLM, DecodingCache, _numel
-from mmtrain.models.mixer import MLP, FlatTokenMixing, MaskedMixingMatrix
+from mmtrain.models.mixer import MLP, CausalMixingMatrix, FlatTokenMixing
 
 NOT_GENERATIVE = ("a bidirectional_mixer reads tokens after the position it predicts (n+2 onwards), so "
                   "it cannot continue a text left to right; use it with `mmtrain eval-lm` or as an encoder")
 
 
-def reverse_mask(n_ctx: int) -> torch.Tensor:
-    """[n_ctx, n_ctx] ones where input j >= output i + 2 (``triu(ones, diagonal=2)``)."""
-    return torch.triu(torch.ones(n_ctx, n_ctx), diagonal=2)
-
-
-class ReverseTokenMixing(MaskedMixingMatrix):
+class ReverseTokenMixing(CausalMixingMatrix):
     """``(W ⊙ triu(1, 2))[:L, :L] · U + b[:L, None]``: output n mixes inputs n+2 .. L-1.
 
-    U [B, L, d] -> [B, L, d]. Parameters: weight [n_ctx, n_ctx], bias [n_ctx]; the last two rows
+    U [B, L, d] -> [B, L, d]. Parameters: the matrix (packed: the lower triangle of ``Wᵀ``, about
+    half of n_ctx^2; dense: weight [n_ctx, n_ctx] with a mask) and bias [n_ctx]; the last two rows
     have no live input (only their bias). Forward cost per token, counting the live entries
     ((L-1)(L-2)/2 of them) as the mixer counts its lower triangle: d * (L-1) * (L-2) / L FLOPs.
     """
 
-    def __init__(self, n_ctx: int):
-        super().__init__(reverse_mask(n_ctx))
+    def __init__(self, n_ctx: int, layout: str = "packed", block_size: int = 0):
+        super().__init__(n_ctx, layout=layout, block_size=block_size, diagonal=-2, transposed=True)
 
     def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
         return float(d_model * (seq_len - 1) * (seq_len - 2)) / seq_len
@@ -68,7 +64,7 @@ class BidirectionalMixerBlock(nn.Module):
         self.token_norm = nn.LayerNorm(d_model, eps=eps)
         self.token_mixing = FlatTokenMixing(n_ctx, block_size, layout)
         self.reverse_norm = nn.LayerNorm(d_model, eps=eps)
-        self.reverse_mixing = ReverseTokenMixing(n_ctx)
+        self.reverse_mixing = ReverseTokenMixing(n_ctx, layout, block_size)
         self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
         self.mlp = MLP(d_model, ffn_mult * d_model)
 

@@ -16,17 +16,22 @@ Token mixing comes in three variants (``model.mixer_heads`` / ``model.mixer_expa
                concatenate, project back,
 - expanded:    ``Y = W2' · GELU(W1' · U + b1) + b2`` through e*n_ctx hidden rows, both masked.
 
-The mask is a non-persistent buffer applied inside ``forward``; parameters are never written to
-after init (that is what keeps ZeRO-3 partitioning and gradient clipping honest). Because every
-masked matrix is lower-triangular in positions, a model built for ``n_ctx`` runs any input of
-length ``L <= n_ctx`` exactly by using the top-left ``L x L`` block.
+Storage (``model.mixer_layout``): ``packed`` (default) keeps only the lower triangle of each
+causal matrix, as row panels (:class:`CausalMixingMatrix`, :mod:`mmtrain.models.mixing_ops`):
+about half the parameters, gradients and optimizer state of ``dense``, the full matrix with a
+non-persistent mask buffer. Either way the mask is applied inside ``forward`` (entries above the
+diagonal are never read) and parameters are never written to after init, which keeps ZeRO-3
+partitioning and gradient clipping honest. Because every masked matrix is lower-triangular in
+positions, a model built for ``n_ctx`` runs any input of length ``L <= n_ctx`` exactly by using
+the top-left ``L x L`` block. Bundles always hold the dense masked matrices.
 
 Fast training path (``model.mixer_impl``: auto | triangular; ``dense`` is the formula above under
 autograd): the model runs sequence-first, H [L, B, d], so flat token mixing is one
-``[L, L] x [L, B*d]`` product per layer, computed by the block-triangular op of
-:mod:`mmtrain.models.mixing_ops` (only the lower half, forward and both gradients; entries above
-the diagonal are never read and get exactly zero gradient). Multi-head mixing does the same per
-head on [h, L, B*d/h]; expanded mixing stays a dense masked product, on the [L, B*d] view.
+``[L, L] x [L, B*d]`` product per layer, computed on the packed panels (two GEMMs per block row
+and product) or, in the dense layout, by the tiled op; only the lower half is computed, forward
+and both gradients, and entries above the diagonal get exactly zero gradient. Multi-head mixing
+does the same for all heads at once on [h, L, B*d/h]; expanded mixing stays a dense masked
+product, on the [L, B*d] view.
 
 Initialisation (``model.init``, default ``paper`` for the mixer family; see
 :func:`mmtrain.models.layers.initialize_`): PyTorch's defaults, as in the paper's code, i.e.
@@ -53,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtrain.models.layers import CausalLM, DecodingCache
-from mmtrain.models.mixing_ops import (AUTO_BLOCK_SIZE, pack_lower, packed_mask, packed_mix, packed_size,
+from mmtrain.models.mixing_ops import (AUTO_BLOCK_SIZE, pack_lower, packed_mix, packed_size,
                                        triangular_mix, unpack_lower, unpack_rows)
 
 Cache = Dict[str, torch.Tensor]
@@ -163,17 +168,22 @@ def packed_block(n_ctx: int, block_size: int = 0) -> int:
 
 
 class CausalMixingMatrix(nn.Module):
-    """A learned lower-triangular ``n_ctx x n_ctx`` matrix over positions (or one per head), with
-    a per-position bias: ``Y = tril(W)[:L, :L] · U + b[:L]``.
+    """A learned triangular ``n_ctx x n_ctx`` matrix over positions (or one per head), with a
+    per-position bias: ``Y = tril(W)[:L, :L] · U + b[:L]``.
 
     ``layout``:
 
-    - ``packed`` (default): ``packed_weight [(heads,) P]`` holds only the lower triangle, one row
+    - ``packed`` (default): ``packed_weight [(heads,) P]`` holds only a lower triangle, one row
       panel per block of :func:`packed_block` rows (:mod:`mmtrain.models.mixing_ops`), so the
       parameter, its gradient, its optimizer moments and its ZeRO partitions are about half of
-      ``n_ctx^2``; the sequence-first product is :func:`packed_mix` (one GEMM per block row).
+      ``n_ctx^2``; the sequence-first product is :func:`packed_mix` (two GEMMs per block row).
     - ``dense``: ``weight [(heads,) n_ctx, n_ctx]`` with a 0/1 mask buffer, the product
       :func:`triangular_mix` (the layout of earlier versions).
+
+    ``diagonal`` (<= 0) and ``transposed`` describe other triangular masks with the same
+    storage: the live entries of ``S`` are ``tril(S, diagonal)``, with ``S = W`` or, transposed,
+    ``S = Wᵀ`` (an upper-triangular W; e.g. the bidirectional model's reverse stream,
+    ``triu(W, 2)`` = ``diagonal=-2, transposed=True``). Those run through the masked matmul.
 
     Either layout loads the other's state dict (``weight`` dense or ``packed_weight``), so old and
     new checkpoints and bundles load into both; bundles always store the dense, masked ``weight``
@@ -184,32 +194,42 @@ class CausalMixingMatrix(nn.Module):
     #: Marks the module for :func:`mmtrain.models.layers.initialize_` (model.mixing_init).
     is_token_mixing = True
 
-    def __init__(self, n_ctx: int, heads: Optional[int] = None, layout: str = "packed", block_size: int = 0):
+    def __init__(self, n_ctx: int, heads: Optional[int] = None, layout: str = "packed", block_size: int = 0,
+                 diagonal: int = 0, transposed: bool = False):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"mixing layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-        self.n_ctx, self.layout = n_ctx, layout
+        if diagonal > 0:
+            raise ValueError(f"diagonal must be <= 0 (a lower triangle), got {diagonal}")
+        self.n_ctx, self.layout, self.diagonal, self.transposed = n_ctx, layout, diagonal, transposed
         self.block = packed_block(n_ctx, block_size)
         lead = () if heads is None else (heads,)
         if layout == "packed":
             self.packed_weight = nn.Parameter(torch.empty(*lead, packed_size(n_ctx, self.block)))
         else:
             self.weight = nn.Parameter(torch.empty(*lead, n_ctx, n_ctx))
-            self.register_buffer("mask", causal_mask(n_ctx), persistent=False)
+            self.register_buffer("mask", self._live().float(), persistent=False)
         self.bias = nn.Parameter(torch.empty(*lead, n_ctx))
         self._register_load_state_dict_pre_hook(self._convert_layout)
         self.reset_parameters()
+
+    def _live(self, device=None) -> torch.Tensor:
+        """[n_ctx, n_ctx] bool, W's coordinates (row = output): True where W is used."""
+        lower = torch.ones(self.n_ctx, self.n_ctx, dtype=torch.bool, device=device).tril(self.diagonal)
+        return lower.t() if self.transposed else lower
 
     @property
     def mixing_parameter(self) -> nn.Parameter:
         return self.packed_weight if self.layout == "packed" else self.weight
 
     def masked_entries(self) -> torch.Tensor:
-        """Bool, the mixing parameter's shape: True where a stored entry lies above the diagonal
-        (packed: in a diagonal block; dense: anywhere), never read."""
+        """Bool, the mixing parameter's shape: True where a stored entry is masked, never read
+        (packed: the entries of diagonal blocks outside the triangle; dense: all of them)."""
         param = self.mixing_parameter
         if self.layout == "packed":
-            return (~packed_mask(self.n_ctx, self.block, param.device)).expand_as(param)
+            live = self._live(param.device)
+            stored_live = pack_lower(live.t() if self.transposed else live, self.block)
+            return (~stored_live).expand_as(param)
         return (self.mask == 0).expand_as(param)
 
     def dense_numel(self) -> int:
@@ -219,45 +239,63 @@ class CausalMixingMatrix(nn.Module):
         lead = shape[:-1] if self.layout == "packed" else shape[:-2]
         return int(torch.Size(lead).numel()) * self.n_ctx * self.n_ctx
 
+    def pack(self, dense: torch.Tensor) -> torch.Tensor:
+        """Dense W [(heads,) n, n] -> this module's packed tensor (entries outside the mask dropped)."""
+        live = self._live(dense.device).to(dense.dtype)
+        masked = dense * live
+        return pack_lower(masked.transpose(-1, -2) if self.transposed else masked, self.block)
+
+    def unpack(self, packed: torch.Tensor, block: Optional[int] = None) -> torch.Tensor:
+        """A packed tensor (block size ``block``, default this module's) -> the dense masked W."""
+        stored = unpack_lower(packed, self.n_ctx, block or self.block).tril(self.diagonal)
+        return stored.transpose(-1, -2) if self.transposed else stored
+
     def reset_parameters(self, mode: str = "uniform") -> None:
-        """``uniform``: U(+-1/sqrt(n_ctx)) for weight and bias; ``position``: row i U(+-1/sqrt(i+1))
-        for both. Entries above the diagonal are zero (packed: not stored)."""
+        """``uniform``: U(+-1/sqrt(n_ctx)) for weight and bias; ``position``: row i U(+-1/sqrt(k_i))
+        for both, k_i = live inputs of row i. Masked entries are zero (packed: not stored)."""
         if mode not in ("uniform", "position"):
             raise ValueError(f"mixing init {mode!r} is not one of 'uniform', 'position'")
         param = self.mixing_parameter
         lead = param.shape[:-1] if self.layout == "packed" else param.shape[:-2]
         with torch.no_grad():
             dense = torch.empty(*lead, self.n_ctx, self.n_ctx, dtype=param.dtype, device=param.device)
+            live = self._live(param.device).to(param.dtype)
             if mode == "uniform":
                 bound = 1.0 / math.sqrt(self.n_ctx)
                 dense.uniform_(-bound, bound)
                 self.bias.uniform_(-bound, bound)
             else:
-                rows = torch.arange(1, self.n_ctx + 1, dtype=param.dtype, device=param.device).rsqrt()
+                rows = live.sum(dim=-1).clamp(min=1.0).rsqrt()
                 dense.uniform_(-1.0, 1.0).mul_(rows[:, None])
                 self.bias.uniform_(-1.0, 1.0).mul_(rows)
-            param.copy_(pack_lower(dense, self.block) if self.layout == "packed" else dense.tril())
+            param.copy_(self.pack(dense) if self.layout == "packed" else dense * live)
 
     def dense_weight(self) -> torch.Tensor:
-        """The whole lower-triangular matrix [(heads,) n_ctx, n_ctx] (what a bundle stores)."""
+        """The whole masked matrix W [(heads,) n_ctx, n_ctx] (what a bundle stores)."""
         if self.layout == "packed":
-            return unpack_lower(self.packed_weight, self.n_ctx, self.block)
+            return self.unpack(self.packed_weight)
         return self.weight * self.mask.to(self.weight.dtype)
 
     def masked_weight(self, n_out: int, n_in: int, start: int = 0) -> torch.Tensor:
-        """tril(W) rows start..n_out-1, columns 0..n_in-1: [(heads,) n_out - start, n_in]
+        """Masked W rows start..n_out-1, columns 0..n_in-1: [(heads,) n_out - start, n_in]
         (packed: read from the panels those rows lie in)."""
-        if self.layout == "packed":
-            return unpack_rows(self.packed_weight, self.n_ctx, self.block, start, n_out, n_in)
-        return self.weight[..., start:n_out, :n_in] * self.mask[start:n_out, :n_in].to(self.weight.dtype)
+        if self.layout == "dense":
+            return self.weight[..., start:n_out, :n_in] * self.mask[start:n_out, :n_in].to(self.weight.dtype)
+        if self.transposed:   # W[start:n_out, :n_in] = S[:n_in, start:n_out]ᵀ
+            stored = unpack_rows(self.packed_weight, self.n_ctx, self.block, 0, n_in, n_out).tril(self.diagonal)
+            return stored[..., start:n_out].transpose(-1, -2)
+        rows = unpack_rows(self.packed_weight, self.n_ctx, self.block, start, n_out, n_in)
+        return rows.tril(start + self.diagonal) if self.diagonal else rows
 
     def forward(self, u: torch.Tensor, n_out: Optional[int] = None, start: int = 0,
                 triangular_block: Optional[int] = None) -> torch.Tensor:
         """u [B, (heads,) n_in, width] -> rows start..n_out-1 [B, (heads,) n_out - start, width]
         (masked matmul; ``start > 0`` is incremental decoding). With ``triangular_block`` (the
         dense layout's tile size, 0 = auto), u is sequence-first [(heads,) L, N] and the product
-        is :func:`packed_mix` / :func:`triangular_mix`."""
+        is :func:`packed_mix` / :func:`triangular_mix` (causal masks only)."""
         if triangular_block is not None:
+            if self.diagonal or self.transposed:
+                raise ValueError("the triangular op computes tril(W) products only")
             length = u.shape[-2]
             if self.layout == "packed":
                 mixed = packed_mix(self.packed_weight, u, self.n_ctx, self.block)
@@ -274,12 +312,12 @@ class CausalMixingMatrix(nn.Module):
         dense_key, packed_key = prefix + "weight", prefix + "packed_weight"
         if self.layout == "packed" and dense_key in state_dict and packed_key not in state_dict:
             dense = state_dict.pop(dense_key)
-            state_dict[packed_key] = pack_lower(dense, self.block) if dense.dim() >= 2 and \
-                dense.shape[-1] == dense.shape[-2] == self.n_ctx else dense   # a wrong shape: load_state_dict says so
+            right = dense.dim() >= 2 and dense.shape[-1] == dense.shape[-2] == self.n_ctx
+            state_dict[packed_key] = self.pack(dense) if right else dense   # a wrong shape: load_state_dict says so
         elif self.layout == "dense" and packed_key in state_dict and dense_key not in state_dict:
             packed = state_dict.pop(packed_key)
             block = next((b for b in range(1, self.n_ctx + 1) if packed_size(self.n_ctx, b) == packed.shape[-1]), None)
-            state_dict[dense_key] = packed if block is None else unpack_lower(packed, self.n_ctx, block)
+            state_dict[dense_key] = packed if block is None else self.unpack(packed, block)
 
 
 def mixing_layout(model: nn.Module) -> Optional[str]:
@@ -300,9 +338,21 @@ class FlatTokenMixing(CausalMixingMatrix):
     positions: 2 * d * (L + 1) / 2 FLOPs (the lower triangle).
     """
 
+    #: Batch-first calls ``forward(u)`` on a whole [B, L, d] input run the packed op on a
+    #: sequence-first copy (the hybrid, autoencoder and bidirectional models run batch-first);
+    #: ``model.mixer_impl: dense`` turns it off for the plain masked matmul.
+    batch_first_op = True
+
     def __init__(self, n_ctx: int, block_size: int = 0, layout: str = "packed"):
         super().__init__(n_ctx, layout=layout, block_size=block_size)
         self.block_size = block_size
+
+    def forward(self, u: torch.Tensor, n_out: Optional[int] = None, start: int = 0,
+                triangular_block: Optional[int] = None) -> torch.Tensor:
+        whole = triangular_block is None and start == 0 and n_out in (None, u.shape[-2]) and u.dim() == 3
+        if whole and self.batch_first_op and self.layout == "packed":
+            return self.mix_sequence_first(u.transpose(0, 1)).transpose(0, 1)
+        return super().forward(u, n_out, start, triangular_block)
 
     def mix_sequence_first(self, u: torch.Tensor) -> torch.Tensor:
         """u [L, B, d] -> tril(W)[:L, :L] · u + b[:L]: [L, B, d] (one triangular product)."""
@@ -512,6 +562,9 @@ class MaskedMixerLM(CausalLM):
             for _ in range(c["n_layers"]))
         # auto / triangular: run sequence-first so token mixing is one large triangular GEMM.
         self.sequence_first = c["mixer_impl"] != "dense"
+        for block in self.blocks:
+            if isinstance(block.token_mixing, FlatTokenMixing):
+                block.token_mixing.batch_first_op = self.sequence_first
         self._finish_mixer_lm()
 
     @property

@@ -1,5 +1,9 @@
 """Causal token mixing that computes only the lower-triangular half: ``Y = tril(W)[:L, :L] · X``.
 
+Two storages of W: dense ``[n, n]`` with :func:`triangular_mix` (this docstring), and packed
+(only the lower triangle, as row panels; :func:`pack_lower`, :func:`packed_mix`, described above
+:func:`packed_panels`), the mixer's default layout.
+
 The masked mixer multiplies every sequence by a lower-triangular ``n_ctx x n_ctx`` matrix. A
 dense product spends half of its FLOPs on zeros, and masking the weight under autograd costs two
 full ``L x L`` passes per micro-batch (``W ⊙ M`` forward, ``grad ⊙ M`` backward). Here the lower

@@ -351,22 +351,73 @@ def check_loadable(root: str, tag: str, rank: int, world_size: int, zero_stage: 
     return LoadPlan(universal, same_ranks, saved_world, saved_stage)
 
 
-def check_layout(root: str, tag: str, layout: Optional[str]) -> None:
-    """CheckpointError unless ``root/tag`` stores its causal token-mixing matrices in ``layout``
-    (the model's; None = the model has none). Checkpoints that do not record it (written before
-    packed storage existed) hold dense matrices."""
-    if layout is None:
-        return
+def saved_layout(root: str, tag: str) -> str:
+    """How ``root/tag`` stores its causal token-mixing matrices: "packed" or "dense" (checkpoints
+    that do not record it were written before packed storage existed: dense)."""
     manifest_path = os.path.join(root, tag, MANIFEST)
-    saved = "dense"
     if os.path.isfile(manifest_path):
         with open(manifest_path, encoding="utf-8") as fh:
-            saved = json.load(fh).get("mixing_layout") or "dense"
-    if saved != layout:
+            return json.load(fh).get("mixing_layout") or "dense"
+    return "dense"
+
+
+def check_layout(root: str, tag: str, layout: Optional[str], zero_stage: int) -> bool:
+    """True when ``root/tag`` stores the token-mixing matrices in another layout than ``layout``
+    (the model's; None = the model has none) and must be converted (:func:`to_universal`);
+    CheckpointError when it cannot be: a ZeRO 0 checkpoint keeps a plain optimizer state."""
+    if layout is None:
+        return False
+    saved = saved_layout(root, tag)
+    if saved == layout:
+        return False
+    if zero_stage == 0:
         raise CheckpointError(
             f"{os.path.join(root, tag)} holds {saved} token-mixing matrices; this run builds them {layout} "
-            f"(model.mixer_layout). Resume with model.mixer_layout={saved}: the optimizer state is stored per "
-            "layout. The weights load into either layout (mmtrain export, load_pretrained)")
+            f"(model.mixer_layout). Resume with model.mixer_layout={saved}: a ZeRO 0 optimizer state is not "
+            "converted between layouts (ZeRO 1-3 checkpoints are). The weights load into either layout "
+            "(mmtrain export, load_pretrained)")
+    return True
+
+
+def _convert_mixing_layout(directory: str, model) -> None:
+    """In a universal checkpoint ``directory``, re-lay the fp32 weights and Adam moments of every
+    causal token-mixing matrix of ``model`` that is stored in the other layout (dense ``weight``
+    <-> ``packed_weight``); a moment of a dense entry maps to the same entry packed."""
+    from mmtrain.models.mixer import CausalMixingMatrix
+
+    zero = os.path.join(directory, "zero")
+    for prefix, module in model.named_modules():
+        if not isinstance(module, CausalMixingMatrix):
+            continue
+        names = ("weight", "packed_weight") if module.layout == "packed" else ("packed_weight", "weight")
+        source, target = (os.path.join(zero, f"{prefix}.{n}") for n in names)
+        if not os.path.isdir(source):
+            continue
+        os.makedirs(target, exist_ok=True)
+        shape = getattr(module.mixing_parameter, "ds_shape", module.mixing_parameter.shape)
+        lead = tuple(shape[:-1] if module.layout == "packed" else shape[:-2])
+        for name in sorted(os.listdir(source)):
+            value = torch.load(os.path.join(source, name), weights_only=False)
+            tensor = value.get("param") if isinstance(value, dict) else value   # ZeRO-3 files hold flat tensors
+            if torch.is_tensor(tensor) and tensor.numel() > 1:
+                if module.layout == "packed":
+                    relaid = module.pack(tensor.reshape(*lead, module.n_ctx, module.n_ctx))
+                else:
+                    packed = tensor.reshape(*lead, -1)
+                    relaid = module.unpack(packed, _packed_block(module.n_ctx, packed.shape[-1]))
+                relaid = relaid.reshape(-1) if tensor.dim() == 1 else relaid
+                value = {**value, "param": relaid} if isinstance(value, dict) else relaid
+            torch.save(value, os.path.join(target, name))
+        shutil.rmtree(source)
+
+
+def _packed_block(n_ctx: int, size: int) -> int:
+    from mmtrain.models.mixing_ops import packed_size
+
+    for block in range(1, n_ctx + 1):
+        if packed_size(n_ctx, block) == size:
+            return block
+    raise CheckpointError(f"a packed token-mixing tensor of {size} values fits no block size for n_ctx {n_ctx}")
 
 
 def _repair_zero3_universal(engine, directory: str) -> None:
@@ -386,12 +437,14 @@ def _repair_zero3_universal(engine, directory: str) -> None:
         group.update({k: v for k, v in values.items() if k != "params"})
 
 
-def to_universal(root: str, tag: str) -> str:
+def to_universal(root: str, tag: str, model=None) -> str:
     """Convert ``root/tag`` (a ZeRO >= 1 checkpoint) into a DeepSpeed universal checkpoint at
-    ``root/universal/tag`` (once: a finished conversion is reused) and return ``root/universal``.
-    Every parameter's fp32 weights and Adam moments are stored whole, so any number of ranks at
-    the same ZeRO layout loads it (``checkpoint.load_universal`` in the DeepSpeed config). The
-    conversion is written to ``tag.incomplete`` and renamed when done. Run it on one rank."""
+    ``root/universal/tag`` (once: a finished conversion for the same token-mixing layout is
+    reused) and return ``root/universal``. Every parameter's fp32 weights and Adam moments are
+    stored whole, so any number of ranks at the same ZeRO layout loads it
+    (``checkpoint.load_universal`` in the DeepSpeed config); with ``model``, its token-mixing
+    matrices are re-laid in the model's layout (packed / dense). The conversion is written to
+    ``tag.incomplete`` and renamed when done. Run it on one rank."""
     import argparse
     import contextlib
     import io
@@ -400,7 +453,8 @@ def to_universal(root: str, tag: str) -> str:
 
     out_root = os.path.join(root, UNIVERSAL)
     out = os.path.join(out_root, tag)
-    if os.path.isfile(os.path.join(out, MANIFEST)):
+    layout = mixing_layout(model) if model is not None else saved_layout(root, tag)
+    if os.path.isfile(os.path.join(out, MANIFEST)) and saved_layout(out_root, tag) == (layout or "dense"):
         return out_root
     staging = out + INCOMPLETE_SUFFIX
     shutil.rmtree(staging, ignore_errors=True)
@@ -420,8 +474,11 @@ def to_universal(root: str, tag: str) -> str:
     finally:
         with contextlib.suppress(OSError):
             os.remove(os.path.join(out_root, "latest_universal"))   # DeepSpeed's pointer; we name the tag
+    if model is not None:
+        _convert_mixing_layout(staging, model)
     files = sorted(f for f in os.listdir(staging) if f != MANIFEST)
-    _atomic_write(os.path.join(staging, MANIFEST), json.dumps({"universal_of": tag, "files": files}, indent=1))
+    _atomic_write(os.path.join(staging, MANIFEST), json.dumps(
+        {"universal_of": tag, "mixing_layout": layout, "files": files}, indent=1))
     _publish(staging, out)
     return out_root
 

@@ -52,6 +52,7 @@ class NonFiniteLoss(RuntimeError):
 RESUME_MUTABLE = ("train.stop_at", "train.eval_every", "train.eval_batches", "train.eval_n_ctx", "logging.",
                   "checkpoint.", "data.num_workers", "engine.peak_flops", "engine.device", "retrieval.eval_",
                   "engine.zero_stage", "engine.offload_",   # a layout: checked (and converted) by check_loadable
+                  "model.mixer_layout",                     # converted by _convert_for_resume
                   "data.shard_dir")   # moved shards: the tokenizer hash is still checked; printed as a warning
 
 
@@ -215,11 +216,9 @@ class Trainer:
         try:
             where = self._resume_point()   # before any work: an untrustworthy `latest` changes nothing
             self.ds_config = deepspeed_config(cfg, self.dist.world_size, *task.engine_micro_steps())
-            if self.load_plan is not None and self.load_plan.universal:
-                self.ds_config["checkpoint"] = {"load_universal": True}
             self.model = self._build_model()
             if where is not None:
-                self._check_layout()
+                where = self._convert_for_resume(where)
             self._check_disk_space()
             self.engine, _ = build_engine(cfg, self.model, self.dist.world_size, self.ds_config)
             self.step = 0
@@ -307,7 +306,7 @@ class Trainer:
 
     def _resume_point(self) -> Optional[Tuple[str, str]]:
         """(checkpoint root, tag) to resume from, or None; ConfigError when it cannot be trusted.
-        Sets ``self.load_plan``; a ZeRO >= 1 checkpoint of another world size is first converted to a universal checkpoint (rank 0, once) and its conversion returned instead."""
+        Sets ``self.load_plan`` (see :meth:`_convert_for_resume` for checkpoints that need converting)."""
         self.load_plan: Optional[ckpt.LoadPlan] = None
         try:
             where = from_main(ckpt.resolve_resume(self.cfg.checkpoint.resume, self.run_dir))
@@ -322,28 +321,40 @@ class Trainer:
                 problem = str(exc)
         self._raise_any(problem)
         self.resume_source = where
-        if where is None or not self.load_plan.universal:
+        return where
+
+    def _convert_for_resume(self, where: Tuple[str, str]) -> Tuple[str, str]:
+        """Where to load ``where`` from, once the model is built: itself, or (rank 0 converts it,
+        once) its DeepSpeed universal checkpoint, when it was written by another number of ranks
+        at ZeRO >= 1 or stores the token-mixing matrices in the other layout (packed / dense);
+        the DeepSpeed config then loads universal checkpoints. ConfigError when it cannot be."""
+        from mmtrain.models.mixer import mixing_layout
+
+        layout = mixing_layout(self.model)
+        try:
+            relayout = ckpt.check_layout(*where, layout, self.cfg.engine.zero_stage)
+        except ckpt.CheckpointError as exc:
+            raise ConfigError([f"checkpoint.resume: {exc}"]) from exc
+        plan = self.load_plan
+        if not (plan.universal or relayout):
             return where
-        plan, problem, converted = self.load_plan, None, None
+        problem, converted = None, None
         if self.is_main:
-            print(f"[mmtrain] {os.path.join(*where)} was written by {plan.saved_world} rank(s) at ZeRO "
-                  f"{plan.saved_stage}; this run has {self.dist.world_size} at ZeRO {self.cfg.engine.zero_stage}: "
-                  "converting it to a universal checkpoint", flush=True)
+            what = (f"written by {plan.saved_world} rank(s) at ZeRO {plan.saved_stage}; this run has "
+                    f"{self.dist.world_size}" if plan.universal else "")
+            if relayout:
+                what += ("; " if what else "") + (f"stores {ckpt.saved_layout(*where)} token-mixing matrices; "
+                                                  f"this run builds them {layout}")
+            print(f"[mmtrain] {os.path.join(*where)} was {what}: converting it to a universal checkpoint",
+                  flush=True)
             try:
-                converted = ckpt.to_universal(*where)
+                converted = ckpt.to_universal(*where, model=self.model)
             except ckpt.CheckpointError as exc:
                 problem = str(exc)
         self._raise_any(problem)
+        self.load_plan = plan._replace(universal=True)
+        self.ds_config["checkpoint"] = {"load_universal": True}
         return from_main(converted), where[1]
-
-    def _check_layout(self) -> None:
-        """ConfigError when the checkpoint stores the token-mixing matrices in another layout."""
-        from mmtrain.models.mixer import mixing_layout
-
-        try:
-            ckpt.check_layout(*self.resume_source, mixing_layout(self.model))
-        except ckpt.CheckpointError as exc:
-            raise ConfigError([f"checkpoint.resume: {exc}"]) from exc
 
     def _raise_any(self, problem: Optional[str]) -> None:
         """ConfigError on every rank when any rank has a ``problem`` (a collective)."""

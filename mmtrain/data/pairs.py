@@ -211,7 +211,7 @@ def pad_sequences(seqs: Sequence[Sequence[int]], n_ctx: int, pad_id: int, eos_id
 
 
 def _write_split(directory: Path, queries: Sequences, documents: Sequences, tok, n_ctx: int, append_eos: bool,
-                 dtype, first_id: int, negatives=None) -> None:
+                 dtype, first_id: int, negatives=None, bar=None) -> None:
     from mmtrain.data.streaming_compat import MDSWriter
 
     columns = {"query": f"ndarray:{dtype.name}:{n_ctx}", "query_length": "int32",
@@ -227,6 +227,8 @@ def _write_split(directory: Path, queries: Sequences, documents: Sequences, tok,
         if negatives is not None:
             sample["negatives"] = negatives[i]
         writer.write(sample)
+        if bar is not None:
+            bar.update(1)
     writer.finish()
 
 
@@ -303,10 +305,11 @@ def ict_pair(text: str, rng, keep_fraction: float) -> Optional[Tuple[str, str]]:
     return parts[i], " ".join(rest)
 
 
-def document_pairs(cfg, tok, n_ctx: int, exclude: Sequence[str]):
+def document_pairs(cfg, tok, n_ctx: int, exclude: Sequence[str], progress: bool = False):
     """Pairs built from the documents of ``cfg.input``: {split: [(query ids, document ids, source)]},
     held-out records and cleaning stats. Splits are by source document (as labeled pairs)."""
     from mmtrain.data.corpus import Corpus
+    from mmtrain.data.progress import progress_bar
 
     corpus = Corpus(list(cfg.input), text_field=cfg.text_field, delimiter=cfg.delimiter,
                     max_docs=int(cfg.max_documents), exclude=exclude)
@@ -347,28 +350,46 @@ def document_pairs(cfg, tok, n_ctx: int, exclude: Sequence[str]):
                 stats["short_documents"] += 1
             elif split != "train":
                 heldout.append({"split": split, "query": "", "document": text})
+            bar.update(1)
+        bar.set_postfix(pairs=sum(len(v) for v in splits.values()), refresh=False)
         batch.clear()
 
-    for text in corpus:
-        if text in seen:
-            stats["duplicate_documents"] += 1
-            continue
-        seen.add(text)
-        batch.append(text)
-        if len(batch) >= 512:
-            flush()
-    flush()
+    with progress_bar(progress, desc=f"reading + tokenizing documents ({cfg.from_documents} pairs)",
+                      total=int(cfg.max_documents) or None, unit=" docs") as bar:
+        for text in corpus:
+            if text in seen:
+                stats["duplicate_documents"] += 1
+                bar.update(1)
+                continue
+            seen.add(text)
+            batch.append(text)
+            if len(batch) >= 512:
+                flush()
+        flush()
     stats["excluded_documents"] = corpus.excluded
     stats["pairs"] = sum(len(v) for v in splits.values())
     return splits, heldout, stats, corpus.describe()
 
 
-def labeled_pairs(cfg, tok, exclude: Sequence[str]):
+def _encode_lists(tok, texts: Sequence[str], bar, chunk: int = 1024) -> List[List[int]]:
+    """Token ids of ``texts`` (as ``tok.encode_batch``), in chunks that advance ``bar``."""
+    out: List[List[int]] = []
+    for start in range(0, len(texts), chunk):
+        part = texts[start:start + chunk]
+        out += [list(x) for x in tok.encode_batch(part)]
+        bar.update(len(part))
+    return out
+
+
+def labeled_pairs(cfg, tok, exclude: Sequence[str], progress: bool = False):
     """Labeled (query, document) pairs of ``cfg.input``, cleaned and split, as token ids."""
     from mmtrain.data.corpus import contains_any
+    from mmtrain.data.progress import progress_bar
 
     pairs = read_pairs(list(cfg.input), cfg.query_field, cfg.document_field, int(cfg.max_pairs))
-    texts, stats = clean_and_split(pairs, int(cfg.seed), float(cfg.test_fraction), float(cfg.val_fraction))
+    with progress_bar(progress, pairs, desc="reading pairs", total=int(cfg.max_pairs) or None,
+                      unit=" pairs") as reading:
+        texts, stats = clean_and_split(reading, int(cfg.seed), float(cfg.test_fraction), float(cfg.val_fraction))
     stats["excluded"] = 0
     if exclude:
         for split in PAIR_SPLITS:
@@ -377,14 +398,17 @@ def labeled_pairs(cfg, tok, exclude: Sequence[str]):
             texts[split] = kept
     splits, heldout = {}, []
     source = 0
-    for split in PAIR_SPLITS:
-        items = texts[split]
-        q = [list(x) for x in tok.encode_batch([a for a, _ in items])] if items else []
-        d = [list(x) for x in tok.encode_batch([b for _, b in items])] if items else []
-        splits[split] = [(qi, di, source + i) for i, (qi, di) in enumerate(zip(q, d))]
-        source += len(items)
-        if split != "train":
-            heldout += [{"split": split, "query": a, "document": b} for a, b in items]
+    with progress_bar(progress, desc="tokenizing pairs", total=2 * sum(len(v) for v in texts.values()),
+                      unit=" texts") as bar:
+        for split in PAIR_SPLITS:
+            items = texts[split]
+            bar.set_postfix(split=split, refresh=False)
+            q = _encode_lists(tok, [a for a, _ in items], bar)
+            d = _encode_lists(tok, [b for _, b in items], bar)
+            splits[split] = [(qi, di, source + i) for i, (qi, di) in enumerate(zip(q, d))]
+            source += len(items)
+            if split != "train":
+                heldout += [{"split": split, "query": a, "document": b} for a, b in items]
     return splits, heldout, stats
 
 
@@ -392,7 +416,7 @@ def labeled_pairs(cfg, tok, exclude: Sequence[str]):
 
 
 def mine_hard_negatives(queries: Sequences, documents: Sequences, sources: Sequence[int], k: int,
-                        ignore_ids: Sequence[int] = (), seed: int = 0):
+                        ignore_ids: Sequence[int] = (), seed: int = 0, progress: bool = False):
     """[len(queries), k] int64: for query i, the k training documents BM25 ranks highest among those
     from another source than i's (never its positive, nor other pairs of its document); when fewer
     than k such documents score, the rest are random other-source documents (seeded)."""
@@ -400,6 +424,7 @@ def mine_hard_negatives(queries: Sequences, documents: Sequences, sources: Seque
 
     from mmtrain.data.errors import DataError
     from mmtrain.data.bm25 import BM25
+    from mmtrain.data.progress import progress_bar
 
     sources = np.asarray(sources)
     n = len(documents)
@@ -409,20 +434,22 @@ def mine_hard_negatives(queries: Sequences, documents: Sequences, sources: Seque
                         f"documents, the train split has {n}")
     ignore = set(int(t) for t in ignore_ids)
     strip = lambda seqs: [[t for t in s if t not in ignore] for s in seqs]  # noqa: E731
-    bm25 = BM25(strip(documents))
-    out = np.zeros((len(queries), k), dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    for start in range(0, len(queries), 1024):
-        chunk = strip(queries[start:start + 1024])
-        cand, cand_scores = bm25.top_k(chunk, min(n, k + group))
-        for r, (row, scores) in enumerate(zip(cand, cand_scores)):
-            i = start + r
-            picked = [int(j) for j, sc in zip(row, scores) if sources[j] != sources[i] and sc > 0][:k]
-            while len(picked) < k:
-                j = int(rng.integers(0, n))
-                if sources[j] != sources[i] and j not in picked:
-                    picked.append(j)
-            out[i] = picked
+    with progress_bar(progress, desc=f"mining {k} BM25 hard negatives", total=len(queries), unit=" queries") as bar:
+        bm25 = BM25(strip(documents))
+        out = np.zeros((len(queries), k), dtype=np.int64)
+        rng = np.random.default_rng(seed)
+        for start in range(0, len(queries), 1024):
+            chunk = strip(queries[start:start + 1024])
+            cand, cand_scores = bm25.top_k(chunk, min(n, k + group))
+            for r, (row, scores) in enumerate(zip(cand, cand_scores)):
+                i = start + r
+                picked = [int(j) for j, sc in zip(row, scores) if sources[j] != sources[i] and sc > 0][:k]
+                while len(picked) < k:
+                    j = int(rng.integers(0, n))
+                    if sources[j] != sources[i] and j not in picked:
+                        picked.append(j)
+                out[i] = picked
+            bar.update(len(chunk))
     return out
 
 
@@ -447,12 +474,14 @@ def _recipe(cfg, tok, n_ctx: int) -> Dict[str, Any]:
     return recipe
 
 
-def prepare_pairs(cfg) -> Dict[str, Any]:
+def prepare_pairs(cfg, progress: bool = True) -> Dict[str, Any]:
     """Run `mmtrain prepare-pairs` for a :class:`~mmtrain.config.PairsConfig`; returns meta.json's dict
-    (with ``status``: written | up to date)."""
+    (with ``status``: written | up to date). ``progress``: bars for reading + tokenizing, hard-negative
+    mining and writing (drawn only on a terminal, by rank 0: :mod:`mmtrain.data.progress`)."""
     from mmtrain.data.demo_pairs import DEMO_PAIRS, demo_pairs_description
     from mmtrain.data.errors import DataError
     from mmtrain.data.packing import token_dtype
+    from mmtrain.data.progress import progress_bar
     from mmtrain.data.shards import replace_dir, write_json_atomic
     from mmtrain.data.streaming_compat import STREAMING_VERSION
 
@@ -468,10 +497,10 @@ def prepare_pairs(cfg) -> Dict[str, Any]:
             return {**old, "status": "up to date"}
     exclude = heldout_texts(list(cfg.exclude_pairs))
     if cfg.from_documents:
-        splits, heldout, stats, described = document_pairs(cfg, tok, n_ctx, exclude)
+        splits, heldout, stats, described = document_pairs(cfg, tok, n_ctx, exclude, progress)
         sources = [described]
     else:
-        splits, heldout, stats = labeled_pairs(cfg, tok, exclude)
+        splits, heldout, stats = labeled_pairs(cfg, tok, exclude, progress)
         sources = [demo_pairs_description() if i == DEMO_PAIRS else os.path.abspath(i) for i in cfg.input]
     wanted = PAIR_SPLITS if cfg.val_fraction > 0 else REQUIRED_SPLITS
     for split in wanted:
@@ -485,7 +514,8 @@ def prepare_pairs(cfg) -> Dict[str, Any]:
         keep = n_ctx - 1 if cfg.append_eos else n_ctx   # mined on what the model sees
         negatives = mine_hard_negatives([q[:keep] for q, _, _ in train], [d[:keep] for _, d, _ in train],
                                         [s for _, _, s in train], int(cfg.hard_negatives),
-                                        ignore_ids=(tok.pad_id, tok.eos_id), seed=int(cfg.seed))
+                                        ignore_ids=(tok.pad_id, tok.eos_id), seed=int(cfg.seed),
+                                        progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -493,11 +523,14 @@ def prepare_pairs(cfg) -> Dict[str, Any]:
     try:
         tmp.mkdir()
         first = 0
-        for split in wanted:
-            items = splits[split]
-            _write_split(tmp / split, [q for q, _, _ in items], [d for _, d, _ in items], tok, n_ctx,
-                         bool(cfg.append_eos), dtype, first, negatives if split == "train" else None)
-            first += len(items)
+        with progress_bar(progress, desc="writing pair shards", total=sum(len(splits[s]) for s in wanted),
+                          unit=" pairs") as bar:
+            for split in wanted:
+                items = splits[split]
+                bar.set_postfix(split=split, refresh=False)
+                _write_split(tmp / split, [q for q, _, _ in items], [d for _, d, _ in items], tok, n_ctx,
+                             bool(cfg.append_eos), dtype, first, negatives if split == "train" else None, bar)
+                first += len(items)
         (tmp / TOKENIZER_NAME).write_bytes(tok.serialized())
         with open(tmp / HELDOUT_NAME, "w", encoding="utf-8") as fh:
             for record in heldout:
@@ -693,7 +726,7 @@ def _run(args: argparse.Namespace) -> int:
                  if getattr(args, flag[2:].replace("-", "_")) is not None]
     cfg = C.load_config(PairsConfig, args.config or [], overrides + list(args.overrides))
     try:
-        meta = prepare_pairs(cfg)
+        meta = prepare_pairs(cfg, progress=not args.quiet)
     except DataError as exc:
         print(f"mmtrain prepare-pairs: error: {exc}", file=sys.stderr)
         return 1
@@ -733,5 +766,8 @@ def register(subparsers) -> None:
     p.add_argument("--config", action="append", metavar="YAML", help="PairsConfig YAML (repeatable)")
     for flag, _, kwargs in _FLAGS:
         p.add_argument(flag, default=None, **kwargs)
+    from mmtrain.data.progress import add_quiet_argument
+
+    add_quiet_argument(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="PairsConfig overrides, e.g. test_fraction=0.05")
     p.set_defaults(func=_run)

@@ -30,7 +30,8 @@ from mmtrain.data.schema import PrepareConfig, validate_prepare
 from mmtrain.data import shards as S
 from mmtrain.data.corpus import Corpus
 from mmtrain.data.errors import DataError
-from mmtrain.data.writer import clean_stale, progress_bar, write_shards
+from mmtrain.data.progress import add_quiet_argument, progress_bar
+from mmtrain.data.writer import clean_stale, write_shards
 from mmtrain.data.tokenizer import (DEMO_TOKENIZER, TRAIN_MAX_CHARS, Tokenizer, load_tokenizer,
                                train_tokenizer)
 
@@ -155,6 +156,9 @@ def _existing_recipe(out: Path, n_ctx: int, tok: Tokenizer) -> Optional[Dict[str
 
 def prepare(cfg: DictConfig, *, progress: bool = True) -> Dict[str, Any]:
     """Run the whole preparation for a :class:`mmtrain.config.PrepareConfig`; returns a summary.
+
+    ``progress``: bars for tokenizer training, tokenizing + packing and writing the shards (drawn
+    only on a terminal, by rank 0: :mod:`mmtrain.data.progress`).
 
     Summary: ``out``, ``tokenizer`` (path, sha256, vocab_size, source: given|reused|trained),
     ``ctx`` ({n_ctx: {status: written|up to date, dir, splits: {train|val: counts}}}), ``seconds``,
@@ -344,6 +348,6 @@ def register(subparsers) -> None:
     p.add_argument("--config", action="append", metavar="YAML", help="PrepareConfig YAML (repeatable)")
     for flag, _, kwargs in _FLAGS:
         p.add_argument(flag, default=None, **kwargs)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_argument(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="PrepareConfig overrides, e.g. val_fraction=0.01")
     p.set_defaults(func=_run)

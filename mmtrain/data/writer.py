@@ -22,15 +22,10 @@ from mmtrain.data import shards as S
 from mmtrain.data.corpus import Corpus
 from mmtrain.data.errors import DataError
 from mmtrain.data.packing import encode_documents, is_validation, make_packer, token_dtype
+from mmtrain.data.progress import progress_bar  # noqa: F401  (also imported from here)
 from mmtrain.data.tokenizer import Tokenizer
 
 SHARD_SIZE_LIMIT = 1 << 26  # bytes per MDS shard file (64 MiB)
-
-
-def progress_bar(progress: bool, **kwargs):
-    from tqdm.auto import tqdm
-
-    return tqdm(disable=not progress, dynamic_ncols=True, **kwargs)
 
 
 def clean_stale(out: Path) -> None:
@@ -157,24 +152,28 @@ def write_shards(cfg: DictConfig, corpus: Corpus, tok: Tokenizer, n_ctx_list: Li
             raise DataError(f"the corpus is empty: no non-empty documents in {corpus.describe()}")
         results: Dict[int, Dict[str, Any]] = {}
         tok_path = str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else str((out / S.TOKENIZER_NAME).resolve())
-        for n, tmp in tmp_dirs.items():
-            splits = {}
-            for split in S.SPLITS:
-                stats = writers[n, split].finish()
-                if stats["samples"] == 0:
-                    d = docs[split]
-                    raise DataError(
-                        f"the {split} split of n_ctx={n} would have no samples ({d['documents']} "
-                        f"documents, {d['document_tokens']} tokens; a block needs {n}). Use more "
-                        f"documents, a larger val_fraction, a smaller n_ctx, or packing=pad.")
-                stats.update(docs[split])
-                stats["bytes"] = S.split_bytes(tmp / split)
-                splits[split] = {k: stats[k] for k in ("documents", "document_tokens", "samples", "tokens",
-                                                       "dropped_tokens", "pad_tokens", "bytes") if k in stats}
-            (tmp / S.TOKENIZER_NAME).write_bytes(tok.serialized())
-            meta = _meta(n, cfg, tok, tok_path, dtype, splits, corpus, recipe)
-            S.write_json_atomic(tmp / S.META_NAME, meta)  # last: marks the directory complete
-            results[n] = meta
+        with progress_bar(progress, desc="writing shards", total=len(tmp_dirs) * len(S.SPLITS),
+                          unit=" splits") as finishing:
+            for n, tmp in tmp_dirs.items():
+                splits = {}
+                for split in S.SPLITS:
+                    finishing.set_postfix(ctx=n, split=split, refresh=False)
+                    stats = writers[n, split].finish()
+                    if stats["samples"] == 0:
+                        d = docs[split]
+                        raise DataError(
+                            f"the {split} split of n_ctx={n} would have no samples ({d['documents']} "
+                            f"documents, {d['document_tokens']} tokens; a block needs {n}). Use more "
+                            f"documents, a larger val_fraction, a smaller n_ctx, or packing=pad.")
+                    stats.update(docs[split])
+                    stats["bytes"] = S.split_bytes(tmp / split)
+                    splits[split] = {k: stats[k] for k in ("documents", "document_tokens", "samples", "tokens",
+                                                           "dropped_tokens", "pad_tokens", "bytes") if k in stats}
+                    finishing.update(1)
+                (tmp / S.TOKENIZER_NAME).write_bytes(tok.serialized())
+                meta = _meta(n, cfg, tok, tok_path, dtype, splits, corpus, recipe)
+                S.write_json_atomic(tmp / S.META_NAME, meta)  # last: marks the directory complete
+                results[n] = meta
         for n, tmp in tmp_dirs.items():
             S.replace_dir(tmp, S.ctx_dir(out, n))
         return results

@@ -24,8 +24,8 @@ method, arXiv 2409.01482).
    directory and renamed into place, so a killed run never leaves a half-written scorer.
 
 Usage: ``mmtrain frozen-retrieval --config configs/frozen_retrieval/demo.yaml [key=value ...]
-[--json out.json] [--embed-only]``. Exit codes: 0 done, 2 configuration / input error, 3 non-finite
-loss.
+[--json out.json] [--embed-only] [--quiet]``. Exit codes: 0 done, 2 configuration / input error,
+3 non-finite loss.
 """
 
 from __future__ import annotations
@@ -134,8 +134,9 @@ def check_embeddings_match(meta: Dict[str, Any], source: Dict[str, Any], directo
 
 
 def compute_embeddings(source: Dict[str, Any], batch_size: int, device: str,
-                       log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """{"train.query": [n, d], ...} float32 tensors of both splits, embedded by the frozen bundle."""
+                       log: Callable[[str], None] = print, progress: bool = False) -> Dict[str, Any]:
+    """{"train.query": [n, d], ...} float32 tensors of both splits, embedded by the frozen bundle
+    (``progress``: a bar of the embedding batches per split and side)."""
     import torch
 
     from mmtrain.export.bundle import load_pretrained
@@ -151,14 +152,16 @@ def compute_embeddings(source: Dict[str, Any], batch_size: int, device: str,
             arrays = load_split(source["pairs"], split)
             for side in ("query", "document"):
                 emb = embed_arrays(lambda i, l: embed(model, i, l, pooling), arrays[f"{side}_ids"],
-                                   arrays[f"{side}_length"], batch_size, device)
+                                   arrays[f"{side}_length"], batch_size, device, progress,
+                                   f"embedding {split} {'queries' if side == 'query' else 'documents'}")
                 out[f"{split}.{side}"] = torch.from_numpy(emb).contiguous()
             log(f"embedded {split}: {len(arrays['pair_id'])} queries and documents")
     return out
 
 
 def load_or_compute_embeddings(source: Dict[str, Any], directory: Path, *, overwrite: bool, batch_size: int,
-                               device: str, log: Callable[[str], None] = print) -> Tuple[Dict[str, Any], bool]:
+                               device: str, log: Callable[[str], None] = print,
+                               progress: bool = False) -> Tuple[Dict[str, Any], bool]:
     """(embeddings, reused?): the saved ones when they match ``source``, else computed and saved."""
     from safetensors.torch import load_file, save_file
 
@@ -176,7 +179,7 @@ def load_or_compute_embeddings(source: Dict[str, Any], directory: Path, *, overw
                     raise FrozenRetrievalError(f"{directory / EMBEDDINGS_FILE}: {split}.{side} should be "
                                                f"[{n}, d], found {None if t is None else list(t.shape)}")
         return tensors, True
-    tensors = compute_embeddings(source, batch_size, device, log)
+    tensors = compute_embeddings(source, batch_size, device, log, progress)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -402,8 +405,9 @@ def check_outputs(out_dir: Path, embeddings_dir: Path, inputs: Dict[str, str]) -
 
 
 def run(cfg, json_path: Optional[str] = None, embed_only: bool = False,
-        log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Embed (or reuse), train, evaluate, save; the result dict (also written to ``json_path``)."""
+        log: Callable[[str], None] = print, progress: bool = True) -> Dict[str, Any]:
+    """Embed (or reuse), train, evaluate, save; the result dict (also written to ``json_path``).
+    ``progress``: bars of the embedding step (drawn only on a terminal, by rank 0)."""
     from mmtrain.config import to_dict
     from mmtrain.models.frozen_scorer import check_pool
 
@@ -420,7 +424,8 @@ def run(cfg, json_path: Optional[str] = None, embed_only: bool = False,
     directory = Path(e.dir) if e.dir else out_dir / "embeddings"
     check_outputs(out_dir, directory, {"bundle": e.bundle, "pair shards": e.pairs})
     embeddings, reused = load_or_compute_embeddings(source, directory, overwrite=e.overwrite,
-                                                    batch_size=e.batch_size, device=device, log=log)
+                                                    batch_size=e.batch_size, device=device, log=log,
+                                                    progress=progress)
     kind = source["bundle_model"]["kind"]
     log(f"frozen-retrieval: bundle {e.bundle} ({kind}, {e.pooling} pooling) | pairs {e.pairs} | embeddings "
         f"{directory} ({'reused' if reused else 'computed'}; d {embeddings['train.query'].shape[1]})")
@@ -454,7 +459,7 @@ def _main(args) -> int:
 
     cfg = load_config(FrozenRetrievalConfig, args.config or [], list(args.overrides or []))
     try:
-        run(cfg, args.json, args.embed_only, log=lambda s: print(s, flush=True))
+        run(cfg, args.json, args.embed_only, log=lambda s: print(s, flush=True), progress=not args.quiet)
     except FrozenRetrievalError as exc:
         print(f"mmtrain frozen-retrieval: error: {exc}", file=sys.stderr)
         return 2
@@ -474,4 +479,7 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. model.n_candidates=64")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
     p.add_argument("--embed-only", action="store_true", help="compute (or check) the embeddings and stop")
+    from mmtrain.data.progress import add_quiet_argument
+
+    add_quiet_argument(p)
     p.set_defaults(func=_main)

@@ -18,6 +18,7 @@ Deterministic: samples are read in shard order without shuffling and summed in f
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from mmtrain.export.bundle import BundleError, load_bundle_tokenizer, load_pretrained, read_bundle_config
 from mmtrain.data.errors import DataError
+from mmtrain.data.progress import add_quiet_argument, progress_bar
 
 
 def token_bytes(tokenizer) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -66,24 +68,36 @@ def cut_blocks(x: torch.Tensor, length: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_blocks(model, blocks: Iterable[Tuple[torch.Tensor, torch.Tensor]], lengths: Sequence[int],
-                    table: Tuple[torch.Tensor, torch.Tensor], eos_id: int) -> List[Dict[str, Any]]:
-    """Score batches of (input_ids [B, N], attention_mask [B, N]) at every L in ``lengths``."""
+                    table: Tuple[torch.Tensor, torch.Tensor], eos_id: int, progress: bool = False,
+                    total: Optional[int] = None) -> List[Dict[str, Any]]:
+    """Score batches of (input_ids [B, N], attention_mask [B, N]) at every L in ``lengths``.
+
+    ``progress``: one bar per L counting its scored batches (of ``total``, when known)."""
     device = next(model.parameters()).device
     shift = getattr(model, "label_shift", 1)   # logits at t are scored against token t + shift
     sums = {L: {"nll": 0.0, "tokens": 0, "bytes": 0.0, "sequences": 0} for L in lengths}
-    for ids, mask in blocks:
-        for L in lengths:
-            x, m = cut_blocks(ids, L), cut_blocks(mask, L)
-            logits = model(x.to(device)).logits.float()
-            nll = F.cross_entropy(logits[:, :L - shift].reshape(-1, logits.shape[-1]),
-                                  x[:, shift:].reshape(-1).to(device),
-                                  reduction="none").double().cpu().view(x.shape[0], L - shift)
-            counted = (m[:, shift:] == 1)
-            s = sums[L]
-            s["nll"] += float((nll * counted).sum())
-            s["tokens"] += int(counted.sum())
-            s["bytes"] += float((target_bytes(x, table, eos_id, shift) * counted).sum())
-            s["sequences"] += x.shape[0]
+    blocks = iter(blocks)
+    first = next(blocks, None)   # reading starts (and checks the shards) before any bar is drawn
+    bars = [progress_bar(progress and first is not None, desc=f"eval n_ctx={L}", total=total, unit=" batches",
+                         position=i) for i, L in enumerate(lengths)]
+    try:
+        for ids, mask in itertools.chain([first] if first is not None else [], blocks):
+            for L, bar in zip(lengths, bars):
+                x, m = cut_blocks(ids, L), cut_blocks(mask, L)
+                logits = model(x.to(device)).logits.float()
+                nll = F.cross_entropy(logits[:, :L - shift].reshape(-1, logits.shape[-1]),
+                                      x[:, shift:].reshape(-1).to(device),
+                                      reduction="none").double().cpu().view(x.shape[0], L - shift)
+                counted = (m[:, shift:] == 1)
+                s = sums[L]
+                s["nll"] += float((nll * counted).sum())
+                s["tokens"] += int(counted.sum())
+                s["bytes"] += float((target_bytes(x, table, eos_id, shift) * counted).sum())
+                s["sequences"] += x.shape[0]
+                bar.update(1)
+    finally:
+        for bar in bars:
+            bar.close()
     results = []
     for L, s in sums.items():
         loss = s["nll"] / s["tokens"] if s["tokens"] else float("nan")
@@ -131,10 +145,26 @@ def source_ctx(shard_dir: str, model_n_ctx: int, lengths: Sequence[int], shard_c
     return n
 
 
+def batch_count(shard_dir: str, n_ctx: int, split: str, batch_size: int, max_sequences: int = 0) -> Optional[int]:
+    """How many batches :func:`read_blocks` yields (from meta.json's sample count); None if unknown."""
+    from mmtrain.data.shards import read_meta
+
+    try:
+        samples = int(read_meta(shard_dir, n_ctx)["splits"][split]["samples"])
+    except (DataError, KeyError, TypeError, ValueError):
+        return None
+    if max_sequences:
+        samples = min(samples, max_sequences)
+    return -(-samples // batch_size)
+
+
 def eval_lm(bundle: str, shard_dir: str, lengths: Optional[Sequence[int]] = None, split: str = "val",
             batch_size: int = 16, max_sequences: int = 0, shard_ctx: Optional[int] = None,
-            device: str = "cpu") -> Dict[str, Any]:
-    """Evaluate a bundle on ``<shard_dir>/ctx<N>/<split>``; returns {"results": [per-length dicts], ...}."""
+            device: str = "cpu", progress: bool = True) -> Dict[str, Any]:
+    """Evaluate a bundle on ``<shard_dir>/ctx<N>/<split>``; returns {"results": [per-length dicts], ...}.
+
+    ``progress``: a bar per context length (drawn only on a terminal, by rank 0:
+    :mod:`mmtrain.data.progress`)."""
     section = read_bundle_config(bundle)
     model_n_ctx = section["model"]["n_ctx"]
     lengths = sorted(set(lengths or [model_n_ctx]))
@@ -142,7 +172,8 @@ def eval_lm(bundle: str, shard_dir: str, lengths: Optional[Sequence[int]] = None
     model = load_pretrained(bundle, device=device)
     tokenizer = load_bundle_tokenizer(bundle)
     blocks = read_blocks(shard_dir, n, split, batch_size, tokenizer.sha256, model.vocab_size, max_sequences)
-    results = evaluate_blocks(model, blocks, lengths, token_bytes(tokenizer), tokenizer.eos_id)
+    results = evaluate_blocks(model, blocks, lengths, token_bytes(tokenizer), tokenizer.eos_id, progress,
+                              batch_count(shard_dir, n, split, batch_size, max_sequences))
     return {"bundle": str(Path(bundle).resolve()), "data": str(Path(shard_dir).resolve()), "split": split,
             "shard_n_ctx": n, "model": section["model"]["kind"], "results": results}
 
@@ -158,7 +189,8 @@ def format_table(report: Dict[str, Any]) -> str:
 def _run(args) -> int:
     try:
         report = eval_lm(args.bundle, args.data, args.n_ctx, split=args.split, batch_size=args.batch_size,
-                         max_sequences=args.max_sequences, shard_ctx=args.shard_ctx, device=args.device)
+                         max_sequences=args.max_sequences, shard_ctx=args.shard_ctx, device=args.device,
+                         progress=not args.quiet)
     except (BundleError, DataError, FileNotFoundError) as exc:
         print(f"mmtrain eval-lm: {exc}", file=sys.stderr)
         return 2
@@ -186,4 +218,5 @@ def register(subparsers) -> None:
                    help="use only the first K blocks (default: all)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_quiet_argument(p)
     p.set_defaults(func=_run)

@@ -25,28 +25,39 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from mmtrain.data.progress import add_quiet_argument, progress_bar
+
 
 @torch.no_grad()
 def embed_arrays(encode, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 64,
-                 device: Any = "cpu") -> np.ndarray:
-    """``encode(ids, lengths)`` over batches (sorted by length, so padding is cut) -> [N, d] float32."""
+                 device: Any = "cpu", progress: bool = False, desc: str = "embedding") -> np.ndarray:
+    """``encode(ids, lengths)`` over batches (sorted by length, so padding is cut) -> [N, d] float32.
+
+    ``progress``: a bar of the batches, titled ``desc``."""
     order = np.argsort(lengths, kind="stable")
     out: List[Optional[np.ndarray]] = [None] * len(order)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        e = encode(torch.as_tensor(ids[idx], device=device), torch.as_tensor(lengths[idx], device=device))
-        for i, row in zip(idx, e.float().cpu().numpy()):
-            out[i] = row
+    with progress_bar(progress, desc=desc, total=-(-len(order) // batch_size), unit=" batches") as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            e = encode(torch.as_tensor(ids[idx], device=device), torch.as_tensor(lengths[idx], device=device))
+            for i, row in zip(idx, e.float().cpu().numpy()):
+                out[i] = row
+            bar.update(1)
     return np.stack(out)
 
 
 def score_split(encode, split: Dict[str, np.ndarray], n_candidates, seed: int = 0, batch_size: int = 64,
-                device: Any = "cpu") -> Dict[str, float]:
-    """Embed queries and documents of a loaded split and compute the retrieval report (cosine scores)."""
+                device: Any = "cpu", progress: bool = False, desc: str = "") -> Dict[str, float]:
+    """Embed queries and documents of a loaded split and compute the retrieval report (cosine scores).
+
+    ``progress``: a bar per side, titled ``<desc> queries`` / ``<desc> documents``."""
     from mmtrain.eval.metrics import retrieval_report
 
-    q = embed_arrays(encode, split["query_ids"], split["query_length"], batch_size, device)
-    d = embed_arrays(encode, split["document_ids"], split["document_length"], batch_size, device)
+    prefix = f"{desc} " if desc else "embedding "
+    q = embed_arrays(encode, split["query_ids"], split["query_length"], batch_size, device, progress,
+                     prefix + "queries")
+    d = embed_arrays(encode, split["document_ids"], split["document_length"], batch_size, device, progress,
+                     prefix + "documents")
     return retrieval_report(q @ d.T, np.arange(len(d)), n_candidates, seed)
 
 
@@ -72,8 +83,10 @@ def load_eval_split(bundle: str, data: str, split: str, query_field: str, docume
 
 
 def evaluate_bundle(bundle: str, split_arrays: Dict[str, Any], n_candidates: List[int], *, pooling: Optional[str] = None,
-                    seed: int = 0, batch_size: int = 64, device: str = "cpu") -> Dict[str, float]:
-    """The retrieval report of a bundle's embeddings on a loaded split."""
+                    seed: int = 0, batch_size: int = 64, device: str = "cpu", progress: bool = False,
+                    desc: str = "") -> Dict[str, float]:
+    """The retrieval report of a bundle's embeddings on a loaded split (``progress``: bars of the
+    embedding batches, titled ``desc``)."""
     from mmtrain.export.bundle import load_pretrained, read_bundle_config
     from mmtrain.models.embedding import embed
 
@@ -83,12 +96,12 @@ def evaluate_bundle(bundle: str, split_arrays: Dict[str, Any], n_candidates: Lis
     model = load_pretrained(bundle, device=device)
     with torch.no_grad():
         return score_split(lambda i, l: embed(model, i, l, pooling), split_arrays, n_candidates, seed,
-                           batch_size, device)
+                           batch_size, device, progress, desc)
 
 
 def bm25_report(split_arrays: Dict[str, Any], n_candidates: List[int], seed: int = 0,
-                ignore_ids=(0, 3)) -> Dict[str, float]:
-    """BM25 over the token ids of the split (pad and EOS ignored)."""
+                ignore_ids=(0, 3), progress: bool = False) -> Dict[str, float]:
+    """BM25 over the token ids of the split (pad and EOS ignored); ``progress``: a bar of the queries."""
     from mmtrain.data.bm25 import BM25
     from mmtrain.eval.metrics import retrieval_report
 
@@ -97,7 +110,13 @@ def bm25_report(split_arrays: Dict[str, Any], n_candidates: List[int], seed: int
 
     docs = tokens(split_arrays["document_ids"], split_arrays["document_length"])
     queries = tokens(split_arrays["query_ids"], split_arrays["query_length"])
-    scores = BM25(docs).score_matrix(queries)
+    with progress_bar(progress, desc="BM25", total=len(queries), unit=" queries") as bar:
+        index = BM25(docs)
+        rows = []
+        for query in queries:   # BM25.score_matrix, one query at a time
+            rows.append(index.scores(query))
+            bar.update(1)
+    scores = np.stack(rows) if rows else np.zeros((0, len(docs)))
     return retrieval_report(scores, np.arange(len(docs)), n_candidates, seed)
 
 
@@ -122,9 +141,10 @@ def _eval(args) -> int:
         rows: Dict[str, Dict[str, float]] = {}
         for bundle in args.bundle:
             rows[bundle] = evaluate_bundle(bundle, split, n_list, pooling=args.pooling, seed=args.seed,
-                                           batch_size=args.batch_size, device=args.device)
+                                           batch_size=args.batch_size, device=args.device,
+                                           progress=not args.quiet, desc=f"{bundle} [{args.split}]")
         if args.bm25:
-            rows["BM25"] = bm25_report(split, n_list, args.seed)
+            rows["BM25"] = bm25_report(split, n_list, args.seed, progress=not args.quiet)
     except (BundleError, DataError, ValueError, FileNotFoundError) as exc:
         print(f"mmtrain eval-retrieval: error: {exc}", file=sys.stderr)
         return 2
@@ -164,4 +184,5 @@ def register(subparsers) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1, help="JSONL: val fraction (as prepare-pairs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    add_quiet_argument(p)
     p.set_defaults(func=_eval)

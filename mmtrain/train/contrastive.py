@@ -202,12 +202,20 @@ class ContrastiveTask(Task):
             metrics.update({f"train_{k}": train[k] for k in ("recall@1", "mrr@10")})
         m.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
         m.record({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        m.text(mon.RETRIEVAL_TABLE, mon.retrieval_table(
+            metrics, f"step {step}: {self.cfg.retrieval.eval_split} split, {report['queries']} queries, "
+                     f"pool {report['pool']}"), step)
         m.info(f"eval   step {step} | {self.cfg.retrieval.eval_split} pool {report['pool']} | "
                + " | ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()))
         return {f"eval_{k}": v for k, v in metrics.items()}
 
     def before_loop(self) -> Dict[str, float]:
         return self.evaluate() if self.trainer.step == 0 else {}
+
+    def hparams(self) -> Dict[str, Any]:
+        # the model is the bundle's: its settings are hyperparameters of this run too
+        model = {f"model.{k}": v for k, v in mon.flatten(self.bundle_section["model"]).items()}
+        return {**super().hparams(), **mon.run_hparams({}, model)}
 
     # ---- checkpoint and reporting ------------------------------------------------------------
 

@@ -3,7 +3,7 @@ validation loss at every evaluation context length, throughput and MFU in the st
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -65,6 +65,8 @@ class LMTask(Task):
         self.vocab_size = int(self.meta["vocab_size"])
         self.tokenizer_hash = self.meta["tokenizer_sha256"]
         self.val_loader = None
+        self.tokenizer = None             # loaded at the first evaluation that logs samples
+        self.sampling_noted = False       # the reason samples are skipped was printed
 
     def run_name(self) -> str:
         return f"{self.cfg.model.kind}-ctx{self.n_ctx}"
@@ -149,7 +151,75 @@ class LMTask(Task):
         m.scalars(step, {mon.eval_tag(n): v for n, v in losses.items()})
         m.record({"step": step, **{f"eval_loss_ctx{n}": v for n, v in losses.items()}})
         m.info("eval   " + " | ".join(f"ctx{n} {v:.4f}" for n, v in losses.items()))
+        self.log_samples()
         return {f"eval_loss_ctx{n}": v for n, v in losses.items()}
+
+    # ---- generated samples (TensorBoard text) ---------------------------------------------------
+
+    def sample_refusal(self) -> str:
+        """Why evaluations log no generated samples ('' when they do)."""
+        from mmtrain.eval.generate import generation_refusal
+
+        refusal = generation_refusal(self.trainer.engine.module)
+        if refusal:
+            return refusal
+        if self.cfg.engine.zero_stage == 3:
+            # every forward pass gathers the partitioned parameters with collectives all ranks
+            # must join; a rank-0-only decoding loop would hang the others (or read empty shards)
+            return "engine.zero_stage 3 partitions the parameters across ranks; rank 0 cannot decode alone"
+        return ""
+
+    def log_samples(self) -> None:
+        """Rank 0: greedy continuations of ``logging.sample_prompts`` as TensorBoard text
+        (:data:`~mmtrain.train.monitor.SAMPLES`) at this step; skipped, with one line saying why,
+        for models that cannot generate and under ZeRO-3."""
+        t, lg = self.trainer, self.cfg.logging
+        if not t.is_main or lg.sample_tokens <= 0 or not lg.sample_prompts:
+            return
+        refusal = self.sample_refusal()
+        if refusal:
+            if not self.sampling_noted:
+                t.monitor.info(f"[mmtrain] no generated samples in TensorBoard: {refusal}")
+                self.sampling_noted = True
+            return
+        t.monitor.text(mon.SAMPLES, mon.samples_markdown(self.generate_samples()), t.step)
+
+    @torch.no_grad()
+    def generate_samples(self) -> List[Tuple[str, str, str]]:
+        """(prompt, continuation, note) for every ``logging.sample_prompts`` prompt: the model as it
+        is now continues it greedily by up to ``logging.sample_tokens`` tokens (the prompt starts a
+        document, as in the shards; stops at EOS or n_ctx). The model is in eval mode meanwhile and
+        gets its previous mode back. Uses no random numbers (training stays reproducible)."""
+        from mmtrain.data.shards import shard_tokenizer_path
+        from mmtrain.eval.generate import STOP_EOS, encode_prompt, generate
+
+        if self.tokenizer is None:
+            from mmtrain.data.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(shard_tokenizer_path(self.cfg.data.shard_dir, self.n_ctx))
+        tok, n_tokens = self.tokenizer, self.cfg.logging.sample_tokens
+        model = self.trainer.engine.module
+        was_training = model.training
+        model.eval()
+        samples = []
+        try:
+            for prompt in self.cfg.logging.sample_prompts:
+                ids = encode_prompt(tok, str(prompt))
+                if len(ids) >= self.n_ctx:
+                    samples.append((str(prompt), "", f"not generated: the prompt is {len(ids)} tokens with the "
+                                                     f"document-start EOS, the model's n_ctx is {self.n_ctx}"))
+                    continue
+                out = generate(model, ids, n_tokens, temperature=0.0, eos_id=tok.eos_id)
+                new = out.tokens[:-1] if out.stop_reason == STOP_EOS else out.tokens
+                head = tok.decode(ids[1:])
+                text = tok.decode(ids[1:] + new)
+                if not text.startswith(head):   # decoding the prompt alone and with its continuation differ
+                    head = ""
+                continuation = text[len(head):]
+                samples.append((head, continuation, f"{len(new)} tokens, greedy, stopped: {out.stop_reason}"))
+        finally:
+            model.train(was_training)
+        return samples
 
     # ---- reporting ---------------------------------------------------------------------------
 

@@ -1,6 +1,17 @@
-"""Run monitoring: TensorBoard scalars, a rank-0 progress bar and concise log lines.
+"""Run monitoring: TensorBoard scalars, text and hyperparameters, a rank-0 progress bar and
+concise log lines.
 
 Only rank 0 writes; other ranks get a monitor whose methods do nothing.
+
+HParams dashboard: every run writes one ``SessionStartInfo`` (its hyperparameters,
+:func:`run_hparams`) when it starts and a ``SessionEndInfo`` (success) when its schedule is
+complete, both into its own event directory, so a run is one row of the dashboard. No
+``Experiment`` summary is written: TensorBoard then builds the columns from every run's
+hyperparameters and takes the metrics from the scalar tags of the runs (the last value of each,
+i.e. the run's final ``train/loss``, ``eval/loss_ctx<N>``, ``eval/recall@1``, ...), so runs of
+different kinds in one log directory compare side by side. A resumed run writes its start info
+again in a new event file; TensorBoard keeps the first summary metadata of a tag in a run (the one
+the original process wrote), so the run stays one session.
 """
 
 from __future__ import annotations
@@ -10,7 +21,7 @@ import os
 import resource
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -25,8 +36,117 @@ STEP_TIME = "perf/step_time_s"
 MEMORY = "perf/peak_memory_gb"
 
 
+# Text written to TensorBoard at every evaluation.
+SAMPLES = "eval/samples"            # LM pretraining: greedy continuations of logging.sample_prompts
+RETRIEVAL_TABLE = "eval/retrieval"  # retrieval training: the metrics of the evaluation as a table
+
+# Config keys left out of the hyperparameters: how a run is watched, saved, checked or fed, not
+# what it trains (prefixes; most may also change when the run resumes).
+HPARAM_SKIP = ("logging.", "checkpoint.", "train.stop_at", "train.eval_every", "train.eval_batches",
+               "data.num_workers", "data.auto_prepare", "data.prepare_input", "data.verify_shards",
+               "engine.peak_flops")
+
+HParam = Union[bool, int, float, str]
+
+
 def eval_tag(n_ctx: int) -> str:
     return f"eval/loss_ctx{n_ctx}"
+
+
+def flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    """A nested dict as one level with dotted keys (``{"model": {"kind": k}}`` -> ``{"model.kind": k}``)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def run_hparams(config: Dict[str, Any], extra: Optional[Dict[str, Any]] = None) -> Dict[str, HParam]:
+    """The hyperparameters of a run for the HParams dashboard: the resolved config flattened to
+    dotted keys, its bool / int / float / str values only (lists and empty sections are left out),
+    without the keys of :data:`HPARAM_SKIP`; then ``extra`` (e.g. ``run.world_size``)."""
+    out: Dict[str, HParam] = {}
+    for key, value in {**flatten(config), **(extra or {})}.items():
+        if any(key == p or key.startswith(p) for p in HPARAM_SKIP):
+            continue
+        if isinstance(value, (bool, int, float, str)):
+            out[key] = value
+    return out
+
+
+def _hparams_summary(tag: str, plugin_data):
+    """A Summary holding one HParams plugin message (what TensorBoard's own hparams API writes)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import metadata
+
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(plugin_data),
+                                        tensor=metadata.NULL_TENSOR)])
+
+
+def session_start_summary(hparams: Dict[str, HParam], start_time: Optional[float] = None):
+    """The ``_hparams_/session_start_info`` summary of a run with these hyperparameters."""
+    from tensorboard.plugins.hparams import metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionStartInfo
+
+    info = SessionStartInfo(start_time_secs=time.time() if start_time is None else start_time)
+    for key, value in hparams.items():
+        if isinstance(value, bool):   # before int: a bool is an int in Python
+            info.hparams[key].bool_value = value
+        elif isinstance(value, (int, float)):
+            info.hparams[key].number_value = float(value)
+        else:
+            info.hparams[key].string_value = str(value)
+    return _hparams_summary(metadata.SESSION_START_INFO_TAG, HParamsPluginData(session_start_info=info))
+
+
+def session_end_summary(status: str = "STATUS_SUCCESS", end_time: Optional[float] = None):
+    """The ``_hparams_/session_end_info`` summary (``status``: an ``api_pb2.Status`` name)."""
+    from tensorboard.plugins.hparams import api_pb2, metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
+
+    info = SessionEndInfo(status=api_pb2.Status.Value(status),
+                          end_time_secs=time.time() if end_time is None else end_time)
+    return _hparams_summary(metadata.SESSION_END_INFO_TAG, HParamsPluginData(session_end_info=info))
+
+
+def _md_escape(text: str) -> str:
+    """``text`` with the characters markdown would interpret backslash-escaped (TensorBoard
+    escapes HTML itself)."""
+    return "".join("\\" + c if c in "\\`*_[]#|~" else c for c in text)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(_md_escape(str(h)) for h in header) + " |",
+             "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md_escape(str(c)) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def retrieval_table(metrics: Dict[str, float], caption: str = "") -> str:
+    """Markdown: ``caption``, then one row per retrieval metric (``metric | value``; fractions, 4 decimals)."""
+    table = markdown_table(["metric", "value"], [(k, f"{v:.4f}") for k, v in metrics.items()])
+    return f"{_md_escape(caption)}\n\n{table}" if caption else table
+
+
+def _visible(text: str) -> str:
+    """Control characters other than newline and tab as ``\\xNN`` (byte-fallback tokens decode to
+    them; the browser would show nothing or ``?``)."""
+    return "".join(f"\\x{ord(c):02x}" if (ord(c) < 32 and c not in "\n\t") or 127 <= ord(c) < 160 else c
+                   for c in text)
+
+
+def samples_markdown(samples: Sequence[Tuple[str, str, str]]) -> str:
+    """Markdown for (prompt, continuation, note) samples: the prompt in bold, then the prompt and
+    its continuation verbatim (an indented code block, so markup in generated text stays text;
+    control characters as ``\\xNN``)."""
+    parts = []
+    for i, (prompt, continuation, note) in enumerate(samples, 1):
+        body = _visible(prompt + continuation).split("\n")
+        parts.append(f"**{i}. {_md_escape(prompt)}** ({_md_escape(note)})\n\n"
+                     + "\n".join("    " + line for line in body))
+    return "\n\n".join(parts)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -56,6 +176,49 @@ def truncate_metrics(run_dir: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+def truncate_events(run_dir: str, step: int) -> int:
+    """Drop the TensorBoard events after ``step`` from ``<run_dir>/tensorboard`` (a resumed run
+    redoes those steps); returns how many were dropped.
+
+    TensorBoard's default (Rust) loader only replaces the points of a series that a later point
+    precedes in step, so an evaluation or sample an interrupted process logged after its last
+    checkpoint would stay next to the resumed run's (the Python loader also drops them at the
+    SessionLog START the resumed writer begins with). Each file holding such events, or a record
+    cut short by a kill, is rewritten in place; the records kept are copied byte for byte."""
+    import glob
+    import struct
+
+    from google.protobuf.message import DecodeError
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    dropped = 0
+    for path in sorted(glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))):
+        with open(path, "rb") as fh:
+            data = fh.read()
+        keep, pos, n = [], 0, 0
+        while pos + 12 <= len(data):   # a record: u64 length, u32 crc, data, u32 crc
+            (length,) = struct.unpack_from("<Q", data, pos)
+            end = pos + 12 + length + 4
+            if end > len(data):
+                break
+            try:
+                event_step = Event.FromString(data[pos + 12:pos + 12 + length]).step
+            except DecodeError:
+                break
+            if event_step <= step:
+                keep.append(data[pos:end])
+            else:
+                n += 1
+            pos = end
+        if n or pos < len(data):
+            tmp = os.path.join(os.path.dirname(path), ".truncate.tmp")   # no "tfevents" in the name
+            with open(tmp, "wb") as fh:
+                fh.write(b"".join(keep))
+            os.replace(tmp, path)
+        dropped += n
+    return dropped
+
+
 def read_metrics(run_dir: str) -> List[Dict]:
     with open(os.path.join(run_dir, "metrics.jsonl"), "r", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
@@ -71,10 +234,14 @@ class Monitor:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        # A resumed run redoes the steps after its checkpoint: purge_step hides the points an
-        # interrupted run logged past it, so every step appears once in TensorBoard.
-        self.writer = SummaryWriter(log_dir=f"{run_dir}/tensorboard",
-                                    purge_step=start_step + 1 if start_step > 0 else None)
+        # A resumed run redoes the steps after its checkpoint: the points an interrupted process
+        # logged past it are removed from the event files (truncate_events), and purge_step starts
+        # the new file with a SessionLog START at the first step it logs (TensorBoard's Python
+        # loader drops what an earlier process logged from there on; it takes the first START of a
+        # run for its start, not a restart, so a fresh run writes one too, at step 1).
+        if start_step > 0:
+            truncate_events(run_dir, start_step)
+        self.writer = SummaryWriter(log_dir=f"{run_dir}/tensorboard", purge_step=start_step + 1)
         self.metrics = open(f"{run_dir}/metrics.jsonl", "a", encoding="utf-8")
         if progress_bar:
             from tqdm import tqdm
@@ -94,9 +261,21 @@ class Monitor:
         if self.enabled:
             self.metrics.write(json.dumps(values) + "\n")
 
-    def text(self, tag: str, text: str) -> None:
+    def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.writer is not None:
-            self.writer.add_text(tag, text, 0)
+            self.writer.add_text(tag, text, step)
+
+    def hparams_start(self, hparams: Dict[str, HParam]) -> None:
+        """The run's hyperparameters for the HParams dashboard (at its start, so a run that is
+        killed still shows; written again by a resumed run, which TensorBoard ignores)."""
+        if self.writer is not None:
+            self.writer._get_file_writer().add_summary(session_start_summary(hparams), 0)
+            self.writer.flush()
+
+    def hparams_end(self, step: int, status: str = "STATUS_SUCCESS") -> None:
+        """The run finished (HParams dashboard status); its final metrics are the last scalars."""
+        if self.writer is not None:
+            self.writer._get_file_writer().add_summary(session_end_summary(status), step)
 
     def info(self, message: str) -> None:
         if not self.enabled:

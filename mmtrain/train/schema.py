@@ -69,6 +69,11 @@ class LoggingConfig:
     run_dir: str = setting("", "Explicit run directory (overrides runs_root/name).")
     log_every: int = setting(10, "Log a line and TensorBoard scalars every N steps.")
     progress_bar: bool = setting(True, "Show a tqdm progress bar on rank 0.")
+    sample_prompts: List[str] = setting(lambda: ["Return the", "Create a"], "Pretraining: prompts the model "
+                                        "continues greedily at every evaluation, logged as TensorBoard text "
+                                        "(eval/samples); not for models that cannot generate, nor under ZeRO 3.",
+                                        factory=True)
+    sample_tokens: int = setting(32, "Pretraining: tokens generated per sample prompt; 0 = no samples.")
 
 
 @dataclass
@@ -172,6 +177,8 @@ def validate_pretrain(cfg: DictConfig) -> List[str]:
     for n in t.eval_n_ctx:
         if n < 1 or n > cfg.model.n_ctx:
             p.append(f"train.eval_n_ctx: {n} must be in [1, model.n_ctx={cfg.model.n_ctx}]")
+    if cfg.logging.sample_tokens < 0:
+        p.append(f"logging.sample_tokens: must be >= 0 (0 = no samples), got {cfg.logging.sample_tokens}")
     return p
 
 

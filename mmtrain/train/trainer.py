@@ -175,6 +175,12 @@ class Task:
         """Work before the first step (e.g. evaluate the starting model); its summary."""
         return {}
 
+    def hparams(self) -> Dict[str, Any]:
+        """The run's hyperparameters for TensorBoard's HParams dashboard (:func:`mon.run_hparams`)."""
+        t = self.trainer
+        return mon.run_hparams(to_dict(t.cfg), {"model.vocab_size": self.vocab_size, "run.world_size":
+                                                t.dist.world_size, "run.num_params": t.model.num_params()})
+
     def checkpoint_state(self) -> Dict[str, Any]:
         """What a checkpoint records besides step, tokens, loader, tokenizer, vocab and world size
         (``config`` there is what `mmtrain export` reads)."""
@@ -498,6 +504,7 @@ class Trainer:
         cfg, m, task = self.cfg, self.monitor, self.task
         m.info(task.banner())
         m.text("config", "```\n" + self.resolved_yaml + "\n```")
+        m.hparams_start(task.hparams())
         last = task.before_loop()
         batches = self._batches()
         eval_every, ckpt_every = cfg.train.eval_every, cfg.checkpoint.every
@@ -522,6 +529,9 @@ class Trainer:
             m.flush()
             if self._stop_at_step_boundary():
                 break
+        t = cfg.train
+        if self.step >= t.steps or (t.max_tokens > 0 and self.tokens_seen >= t.max_tokens):
+            m.hparams_end(self.step)   # the schedule is complete (not at stop_at or a stop signal)
         m.close()
         return last
 

@@ -56,19 +56,10 @@ RESUME_MUTABLE = ("train.stop_at", "train.eval_every", "train.eval_batches", "tr
                   "data.shard_dir")   # moved shards: the tokenizer hash is still checked; printed as a warning
 
 
-def _leaves(d: Any, prefix: str = "") -> Dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def config_changes(saved: Dict[str, Any], current: Dict[str, Any], allowed=()) -> Tuple[List[str], List[str]]:
     """(forbidden, applied) differences between a checkpoint's config and a resumed run's, one
     ``key: old -> new`` line each; keys absent from the checkpoint (older versions) are not compared."""
-    old, new = _leaves(saved), _leaves(current)
+    old, new = mon.flatten(saved), mon.flatten(current)
     forbidden, applied = [], []
     for key in sorted(k for k in new if k in old and old[k] != new[k]):
         line = f"{key}: {old[key]!r} -> {new[key]!r}"

@@ -271,8 +271,10 @@ def test_non_empty_out_needs_overwrite(trained_runs, tmp_path, capsys):
     assert cli_main(["export", run, "--out", str(out), "--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert "verified: reloaded logits match the checkpoint's" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "model_card.md",
-                                                     "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "model_card.md", "modeling_mmtrain.py", "special_tokens_map.json",
+                                                     "tokenization_mmtrain.py", "tokenizer.model",
+                                                     "tokenizer_config.json"]
 
 
 def test_loading_a_bundle_with_a_missing_tensor_names_it(exported_bundles, tmp_path):

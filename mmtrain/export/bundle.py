@@ -11,6 +11,11 @@ Layout (written by :func:`write_bundle`, read by :func:`load_pretrained`)::
                                   layout instead: model-0000i-of-0000N.safetensors + model.safetensors.index.json
     <bundle>/tokenizer.model      the SentencePiece model the weights were trained with
     <bundle>/model_card.md        README-style summary (see :mod:`mmtrain.export.model_card`)
+    <bundle>/tokenizer_config.json, special_tokens_map.json, tokenization_mmtrain.py,
+    generation_config.json, modeling_mmtrain.py
+                                  Hugging Face files (see :mod:`mmtrain.export.hf`): the tokenizer
+                                  and, for the mixer, hybrid and mixer autoencoder, the model classes
+                                  that config.json's ``auto_map`` names (``trust_remote_code=True``)
 
 Weights are stored as the model computes with them: token-mixing matrices already multiplied by
 their causal masks, and a tied LM head stored once (under the embedding's name).
@@ -245,8 +250,10 @@ def tensor_table(state: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, Any]]:
 def bundle_config(model: CausalLM, state: Dict[str, torch.Tensor], dtype: torch.dtype, weight_files: List[str],
                   tokenizer, source: Optional[Dict[str, Any]] = None,
                   training: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """config.json: the "mmtrain" section, plus Hugging Face LlamaConfig keys for a transformer."""
+    """config.json: the "mmtrain" section, plus Hugging Face LlamaConfig keys for a transformer and
+    the ``auto_map`` / size keys of the remote-code kinds (:func:`mmtrain.export.hf.hf_config_keys`)."""
     from mmtrain import __version__
+    from mmtrain.export.hf import hf_config_keys
 
     section = {
         "format_version": FORMAT_VERSION,
@@ -269,6 +276,7 @@ def bundle_config(model: CausalLM, state: Dict[str, torch.Tensor], dtype: torch.
         config.update(architectures=["LlamaForCausalLM"], model_type="llama", **model.hf_config_dict(),
                       torch_dtype=_DTYPE_NAMES[dtype], pad_token_id=tokenizer.pad_id,
                       bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    config.update(hf_config_keys(model.config_dict, tokenizer, _DTYPE_NAMES[dtype]))
     config["mmtrain"] = section
     return config
 
@@ -302,12 +310,14 @@ def write_bundle(model: CausalLM, out: PathLike, tokenizer_path: PathLike, *, dt
 
 
 def rewrite_config(out: PathLike, config: Dict[str, Any]) -> None:
-    """(Re)write config.json and the model card rendered from it."""
+    """(Re)write config.json, the model card and the Hugging Face files rendered from it."""
+    from mmtrain.export.hf import write_hf_files
     from mmtrain.export.model_card import render_model_card
 
     out = Path(out)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (out / CARD_NAME).write_text(render_model_card(config), encoding="utf-8")
+    write_hf_files(out, config)
 
 
 # --------------------------------------------------------------------------------------------

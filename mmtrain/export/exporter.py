@@ -1,5 +1,6 @@
 """`mmtrain export`: a DeepSpeed checkpoint (any ZeRO stage, any world size) -> a verified bundle;
-`mmtrain export-embedder`: the same for a retrieval run, plus its embedder settings.
+`mmtrain export-embedder`: the same for a retrieval run, plus its embedder settings (``--format
+sentence-transformers``: the bundle is also a sentence-transformers model folder).
 
 Steps: find the checkpoint (run dir, checkpoints dir or ``step_XXXXXXXX`` dir; ``--tag``), check
 that it was completely written, rebuild the fp32 weights (ZeRO 0: the module state in
@@ -26,6 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from mmtrain.export import bundle as B
+from mmtrain.export.hf import EMBEDDER_KINDS, write_sentence_transformers
 from mmtrain.train import checkpoint as ckpt
 
 MODEL_STATES = "mp_rank_00_model_states.pt"          # ZeRO 0-2: the full module (+ client state)
@@ -329,13 +331,24 @@ def _check_out(out: Path, overwrite: bool) -> None:
                           "replace it, or choose another directory")
 
 
+FORMATS = ("mmtrain", "sentence-transformers")
+
+
 def export(path: str, out: str, tag: Optional[str] = None, dtype: str = "fp32",
            max_shard_size: int = B.DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-           tokenizer: Optional[str] = None, embedder: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+           tokenizer: Optional[str] = None, embedder: Optional[Dict[str, Any]] = None,
+           fmt: str = "mmtrain") -> Dict[str, Any]:
     """Export a checkpoint to a verified bundle in ``out``; returns the bundle's config.json dict.
-    ``embedder``: a retrieval run's embedder settings, stored in config.json before publishing."""
+    ``embedder``: a retrieval run's embedder settings, stored in config.json before publishing.
+    ``fmt="sentence-transformers"`` (embedders only): the bundle is also a sentence-transformers
+    model folder (:func:`mmtrain.export.hf.write_sentence_transformers`)."""
     if dtype not in B.DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(B.DTYPES)}, got {dtype!r}")
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "sentence-transformers" and embedder is None:
+        raise ExportError("--format sentence-transformers needs an embedder: export a retrieval run with "
+                          "`mmtrain export-embedder`")
     out_path = Path(out).resolve()
     _check_out(out_path, overwrite)
     checkpoint = open_checkpoint(*locate(path, tag))
@@ -343,6 +356,10 @@ def export(path: str, out: str, tag: Optional[str] = None, dtype: str = "fp32",
         raise ExportError(f"--out {out_path} contains the checkpoint {checkpoint.path}; choose a directory "
                           "outside it")
     model = build_checkpoint_model(checkpoint)
+    if fmt == "sentence-transformers" and model.kind not in EMBEDDER_KINDS:
+        raise ExportError(f"{checkpoint.path}: a {model.kind} cannot be exported for sentence-transformers: its "
+                          "embeddings depend on the padding of the batch (kinds that can: "
+                          f"{', '.join(EMBEDDER_KINDS)})")
     tokenizer_path = find_tokenizer(checkpoint, tokenizer)
     source, training = summaries(checkpoint)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -355,6 +372,8 @@ def export(path: str, out: str, tag: Optional[str] = None, dtype: str = "fp32",
         if embedder is not None:
             config["mmtrain"]["embedder"] = embedder
         B.rewrite_config(tmp, config)
+        if fmt == "sentence-transformers":
+            write_sentence_transformers(tmp, config)
         if out_path.exists():
             shutil.rmtree(out_path)
         os.replace(tmp, out_path)
@@ -381,7 +400,7 @@ def _run(args) -> int:
     print(f"exported {m['source']['checkpoint']} (step {m['source']['step']}, ZeRO-{m['source']['zero_stage']}, "
           f"world size {m['source']['world_size']}) -> {Path(args.out).resolve()}")
     print(f"  {m['model']['kind']}: {m['num_params']:,} parameters, {m['dtype']}, "
-          f"files: {', '.join(m['weight_files'] + [B.CONFIG_NAME, B.TOKENIZER_NAME, B.CARD_NAME])}")
+          f"files: {', '.join(sorted(p.name for p in Path(args.out).iterdir()))}")
     print(f"  verified: reloaded logits match the checkpoint's (max |diff| {v['max_abs_diff']:.3g} "
           f"on {v['tokens']} tokens)")
     return 0
@@ -396,11 +415,13 @@ def _export_embedder(args) -> int:
             raise ExportError(f"{checkpoint.path}: not a retrieval checkpoint (no embedder settings); "
                               "use `mmtrain export`")
         config = export(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite,
-                        embedder=info)
+                        embedder=info, fmt=args.format)
     except (ExportError, B.BundleError, FileNotFoundError) as exc:
         print(f"mmtrain export-embedder: {exc}", file=sys.stderr)
         return 2
-    print(f"exported embedder ({info['pooling']} pooling, step {config['mmtrain']['source']['step']}) -> {args.out}")
+    what = " as a sentence-transformers model" if args.format == "sentence-transformers" else ""
+    print(f"exported embedder ({info['pooling']} pooling, step {config['mmtrain']['source']['step']}){what} "
+          f"-> {args.out}")
     return 0
 
 
@@ -426,5 +447,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default=None)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--format", choices=FORMATS, default="mmtrain",
+                   help="mmtrain: the bundle (default); sentence-transformers: the bundle that is also a "
+                        "folder SentenceTransformer(path, trust_remote_code=True) loads (the same embeddings)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_export_embedder)

@@ -34,7 +34,8 @@ embeddings, SwiGLU MLP) whose token mixing adds a causally masked n_ctx x n_ctx 
     both:        h = h + SwiGLU(RMSNorm(h))
 
 Tensor names follow Hugging Face's Llama plus `model.layers.{i}.token_mixing.{weight,bias}`, which
-`LlamaForCausalLM` does not have: load it with mmtrain."""
+`LlamaForCausalLM` does not have: load it with mmtrain, or with `AutoModelForCausalLM` and
+`trust_remote_code=True` (the bundle's own modeling file)."""
 
 _BIDIRECTIONAL_MATH = """\
 Bidirectional masked mixer: a forward stream (token mixing masked with tril) and a reverse stream
@@ -101,6 +102,10 @@ def render_model_card(config: Dict[str, Any]) -> str:
     if kind == "transformer":
         lines += ["```python", "from transformers import LlamaForCausalLM",
                   "hf = LlamaForCausalLM.from_pretrained(\"<this directory>\")", "```", ""]
+    elif kind in ("mixer", "hybrid", "mixer_autoencoder"):
+        lines += ["```python", "from transformers import AutoModelForCausalLM   # pip install -e \".[hf]\"",
+                  "hf = AutoModelForCausalLM.from_pretrained(\"<this directory>\", trust_remote_code=True)",
+                  "```", ""]
     lines += ["## Model", ""]
     lines += _table([[k, _fmt(v)] for k, v in model.items() if k not in _OTHER_KIND_KEYS.get(kind, ())] + [["parameters", f"{m['num_params']:,}"],
                                                                    ["stored dtype", m["dtype"]]],

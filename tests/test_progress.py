@@ -1,4 +1,4 @@
-"""Progress bars of prepare, prepare-pairs, eval-lm, eval-retrieval and frozen-retrieval: drawn on a
+"""Progress bars of prepare, prepare-pairs, export, eval-lm, eval-retrieval and frozen-retrieval: drawn on a
 terminal by rank 0, silent with --quiet, when stderr is not a terminal, or on another rank."""
 
 from __future__ import annotations
@@ -200,3 +200,15 @@ def test_frozen_retrieval_shows_its_embedding_bars(quiet, exported_bundles, demo
     for split, n in sizes.items():
         for side in ("queries", "documents"):
             assert finished(term.getvalue(), f"embedding {split} {side}", -(-n // 32)), (split, side)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_export_shows_its_stages(quiet, trained_runs, tmp_path, capsys):
+    term = Terminal()
+    args = ["export", trained_runs["mixer_zero1"], "--out", tmp_path / "bundle"] + (["--quiet"] if quiet else [])
+    assert run_cli(args, term) == 0
+    assert "verified: reloaded logits match" in capsys.readouterr().out
+    if quiet:
+        assert term.getvalue() == ""
+    else:
+        assert finished(term.getvalue(), "export", 4)

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from mmtrain.data.progress import add_quiet_argument, progress_bar
 from mmtrain.export import bundle as B
 from mmtrain.export.hf import EMBEDDER_KINDS, write_sentence_transformers
 from mmtrain.train import checkpoint as ckpt
@@ -337,7 +338,7 @@ FORMATS = ("mmtrain", "sentence-transformers")
 def export(path: str, out: str, tag: Optional[str] = None, dtype: str = "fp32",
            max_shard_size: int = B.DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
            tokenizer: Optional[str] = None, embedder: Optional[Dict[str, Any]] = None,
-           fmt: str = "mmtrain") -> Dict[str, Any]:
+           fmt: str = "mmtrain", progress: bool = True) -> Dict[str, Any]:
     """Export a checkpoint to a verified bundle in ``out``; returns the bundle's config.json dict.
     ``embedder``: a retrieval run's embedder settings, stored in config.json before publishing.
     ``fmt="sentence-transformers"`` (embedders only): the bundle is also a sentence-transformers
@@ -355,30 +356,39 @@ def export(path: str, out: str, tag: Optional[str] = None, dtype: str = "fp32",
     if out_path == checkpoint.path or out_path in checkpoint.path.parents:
         raise ExportError(f"--out {out_path} contains the checkpoint {checkpoint.path}; choose a directory "
                           "outside it")
-    model = build_checkpoint_model(checkpoint)
-    if fmt == "sentence-transformers" and model.kind not in EMBEDDER_KINDS:
-        raise ExportError(f"{checkpoint.path}: a {model.kind} cannot be exported for sentence-transformers: its "
-                          "embeddings depend on the padding of the batch (kinds that can: "
-                          f"{', '.join(EMBEDDER_KINDS)})")
-    tokenizer_path = find_tokenizer(checkpoint, tokenizer)
-    source, training = summaries(checkpoint)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        config = B.write_bundle(model, tmp, tokenizer_path, dtype=dtype, max_shard_size=max_shard_size,
-                                source=source, training=training)
-        config["mmtrain"]["verification"] = verify_bundle(tmp, model, dtype)
-        if embedder is not None:
-            config["mmtrain"]["embedder"] = embedder
-        B.rewrite_config(tmp, config)
-        if fmt == "sentence-transformers":
-            write_sentence_transformers(tmp, config)
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        os.replace(tmp, out_path)
-    finally:
+    with progress_bar(progress, total=4, desc="export", unit=" stage") as bar:
+        bar.set_postfix_str("reading the checkpoint")
+        model = build_checkpoint_model(checkpoint)
+        if fmt == "sentence-transformers" and model.kind not in EMBEDDER_KINDS:
+            raise ExportError(f"{checkpoint.path}: a {model.kind} cannot be exported for sentence-transformers: its "
+                              "embeddings depend on the padding of the batch (kinds that can: "
+                              f"{', '.join(EMBEDDER_KINDS)})")
+        tokenizer_path = find_tokenizer(checkpoint, tokenizer)
+        source, training = summaries(checkpoint)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        bar.update(1)
+        try:
+            bar.set_postfix_str("writing the bundle")
+            config = B.write_bundle(model, tmp, tokenizer_path, dtype=dtype, max_shard_size=max_shard_size,
+                                    source=source, training=training)
+            bar.update(1)
+            bar.set_postfix_str("verifying the logits")
+            config["mmtrain"]["verification"] = verify_bundle(tmp, model, dtype)
+            bar.update(1)
+            bar.set_postfix_str("publishing")
+            if embedder is not None:
+                config["mmtrain"]["embedder"] = embedder
+            B.rewrite_config(tmp, config)
+            if fmt == "sentence-transformers":
+                write_sentence_transformers(tmp, config)
+            if out_path.exists():
+                shutil.rmtree(out_path)
+            os.replace(tmp, out_path)
+            bar.update(1)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return config
 
 
@@ -391,7 +401,7 @@ def _run(args) -> int:
     try:
         config = export(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype,
                         max_shard_size=B.parse_size(args.max_shard_size), overwrite=args.overwrite,
-                        tokenizer=args.tokenizer)
+                        tokenizer=args.tokenizer, progress=not args.quiet)
     except (ExportError, B.BundleError, FileNotFoundError) as exc:
         print(f"mmtrain export: {exc}", file=sys.stderr)
         return 2
@@ -415,7 +425,7 @@ def _export_embedder(args) -> int:
             raise ExportError(f"{checkpoint.path}: not a retrieval checkpoint (no embedder settings); "
                               "use `mmtrain export`")
         config = export(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite,
-                        embedder=info, fmt=args.format)
+                        embedder=info, fmt=args.format, progress=not args.quiet)
     except (ExportError, B.BundleError, FileNotFoundError) as exc:
         print(f"mmtrain export-embedder: {exc}", file=sys.stderr)
         return 2
@@ -439,6 +449,7 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="the tokenizer .model, when it is no longer where the training config says")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_quiet_argument(p)
     p.set_defaults(func=_run)
 
     p = subparsers.add_parser(
@@ -451,4 +462,5 @@ def register(subparsers) -> None:
                    help="mmtrain: the bundle (default); sentence-transformers: the bundle that is also a "
                         "folder SentenceTransformer(path, trust_remote_code=True) loads (the same embeddings)")
     p.add_argument("--overwrite", action="store_true")
+    add_quiet_argument(p)
     p.set_defaults(func=_export_embedder)

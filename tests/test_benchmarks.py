@@ -49,7 +49,7 @@ def bench_runs(demo_shards, tmp_path_factory):
         "data": ["data.py", "--quick", "--shard-dir", str(demo_shards), "--n-ctx", "64", "--batches", "10",
                  "--threads", "1"],
         "learning": ["learning.py", "--quick", "--shard-dir", str(demo_shards), "--threads", "1",
-                     "--tokens", "40960"],   # 80 steps of 512 tokens
+                     "--tokens", "20480"],   # 40 steps of 512 tokens
     }
     procs = {}
     for name, (script, *args) in commands.items():
@@ -170,7 +170,7 @@ def test_learning_quick_reports_loss_unigram_entropy_and_crossing_step(bench_run
         curve = json.loads(record["curve"])
         metrics = [json.loads(line) for line in open(Path(record["run_dir"]) / "metrics.jsonl")]
         evals = [[m["step"], m["eval_loss_ctx64"]] for m in metrics if "eval_loss_ctx64" in m]
-        assert curve == evals and len(curve) >= 8 and curve[-1][0] == 80
+        assert curve == evals and len(curve) >= 8 and curve[-1][0] == 40
         assert _number(row[5]) == pytest.approx(curve[-1][1], abs=1e-3)
         assert _number(row[7]) == pytest.approx(entropy - curve[-1][1], abs=2e-3)
         crossing = learning.first_step_below(curve, entropy - 0.3)

@@ -205,9 +205,13 @@ def _packed_case(heads, length, block, dtype=torch.float32, seed=0):
     return dense, x, grad_y
 
 
+@pytest.mark.parametrize("group_rows", [512, 16, 1], ids=["one_group", "groups_of_16_rows", "per_block_row"])
 @pytest.mark.parametrize("heads", [0, 3], ids=["flat", "heads"])
 @pytest.mark.parametrize("block", [1, 5, 8, 16, PACKED_N, 64])
-def test_packed_mix_equals_masked_product_values_and_gradients(heads, block):
+def test_packed_mix_equals_masked_product_values_and_gradients(heads, block, group_rows, monkeypatch):
+    from mmtrain.models import mixing_ops
+
+    monkeypatch.setattr(mixing_ops, "INPUT_GRAD_ROWS", group_rows)   # block rows stacked per input-grad GEMM
     for length in sorted({min(max(1, n), PACKED_N) for n in (1, block - 1, block, block + 1, PACKED_N)}):
         dense, x, grad_y = _packed_case(heads, length, block)
         packed = pack_lower(dense, block).requires_grad_()
@@ -250,7 +254,10 @@ def test_packed_entries_above_the_diagonal_have_no_influence_and_zero_gradient()
     assert torch.equal(unpack_lower(junk.detach(), PACKED_N, 8), dense.tril())
 
 
-def test_packed_gradcheck_float64():
+def test_packed_gradcheck_float64(monkeypatch):
+    from mmtrain.models import mixing_ops
+
+    monkeypatch.setattr(mixing_ops, "INPUT_GRAD_ROWS", 8)   # two block rows per input-gradient group
     for heads in (0, 2):
         dense, x, _ = _packed_case(heads, 11, 4, dtype=torch.float64)
         n = PACKED_N

@@ -160,8 +160,8 @@ DENSE_PANEL_MAX = 256    # up to this n_ctx a packed matrix is one panel: the de
 def packed_block(n_ctx: int, block_size: int = 0) -> int:
     """Rows per block row of a packed matrix: ``block_size`` when set, else one panel (the dense
     matrix) up to DENSE_PANEL_MAX positions and AUTO_BLOCK_SIZE (128) rows above: a packed matrix
-    then stores n (n + 128) / 2 values, 51.6 % of the dense count at n_ctx 4096 (256-row panels run
-    a few per cent faster at 4096 on CPUs but store 53.1 %; benchmarks/mixing.py)."""
+    then stores n (n + 128) / 2 values, 51.6 % of the dense count at n_ctx 4096 (256-row panels:
+    53.1 %, and no faster in benchmarks/mixing.py)."""
     if block_size:
         return min(block_size, n_ctx)
     return n_ctx if n_ctx <= DENSE_PANEL_MAX else AUTO_BLOCK_SIZE

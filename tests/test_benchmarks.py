@@ -44,7 +44,8 @@ def bench_runs(demo_shards, tmp_path_factory):
     """{name: (stdout, out_dir)} of the four benchmarks in their quick form."""
     base = tmp_path_factory.mktemp("benchmarks")
     commands = {
-        "throughput": ["throughput.py", "--quick"],
+        "throughput": ["throughput.py", "--quick", "--models", "mixer", "mixer-mh", "paper-mixer", "transformer",
+                       "hf-llama"],
         "zero_memory": ["zero_memory.py", "--quick", "--world-sizes", "2"],
         "data": ["data.py", "--quick", "--shard-dir", str(demo_shards), "--n-ctx", "64", "--batches", "10",
                  "--threads", "1"],

@@ -292,8 +292,8 @@ def test_resuming_from_moved_shards_warns_and_goes_on(demo_shards, tmp_path, cap
         capsys.readouterr().out
 
 
-@pytest.mark.parametrize("stage, directions", [(1, [("dense", "packed"), ("packed", "dense")]),
-                                               (3, [("dense", "packed")])], ids=["zero1", "zero3"])
+@pytest.mark.parametrize("stage, directions", [(1, [("packed", "dense")]), (3, [("dense", "packed")])],
+                         ids=["zero1_packed_to_dense", "zero3_dense_to_packed"])
 def test_a_checkpoint_resumes_into_the_other_mixing_layout(demo_shards, tmp_path, stage, directions):
     """A dense-layout checkpoint (what earlier versions wrote; its manifest does not record a
     layout) resumes into a packed run, and a packed one into a dense run, through a universal

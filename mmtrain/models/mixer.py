@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtrain.models.layers import CausalLM, DecodingCache
-from mmtrain.models.mixing_ops import (AUTO_BLOCK_SIZE, pack_lower, packed_mix, packed_size,
+from mmtrain.models.mixing_ops import (AUTO_BLOCK_SIZE, block_for_size, pack_lower, packed_mix, packed_size,
                                        triangular_mix, unpack_lower, unpack_rows)
 
 Cache = Dict[str, torch.Tensor]
@@ -316,7 +316,7 @@ class CausalMixingMatrix(nn.Module):
             state_dict[packed_key] = self.pack(dense) if right else dense   # a wrong shape: load_state_dict says so
         elif self.layout == "dense" and packed_key in state_dict and dense_key not in state_dict:
             packed = state_dict.pop(packed_key)
-            block = next((b for b in range(1, self.n_ctx + 1) if packed_size(self.n_ctx, b) == packed.shape[-1]), None)
+            block = block_for_size(self.n_ctx, packed.shape[-1])
             state_dict[dense_key] = packed if block is None else self.unpack(packed, block)
 
 

@@ -38,7 +38,8 @@ dtype and device (fp32, bf16, CUDA); the GEMMs run in the weight's dtype.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+import functools
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -218,8 +219,10 @@ def triangular_mix(weight: torch.Tensor, x: torch.Tensor, block_size: int = 0) -
 INPUT_GRAD_ROWS = 512
 
 
-def packed_panels(n_ctx: int, block: int) -> List[Tuple[int, int, int]]:
-    """``(r0, r1, offset)`` of each block row's panel ``[r1 - r0, r1]`` in a packed matrix."""
+@functools.lru_cache(maxsize=64)
+def packed_panels(n_ctx: int, block: int) -> Tuple[Tuple[int, int, int], ...]:
+    """``(r0, r1, offset)`` of each block row's panel ``[r1 - r0, r1]`` in a packed matrix
+    (cached: every product and its backward walk the same panels)."""
     if n_ctx < 1 or block < 1:
         raise ValueError(f"packed_panels: n_ctx and block must be >= 1, got {n_ctx}, {block}")
     panels, offset = [], 0
@@ -227,13 +230,18 @@ def packed_panels(n_ctx: int, block: int) -> List[Tuple[int, int, int]]:
         r1 = min(r0 + block, n_ctx)
         panels.append((r0, r1, offset))
         offset += (r1 - r0) * r1
-    return panels
+    return tuple(panels)
 
 
 def packed_size(n_ctx: int, block: int) -> int:
     """Values in a packed ``n_ctx x n_ctx`` lower-triangular matrix of block size ``block``."""
     r0, r1, offset = packed_panels(n_ctx, block)[-1]
     return offset + (r1 - r0) * r1
+
+
+def block_for_size(n_ctx: int, size: int) -> Optional[int]:
+    """The block size of a packed ``n_ctx x n_ctx`` matrix of ``size`` values (None: no block fits)."""
+    return next((b for b in range(1, n_ctx + 1) if packed_size(n_ctx, b) == size), None)
 
 
 def _panel(packed: torch.Tensor, r0: int, r1: int, offset: int) -> torch.Tensor:

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from mmtrain.models.mixer import mixing_layout
+from mmtrain.models.mixing_ops import block_for_size
 from mmtrain.train import faults
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -404,20 +405,15 @@ def _convert_mixing_layout(directory: str, model) -> None:
                     relaid = module.pack(tensor.reshape(*lead, module.n_ctx, module.n_ctx))
                 else:
                     packed = tensor.reshape(*lead, -1)
-                    relaid = module.unpack(packed, _packed_block(module.n_ctx, packed.shape[-1]))
+                    block = block_for_size(module.n_ctx, packed.shape[-1])
+                    if block is None:
+                        raise CheckpointError(f"{source}: a packed token-mixing tensor of {packed.shape[-1]} values "
+                                              f"fits no block size for n_ctx {module.n_ctx}")
+                    relaid = module.unpack(packed, block)
                 relaid = relaid.reshape(-1) if tensor.dim() == 1 else relaid
                 value = {**value, "param": relaid} if isinstance(value, dict) else relaid
             torch.save(value, os.path.join(target, name))
         shutil.rmtree(source)
-
-
-def _packed_block(n_ctx: int, size: int) -> int:
-    from mmtrain.models.mixing_ops import packed_size
-
-    for block in range(1, n_ctx + 1):
-        if packed_size(n_ctx, block) == size:
-            return block
-    raise CheckpointError(f"a packed token-mixing tensor of {size} values fits no block size for n_ctx {n_ctx}")
 
 
 def _repair_zero3_universal(engine, directory: str) -> None:

@@ -43,7 +43,7 @@ def schemas() -> dict:
 
 def _reference(args) -> int:
     schema = schemas()[args.schema]
-    print("| key | type | default | meaning |\n|---|---|---|---|")
+    print(C.REFERENCE_HEADER)
     print("\n".join(C.reference(schema)))
     return 0
 
@@ -58,7 +58,7 @@ SCHEMA_NAMES = ["frozen_retrieval", "pairs", "prepare", "pretrain", "retrieval"]
 
 
 def register(sub) -> None:
-    p = sub.add_parser("config-reference", help="print every config key with its type, default and meaning")
+    p = sub.add_parser("config-reference", help="print every config key: type, default, valid range, meaning")
     p.add_argument("schema", choices=SCHEMA_NAMES, nargs="?", default="pretrain")
     p.set_defaults(func=_reference)
     p = sub.add_parser("show-config", help="print the resolved config (defaults <- YAML files <- overrides)")

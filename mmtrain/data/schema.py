@@ -8,7 +8,7 @@ from typing import List
 
 from omegaconf import DictConfig
 
-from mmtrain.config import register_validator, setting
+from mmtrain.config import register_validator, seed_setting, setting
 
 
 @dataclass
@@ -20,12 +20,12 @@ class DataConfig:
     auto_prepare: bool = setting(True, "If the shards are missing and `prepare_input` is `demo`, prepare them "
                                   "on first use (cached afterwards).")
     prepare_input: str = setting("demo", "Corpus used by auto_prepare: `demo` (built-in Python-docstring corpus).")
-    num_workers: int = setting(2, "Data-loader worker processes per rank (e.g. 2).")
+    num_workers: int = setting(2, "Data-loader worker processes per rank (e.g. 2).", ge=0)
     shuffle: bool = setting(True, "Shuffle training samples (seeded by train.seed).")
     num_canonical_nodes: int = setting(0, "streaming's canonical node count, which fixes the sample order; "
                                      "0 = the number of physical nodes (the order then changes with the "
                                      "node count). Set it (e.g. to the largest node count you will use) "
-                                     "to keep one data order when a job is resumed on a different number of nodes.")
+                                     "to keep one data order when a job is resumed on a different number of nodes.", ge=0)
     verify_shards: bool = setting(True, "Check every shard file's sha1 against its index.json before training "
                                         "(a corrupt shard is named before any step; about 1 s per GB read).")
 
@@ -33,10 +33,10 @@ class DataConfig:
 @dataclass
 class TokenizerSpec:
     type: str = setting("bpe", "SentencePiece model type.", choices=["bpe", "unigram"])
-    vocab_size: int = setting(4096, "Vocabulary size including the 4 special ids.")
-    character_coverage: float = setting(1.0, "SentencePiece character_coverage.")
-    max_sentence_length: int = setting(16384, "Longest training sentence in bytes (longer ones are skipped).")
-    seed: int = setting(0, "Seed of SentencePiece's random generator (matters for unigram); training reads "
+    vocab_size: int = setting(4096, "Vocabulary size including the 4 special ids.", ge=8)
+    character_coverage: float = setting(1.0, "SentencePiece character_coverage.", gt=0, le=1)
+    max_sentence_length: int = setting(16384, "Longest training sentence in bytes (longer ones are skipped).", ge=1)
+    seed: int = seed_setting(0, "Seed of SentencePiece's random generator (matters for unigram); training reads "
                       "the first 50 M characters in corpus order, no sampling.")
 
 
@@ -47,17 +47,19 @@ class PrepareConfig:
     text_field: str = setting("text", "JSONL key / Parquet column holding the document text.")
     delimiter: str = setting("", "Plain text: string separating documents inside a file; '' = one document per file.")
     out: str = setting("data/demo", "Output root; one <out>/ctx<n_ctx>/ directory per context length.")
-    n_ctx: List[int] = setting(lambda: [128, 512], "Context lengths to write shards for.", factory=True)
+    n_ctx: List[int] = setting(lambda: [128, 512], "Context lengths to write shards for.", factory=True, ge=2)
     tokenizer: str = setting("", "Existing SentencePiece .model to use; '' = train one into <out>/tokenizer.model.")
     tokenizer_spec: TokenizerSpec = field(default_factory=TokenizerSpec)
     packing: str = setting("concat", "`concat`: documents joined with EOS and cut into blocks; `pad`: each "
                                 "document truncated / right-padded to one block.", choices=["concat", "pad"])
-    val_fraction: float = setting(0.05, "Fraction of documents held out for validation (by document).")
-    seed: int = setting(0, "Seed of the train/validation split.")
-    num_proc: int = setting(2, "Tokenizer worker processes.")
-    max_docs: int = setting(0, "Use only the first N documents; 0 = all.")
+    val_fraction: float = setting(0.05, "Fraction of documents held out for validation (by document).", gt=0, lt=1)
+    seed: int = seed_setting(0, "Seed of the train/validation split.")
+    num_proc: int = setting(2, "Tokenizer worker processes.", ge=1)
+    max_docs: int = setting(0, "Use only the first N documents; 0 = all.", ge=0)
     overwrite: bool = setting(False, "Replace an existing ctx<N> directory prepared with another recipe (corpus, "
-                                     "packing, split, held-out pairs); without it that is an error.")
+                                     "packing, split, held-out pairs), and write into a non-empty `out` that "
+                                     "holds no shards; without it both are errors. A ctx<N> directory holding "
+                                     "anything but shards is never replaced.")
     exclude_pairs: List[str] = setting(list, "Pair directories (`mmtrain prepare-pairs`) whose held-out val and test "
                                         "pairs must not leak into pretraining: documents containing the text "
                                         "of any held-out query or document are dropped.", factory=True)
@@ -73,15 +75,18 @@ class PairsConfig:
     bundle: str = setting("", "Exported bundle whose tokenizer is used (and whose n_ctx bounds n_ctx).")
     tokenizer: str = setting("", "A SentencePiece .model to use instead of a bundle's.")
     out: str = setting("data/pairs/demo", "Output directory: meta.json, tokenizer.model, train/ and test/ MDS shards.")
-    n_ctx: int = setting(0, "Tokens per query / document (truncated, right-padded); 0 = the bundle's n_ctx.")
+    overwrite: bool = setting(False, "Replace a non-empty `out` that holds no pair shards (a directory holding "
+                                     "anything else is never replaced). Pair shards of another recipe are "
+                                     "replaced without it.")
+    n_ctx: int = setting(0, "Tokens per query / document (truncated, right-padded); 0 = the bundle's n_ctx.", ge=0)
     append_eos: bool = setting(True, "End every query and document with EOS (kept when truncating), so "
                                 "last-token pooling reads the same token everywhere.")
-    test_fraction: float = setting(0.1, "Fraction of (distinct) documents held out as the test split.")
+    test_fraction: float = setting(0.1, "Fraction of (distinct) documents held out as the test split.", gt=0, lt=1)
     val_fraction: float = setting(0.1, "Fraction of documents held out as the validation split (carved from "
                                   "what would be training pairs; the test split does not depend on it). "
-                                  "Retrieval training evaluates on it; 0 = no val split.")
-    seed: int = setting(0, "Seed of the train/val/test split (a hash of seed and document text).")
-    max_pairs: int = setting(0, "Use only the first N pairs read (before deduplication); 0 = all.")
+                                  "Retrieval training evaluates on it; 0 = no val split.", ge=0, lt=1)
+    seed: int = seed_setting(0, "Seed of the train/val/test split (a hash of seed and document text).")
+    max_pairs: int = setting(0, "Use only the first N pairs read (before deduplication); 0 = all.", ge=0)
     from_documents: str = setting("", "Build pairs from unlabeled documents instead of reading labeled pairs: "
                                  "`crop` = two independent random token spans of a document (Contriever), "
                                  "`ict` = one sentence -> the rest of its passage (inverse cloze task). "
@@ -89,71 +94,54 @@ class PairsConfig:
                              choices=["", "crop", "ict"])
     text_field: str = setting("text", "from_documents: JSONL key / Parquet column of the document text.")
     delimiter: str = setting("", "from_documents: plain-text separator between documents ('' = one per file).")
-    max_documents: int = setting(0, "from_documents: use only the first N documents; 0 = all.")
+    max_documents: int = setting(0, "from_documents: use only the first N documents; 0 = all.", ge=0)
     pairs_per_document: int = setting(1, "from_documents: pairs drawn from each document (each an independent "
-                                    "crop / sentence).")
-    crop_min_ratio: float = setting(0.1, "crop: shortest span as a fraction of the document's tokens.")
-    crop_max_ratio: float = setting(0.5, "crop: longest span as a fraction of the document's tokens.")
-    min_span_tokens: int = setting(4, "crop / ict: shortest span (query or document) in tokens.")
-    min_document_tokens: int = setting(16, "from_documents: skip documents shorter than this many tokens.")
-    ict_keep_fraction: float = setting(0.1, "ict: probability that the query sentence is left in its passage.")
+                                    "crop / sentence).", ge=1)
+    crop_min_ratio: float = setting(0.1, "crop: shortest span as a fraction of the document's tokens.", gt=0, le=1)
+    crop_max_ratio: float = setting(0.5, "crop: longest span as a fraction of the document's tokens.", gt=0, le=1)
+    min_span_tokens: int = setting(4, "crop / ict: shortest span (query or document) in tokens.", ge=1)
+    min_document_tokens: int = setting(16, "from_documents: skip documents shorter than this many tokens.", ge=2)
+    ict_keep_fraction: float = setting(0.1, "ict: probability that the query sentence is left in its passage.", ge=0, le=1)
     exclude_pairs: List[str] = setting(list, "Pair directories whose held-out (val and test) pairs must not leak "
                                         "in: input documents containing the text of any of their held-out "
                                         "queries or documents are dropped.", factory=True)
     hard_negatives: int = setting(0, "BM25-mined negatives stored per training query (top-ranked training "
-                                "documents other than the query's own, via bm25s); 0 = none.")
+                                "documents other than the query's own, via bm25s); 0 = none.", ge=0)
 
 
 @dataclass
 class PairDataConfig:
     shard_dir: str = setting("data/pairs/demo", "Directory written by `mmtrain prepare-pairs`.")
-    num_workers: int = setting(0, "Data-loader worker processes per rank.")
+    num_workers: int = setting(0, "Data-loader worker processes per rank.", ge=0)
     shuffle: bool = setting(True, "Shuffle training pairs (seeded by train.seed).")
 
 
 def validate_prepare(cfg: DictConfig) -> List[str]:
+    """What a prepare config cannot run with besides out-of-range values (load_config checks those)."""
     p: List[str] = []
     if not cfg.input:
         p.append("input: give at least one corpus path (or `demo`)")
     if not cfg.n_ctx:
         p.append("n_ctx: give at least one context length")
-    for n in cfg.n_ctx:
-        if n < 2:
-            p.append(f"n_ctx: {n} must be >= 2")
-    if not 0.0 < cfg.val_fraction < 1.0:
-        p.append(f"val_fraction: must be in (0, 1), got {cfg.val_fraction}")
-    if cfg.tokenizer_spec.vocab_size < 8:
-        p.append(f"tokenizer_spec.vocab_size: must be >= 8, got {cfg.tokenizer_spec.vocab_size}")
-    if cfg.num_proc < 1:
-        p.append(f"num_proc: must be >= 1, got {cfg.num_proc}")
     return p
 
 
 def validate_pairs(cfg: DictConfig) -> List[str]:
+    """What a prepare-pairs config cannot run with besides out-of-range values (load_config checks those)."""
     p: List[str] = []
     if not cfg.input:
         p.append("input: give at least one JSONL file (or `demo`)")
     if not cfg.bundle and not cfg.tokenizer:
         p.append("bundle: give an exported bundle (or tokenizer: a .model file) to tokenize with")
-    if cfg.n_ctx < 0 or cfg.n_ctx == 1:
+    if cfg.n_ctx == 1:
         p.append(f"n_ctx: must be 0 (the bundle's) or >= 2, got {cfg.n_ctx}")
     if cfg.n_ctx == 0 and not cfg.bundle:
         p.append("n_ctx: 0 means the bundle's n_ctx, but no bundle is given")
-    if not 0.0 < cfg.test_fraction < 1.0:
-        p.append(f"test_fraction: must be in (0, 1), got {cfg.test_fraction}")
-    if not 0.0 <= cfg.val_fraction < 1.0 or cfg.test_fraction + cfg.val_fraction >= 1.0:
-        p.append(f"val_fraction: must be >= 0 with test_fraction + val_fraction < 1, got {cfg.val_fraction}")
-    if cfg.pairs_per_document < 1:
-        p.append(f"pairs_per_document: must be >= 1, got {cfg.pairs_per_document}")
-    if not 0.0 < cfg.crop_min_ratio <= cfg.crop_max_ratio <= 1.0:
-        p.append(f"crop_min_ratio / crop_max_ratio: need 0 < min <= max <= 1, got {cfg.crop_min_ratio} / "
+    if cfg.test_fraction + cfg.val_fraction >= 1.0:
+        p.append(f"test_fraction + val_fraction: must be < 1, got {cfg.test_fraction} + {cfg.val_fraction}")
+    if cfg.crop_min_ratio > cfg.crop_max_ratio:
+        p.append(f"crop_min_ratio / crop_max_ratio: need min <= max, got {cfg.crop_min_ratio} / "
                  f"{cfg.crop_max_ratio}")
-    if cfg.min_span_tokens < 1 or cfg.min_document_tokens < 2:
-        p.append("min_span_tokens must be >= 1 and min_document_tokens >= 2")
-    if not 0.0 <= cfg.ict_keep_fraction <= 1.0:
-        p.append(f"ict_keep_fraction: must be in [0, 1], got {cfg.ict_keep_fraction}")
-    if cfg.hard_negatives < 0:
-        p.append(f"hard_negatives: must be >= 0, got {cfg.hard_negatives}")
     if not cfg.query_field or not cfg.document_field:
         p.append("query_field / document_field: must not be empty")
     return p

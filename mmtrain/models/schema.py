@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List
 
 from omegaconf import DictConfig
 
-from mmtrain.config import setting
+from mmtrain.config import check_ranges, setting
 
 
 @dataclass
@@ -18,17 +17,17 @@ class ModelConfig:
                             "forward + reverse mixer streams (encoder), `mixer_autoencoder` = mixer "
                             "encoder -> one embedding -> mixer decoder.",
                    choices=["mixer", "transformer", "hybrid", "bidirectional_mixer", "mixer_autoencoder"])
-    d_model: int = setting(256, "Hidden width d (e.g. 512).")
-    n_layers: int = setting(4, "Number of blocks (e.g. 8).")
+    d_model: int = setting(256, "Hidden width d (e.g. 512).", ge=1)
+    n_layers: int = setting(4, "Number of blocks (e.g. 8).", ge=1)
     n_ctx: int = setting(128, "Context length in tokens the model is built for (e.g. 512). A mixer's "
-                         "token-mixing matrices are n_ctx x n_ctx; it runs any input of length <= n_ctx.")
-    vocab_size: int = setting(0, "Vocabulary size; 0 = take it from the tokenizer / shards (the usual case).")
+                         "token-mixing matrices are n_ctx x n_ctx; it runs any input of length <= n_ctx.", ge=1)
+    vocab_size: int = setting(0, "Vocabulary size; 0 = take it from the tokenizer / shards (the usual case).", ge=0)
     mixer_heads: int = setting(0, "Mixer only. 0 = flat mixer (one n_ctx x n_ctx matrix on the full width); "
                              "h >= 1 = multi-head mixer: project to h heads of width d/h, mix each with "
-                             "its own masked matrix, concatenate, project back.")
+                             "its own masked matrix, concatenate, project back.", ge=0)
     mixer_expansion: int = setting(1, "Mixer only. 1 = flat token mixing; e > 1 = expanded mixing "
-                                 "n_ctx -> e*n_ctx -> n_ctx with GELU between (both masked).")
-    ffn_mult: int = setting(4, "Mixer MLP hidden width as a multiple of d_model (paper: 4).")
+                                 "n_ctx -> e*n_ctx -> n_ctx with GELU between (both masked).", ge=1)
+    ffn_mult: int = setting(4, "Mixer MLP hidden width as a multiple of d_model (paper: 4).", ge=1)
     final_norm: bool = setting(False, "Mixer family: apply a LayerNorm before the LM head. Off by default, as in "
                                  "the paper's code (with the paper init it learned faster without one: "
                                  "benchmarks/learning.py). The transformer always has its final RMSNorm.")
@@ -37,15 +36,15 @@ class ModelConfig:
                                          "layer. `sequential` (transfixer): a = Attn(N(h)); h + a + Mix(a). "
                                          "`parallel`: h + Attn(N(h)) + Mix(N(h)).",
                           choices=["sequential", "parallel"])
-    encoder_layers: int = setting(0, "mixer_autoencoder only: encoder mixer blocks; 0 = n_layers (e.g. 8).")
-    decoder_layers: int = setting(0, "mixer_autoencoder only: decoder mixer blocks; 0 = n_layers (e.g. 8).")
+    encoder_layers: int = setting(0, "mixer_autoencoder only: encoder mixer blocks; 0 = n_layers (e.g. 8).", ge=0)
+    decoder_layers: int = setting(0, "mixer_autoencoder only: decoder mixer blocks; 0 = n_layers (e.g. 8).", ge=0)
     compression: int = setting(1, "mixer_autoencoder only: bottleneck factor c; c > 1 passes the embedding "
-                             "through Linear(d, d/c) -> Linear(d/c, d) before it is repeated; 1 = none.")
-    n_heads: int = setting(4, "Transformer only: attention heads (paper's compute-matched baseline: 4).")
-    n_kv_heads: int = setting(0, "Transformer only: key/value heads for grouped-query attention; 0 = n_heads.")
-    intermediate_size: int = setting(0, "Transformer only: SwiGLU hidden width; 0 = 4 * d_model (paper).")
-    rope_theta: float = setting(10000.0, "Transformer only: RoPE base frequency.")
-    norm_eps: float = setting(1e-5, "Epsilon of LayerNorm (mixer) / RMSNorm (transformer; HF Llama uses 1e-6).")
+                             "through Linear(d, d/c) -> Linear(d/c, d) before it is repeated; 1 = none.", ge=1)
+    n_heads: int = setting(4, "Transformer only: attention heads (paper's compute-matched baseline: 4).", ge=1)
+    n_kv_heads: int = setting(0, "Transformer only: key/value heads for grouped-query attention; 0 = n_heads.", ge=0)
+    intermediate_size: int = setting(0, "Transformer only: SwiGLU hidden width; 0 = 4 * d_model (paper).", ge=0)
+    rope_theta: float = setting(10000.0, "Transformer only: RoPE base frequency.", gt=0)
+    norm_eps: float = setting(1e-5, "Epsilon of LayerNorm (mixer) / RMSNorm (transformer; HF Llama uses 1e-6).", gt=0)
     init: str = setting("auto", "Initialisation scheme. `paper`: PyTorch's defaults, as the paper's code "
                            "(embedding N(0, 1), Linear Kaiming-uniform with U(+-1/sqrt(fan_in)) biases, "
                            "token mixing U(+-1/sqrt(n_ctx))). `gpt`: N(0, init_std) for every Linear and "
@@ -55,7 +54,7 @@ class ModelConfig:
                    choices=["auto", "paper", "gpt"])
     embedding_init_std: float = setting(0.0, "Std of the N(0, std) token-embedding init; 0 = the scheme's "
                                         "(paper: 1.0, gpt: init_std). A mixer needs it near 1: its token "
-                                        "mixing adds unit-scale normalised neighbours to the residual stream.")
+                                        "mixing adds unit-scale normalised neighbours to the residual stream.", ge=0)
     linear_init: str = setting("auto", "Init of Linear layers (LM head included). `kaiming`: PyTorch's default "
                                   "Kaiming-uniform weights, U(+-1/sqrt(fan_in)) biases. `normal`: N(0, "
                                   "init_std) weights, zero biases. `auto` = the scheme's (paper: kaiming, "
@@ -66,7 +65,7 @@ class ModelConfig:
                                   "inputs) drawn U(+-1/sqrt(i+1)), so every output position starts at the "
                                   "same scale. `auto` = uniform.", choices=["auto", "uniform", "position"])
     init_std: float = setting(0.02, "Std of the normal init (linear_init=normal, and the embedding under the "
-                               "gpt scheme), e.g. 0.02.")
+                               "gpt scheme), e.g. 0.02.", gt=0)
     mixer_impl: str = setting("auto", "Mixer token-mixing computation (same results to fp32 rounding, different "
                                  "speed). `dense`: (W * tril) @ U under autograd, batch-first (reference). "
                                  "`triangular`: sequence-first activations and a block-triangular op that "
@@ -76,7 +75,7 @@ class ModelConfig:
                          choices=["auto", "dense", "triangular"])
     mixer_block_size: int = setting(0, "Rows per block of the triangular op and of a packed mixing matrix (e.g. "
                                   "256); 0 = the measured defaults (packed: one panel up to n_ctx 256, else 128 rows; "
-                                  "dense layout: one block for L <= 256, else 128).")
+                                  "dense layout: one block for L <= 256, else 128).", ge=0)
     mixer_layout: str = setting("packed", "Storage of the causal token-mixing matrices. `packed`: only the lower "
                                 "triangle (about half the parameters, gradients, optimizer state and ZeRO "
                                 "partitions of `dense`), one GEMM per block row. `dense`: the full n_ctx x n_ctx "
@@ -88,26 +87,17 @@ class ModelConfig:
                                                "more compute.")
 
 
-def validate_model(m: DictConfig, prefix: str = "model") -> List[str]:
-    p: List[str] = []
-    for key in ("d_model", "n_layers", "n_ctx", "ffn_mult", "mixer_expansion"):
-        if m[key] < 1:
-            p.append(f"{prefix}.{key}: must be >= 1, got {m[key]}")
-    if m.vocab_size < 0:
-        p.append(f"{prefix}.vocab_size: must be >= 0, got {m.vocab_size}")
-    if not (math.isfinite(m.init_std) and m.init_std > 0):
-        p.append(f"{prefix}.init_std: must be a finite number > 0, got {m.init_std}")
-    if not (math.isfinite(m.embedding_init_std) and m.embedding_init_std >= 0):
-        p.append(f"{prefix}.embedding_init_std: must be a finite number >= 0 (0 = the init scheme's), "
-                 f"got {m.embedding_init_std}")
+def validate_model(m: DictConfig, prefix: str = "model", ranges: bool = True) -> List[str]:
+    """Problems of a model section: values outside their declared ranges (unless ``ranges`` is
+    false, for callers that already checked them, e.g. :func:`mmtrain.config.load_config`) and
+    invalid combinations of values."""
+    p: List[str] = check_ranges(m, ModelConfig, prefix) if ranges else []
     for key in ("init", "linear_init", "mixing_init"):
         allowed = ModelConfig.__dataclass_fields__[key].metadata["choices"]
         if m[key] not in allowed:
             p.append(f"{prefix}.{key}: {m[key]!r} is not one of {', '.join(map(repr, allowed))}")
     if m.kind in ("mixer", "mixer_autoencoder"):
-        if m.mixer_heads < 0:
-            p.append(f"{prefix}.mixer_heads: must be >= 0, got {m.mixer_heads}")
-        elif m.mixer_heads > 0 and m.d_model % m.mixer_heads:
+        if m.mixer_heads > 0 and m.d_model % m.mixer_heads:
             p.append(f"{prefix}.mixer_heads: d_model {m.d_model} is not divisible by {m.mixer_heads} heads")
         if m.mixer_heads > 0 and m.mixer_expansion > 1:
             p.append(f"{prefix}: mixer_heads > 0 and mixer_expansion > 1 cannot be combined")
@@ -115,23 +105,17 @@ def validate_model(m: DictConfig, prefix: str = "model") -> List[str]:
         p.append(f"{prefix}.mixer_impl: {m.mixer_impl!r} is not one of 'auto', 'dense', 'triangular'")
     if m.get("mixer_layout", "packed") not in ("packed", "dense"):
         p.append(f"{prefix}.mixer_layout: {m.mixer_layout!r} is not one of 'packed', 'dense'")
-    if m.get("mixer_block_size", 0) < 0:
-        p.append(f"{prefix}.mixer_block_size: must be >= 0 (0 = auto), got {m.mixer_block_size}")
-    if m.kind in ("transformer", "hybrid"):
-        if m.n_heads < 1 or m.d_model % m.n_heads:
+    if m.kind in ("transformer", "hybrid") and m.n_heads >= 1:
+        if m.d_model % m.n_heads:
             p.append(f"{prefix}.n_heads: d_model {m.d_model} must be divisible by n_heads {m.n_heads}")
         elif (m.d_model // m.n_heads) % 2:
             p.append(f"{prefix}.n_heads: head width d_model/n_heads = {m.d_model // m.n_heads} must be even (RoPE)")
         kv = m.n_kv_heads or m.n_heads
-        if m.n_heads >= 1 and (kv < 1 or m.n_heads % kv):
+        if kv >= 1 and m.n_heads % kv:
             p.append(f"{prefix}.n_kv_heads: n_heads {m.n_heads} must be divisible by n_kv_heads {kv}")
     if m.kind == "bidirectional_mixer" and (m.mixer_heads != 0 or m.mixer_expansion != 1):
         p.append(f"{prefix}: bidirectional_mixer has flat token mixing only; set mixer_heads=0 and "
                  f"mixer_expansion=1 (got {m.mixer_heads} and {m.mixer_expansion})")
-    if m.kind == "mixer_autoencoder":
-        for key in ("encoder_layers", "decoder_layers"):
-            if m[key] < 0:
-                p.append(f"{prefix}.{key}: must be >= 0 (0 = n_layers), got {m[key]}")
-        if m.compression < 1 or m.d_model % m.compression:
-            p.append(f"{prefix}.compression: must be >= 1 and divide d_model {m.d_model}, got {m.compression}")
+    if m.kind == "mixer_autoencoder" and m.compression >= 1 and m.d_model % m.compression:
+        p.append(f"{prefix}.compression: must be >= 1 and divide d_model {m.d_model}, got {m.compression}")
     return p

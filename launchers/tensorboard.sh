@@ -14,6 +14,7 @@ Serves TensorBoard for every run under runs_dir (default: runs) at http://127.0.
   --host ADDR    address to listen on (default 127.0.0.1: only this machine). Anything else
                  (e.g. 0.0.0.0) shows your runs to everyone who can reach that address; from
                  another machine prefer an ssh tunnel: ssh -L 6006:127.0.0.1:6006 <this host>
+                 (TensorBoard's own --bind_all or --host after -- get the same warning)
   --dry-run      print the command instead of running it (also: MMTRAIN_DRY_RUN=1)
   -h, --help     show this help
 USAGE
@@ -38,8 +39,28 @@ while (($#)); do
 done
 runs_dir="${runs_dir:-runs}"
 [[ "$MMTRAIN_DRY_RUN" == 1 || -d "$runs_dir" ]] || mmtrain_die "no runs directory '$runs_dir' (train something first, or pass its path)"
-if [[ "$host" != 127.0.0.1 && "$host" != localhost && "$host" != ::1 ]]; then
-    echo "tensorboard.sh: warning: listening on $host, not only on this machine: anyone who can reach it sees these runs" >&2
-fi
+
+is_loopback() {  # 127.0.0.0/8, localhost, ::1
+    case "$1" in
+        127.* | localhost | ::1 | "[::1]" | 0:0:0:0:0:0:0:1) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+warn_exposed() {
+    echo "tensorboard.sh: warning: listening on $1, not only on this machine: anyone who can reach it sees these runs" >&2
+}
+
+is_loopback "$host" || warn_exposed "$host"
+# TensorBoard's own options after -- can widen the binding too: --bind_all wins over --host, and a
+# later --host wins over ours.
+for ((i = 0; i < ${#extra[@]}; i++)); do
+    case "${extra[i]}" in
+        --bind_all | -bind_all | --bind_all=true | --bind_all=1 | -bind_all=true)
+            warn_exposed "every interface (--bind_all)" ;;
+        --host | -host) ((i + 1 < ${#extra[@]})) && { is_loopback "${extra[i + 1]}" || warn_exposed "${extra[i + 1]}"; } ;;
+        --host=* | -host=*) is_loopback "${extra[i]#*=}" || warn_exposed "${extra[i]#*=}" ;;
+    esac
+done
 MMTRAIN_CMD=(tensorboard --logdir "$runs_dir" --host "$host" --port "$port" "${extra[@]}")
 mmtrain_exec

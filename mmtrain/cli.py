@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from mmtrain import config as C
 from mmtrain.config import ConfigError
+from mmtrain.files import OutputError
 
 # Sub-command -> module that registers it, in the order `mmtrain --help` lists them. Only the
 # module of the command being run is imported (several import torch, which takes seconds).
@@ -26,6 +27,7 @@ COMMANDS = {
     "generate": "mmtrain.eval.generate",
     "analyze-representation": "mmtrain.eval.representation",
     "report": "mmtrain.eval.report",
+    "verify": "mmtrain.export.verify",
     "config-reference": "mmtrain.cli",
     "show-config": "mmtrain.cli",
 }
@@ -94,6 +96,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"mmtrain {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OutputError as exc:   # an output directory that is not ours, locked, or a full disk
+        print(f"mmtrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -271,7 +271,7 @@ def test_missing_input_and_missing_tokenizer_are_errors(tmp_path):
         prepare(make_cfg(input=[str(tmp_path / "nope.jsonl")], out=str(tmp_path)), progress=False)
     (tmp_path / "a.txt").write_text("text")
     with pytest.raises(DataError, match="tokenizer model not found: .*missing.model"):
-        prepare(make_cfg(input=[str(tmp_path / "a.txt")], out=str(tmp_path),
+        prepare(make_cfg(input=[str(tmp_path / "a.txt")], out=str(tmp_path / "out"),
                          tokenizer=str(tmp_path / "missing.model")), progress=False)
 
 
@@ -331,4 +331,4 @@ def test_cli_prepares_the_demo_corpus_and_prints_a_summary(tmp_path):
         assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 400
     res = subprocess.run(cmd[:-4] + ["--input", str(tmp_path / "missing.jsonl")], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
-    assert res.returncode == 1 and "input path not found" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "input path not found" in res.stderr and "Traceback" not in res.stderr

@@ -249,13 +249,13 @@ def test_partially_written_checkpoints_are_refused(copied_run, tmp_path):
         export(str(root / "step_00000018.incomplete"), str(tmp_path / "out"))
     # one rank's optimizer partition missing
     (root / "step_00000012" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    with pytest.raises(ExportError, match=r"partially written ZeRO-3 checkpoint of world size 2: missing "
-                                          r"\*zero_pp_rank_1_mp_rank_00_optim_states\.pt"):
+    with pytest.raises(ExportError, match=r"step_00000012/zero_pp_rank_1_mp_rank_00_optim_states\.pt is missing"):
         export(str(copied_run), str(tmp_path / "out"))
     # a truncated file
     states = root / "step_00000006" / "zero_pp_rank_1_mp_rank_00_model_states.pt"
     states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
-    with pytest.raises(ExportError, match="zero_pp_rank_1_mp_rank_00_model_states.pt: unreadable"):
+    with pytest.raises(ExportError, match=r"zero_pp_rank_1_mp_rank_00_model_states\.pt has [\d,]+ bytes; manifest\.json "
+                                          r"records [\d,]+ \(truncated\)"):
         export(str(copied_run), str(tmp_path / "out"), tag="6")
     assert not (tmp_path / "out").exists()
 
@@ -265,9 +265,14 @@ def test_non_empty_out_needs_overwrite(trained_runs, tmp_path, capsys):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     run = str(trained_runs["mixer_zero1"])
-    assert cli_main(["export", run, "--out", str(out)]) == 2
-    assert "not empty (precious.txt); pass --overwrite" in capsys.readouterr().err
+    for extra in ([], ["--overwrite"]):   # a file export did not write is never deleted
+        assert cli_main(["export", run, "--out", str(out), *extra]) == 2
+        assert "did not write (precious.txt); it never deletes them" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
+    assert cli_main(["export", run, "--out", str(out)]) == 0
+    assert cli_main(["export", run, "--out", str(out)]) == 2   # a bundle: replaced only when asked
+    assert "not empty (config.json, " in capsys.readouterr().err
     assert cli_main(["export", run, "--out", str(out), "--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert "verified: reloaded logits match the checkpoint's" in printed

@@ -202,8 +202,10 @@ def test_full_disk_and_unwritable_run_dir_fail_before_training(demo_shards, tmp_
 def test_free_space_estimate_and_messages(tmp_path, monkeypatch):
     from mmtrain.train import faults
 
-    assert faults.checkpoint_bytes(1_000_000) == 12_000_000  # fp32 weights + two AdamW moments
-    assert faults.checkpoint_bytes(1_000_000, "bf16") == 14_000_000
+    # measured bytes per parameter (tests/test_resume_refusals.py checks them against real checkpoints)
+    assert faults.checkpoint_bytes(1_000_000, "fp32", zero_stage=0) == 12_048_000
+    assert faults.checkpoint_bytes(1_000_000, "fp32", zero_stage=1) == 16_034_000
+    assert faults.checkpoint_bytes(1_000_000, "bf16", zero_stage=2, world_size=2) == 14_068_000
     monkeypatch.setenv("MMTRAIN_FAULT", "disk_free:25000000")
     error, warning = faults.check_free_space(str(tmp_path), 12_000_000, keep_last=3)
     assert error is None and "keeping checkpoint.keep_last=3" in warning

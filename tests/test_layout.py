@@ -52,7 +52,8 @@ def test_the_graph_is_read():
 @pytest.mark.parametrize("pkg, allowed", [
     ("models", {"mmtrain.config"}),
     # pairs made for a bundle read its tokenizer and n_ctx: the bundle format is the one export module
-    ("data", {"mmtrain.config", "mmtrain.export.bundle"}),
+    # mmtrain.files: how every command writes its output directory (ownership, lock, atomic swap)
+    ("data", {"mmtrain.config", "mmtrain.export.bundle", "mmtrain.files"}),
 ])
 def test_lower_layers_import_nothing_above_them(pkg, allowed):
     offending = {m: sorted(d for d in deps if package(d) != pkg and d not in allowed)

@@ -36,12 +36,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from mmtrain import files as F
+
 PAIRS_FORMAT_VERSION = 1
 META_NAME = "meta.json"
 TOKENIZER_NAME = "tokenizer.model"
 PAIR_SPLITS = ("train", "val", "test")
 REQUIRED_SPLITS = ("train", "test")
 HELDOUT_NAME = "heldout.jsonl"
+#: What prepare-pairs writes in ``out``: a non-empty ``out`` holding anything else is never replaced.
+OUT_ENTRIES = {META_NAME, TOKENIZER_NAME, HELDOUT_NAME, "train", "val", "test"}
 
 PathLike = Union[str, Path]
 
@@ -477,7 +481,36 @@ def _recipe(cfg, tok, n_ctx: int) -> Dict[str, Any]:
 def prepare_pairs(cfg, progress: bool = True) -> Dict[str, Any]:
     """Run `mmtrain prepare-pairs` for a :class:`~mmtrain.config.PairsConfig`; returns meta.json's dict
     (with ``status``: written | up to date). ``progress``: bars for reading + tokenizing, hard-negative
-    mining and writing (drawn only on a terminal, by rank 0: :mod:`mmtrain.data.progress`)."""
+    mining and writing (drawn only on a terminal, by rank 0: :mod:`mmtrain.data.progress`).
+
+    ``out`` is written only when it is new, empty or pair shards (:func:`check_out`), under
+    :func:`mmtrain.files.output_lock`, and replaced atomically; a full disk is an OutputError."""
+    tok, n_ctx, _ = resolve_tokenizer(cfg.bundle, cfg.tokenizer, int(cfg.n_ctx))
+    out = Path(cfg.out).resolve()
+    check_out(out, bool(cfg.overwrite))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with F.output_lock(out, "prepare-pairs"):
+        F.clean_stale(out)
+        check_out(out, bool(cfg.overwrite))   # again, now that no other writer can change it
+        return _prepare_pairs(cfg, tok, n_ctx, out, progress)
+
+
+def _is_pair_shards(directory: Path) -> bool:
+    """Pair shards written before output markers existed: meta.json of kind "pairs"."""
+    try:
+        return json.loads((directory / META_NAME).read_text(encoding="utf-8")).get("kind") == "pairs"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """OutputError unless ``out`` is new, empty or pair shards (a non-empty directory without them
+    needs ``overwrite``); one holding anything prepare-pairs does not write is never replaced."""
+    F.check_replaceable(out, "prepare-pairs", own=OUT_ENTRIES.__contains__, ours=_is_pair_shards,
+                        overwrite=overwrite)
+
+
+def _prepare_pairs(cfg, tok, n_ctx: int, out: Path, progress: bool) -> Dict[str, Any]:
     from mmtrain.data.demo_pairs import DEMO_PAIRS, demo_pairs_description
     from mmtrain.data.errors import DataError
     from mmtrain.data.packing import token_dtype
@@ -485,8 +518,6 @@ def prepare_pairs(cfg, progress: bool = True) -> Dict[str, Any]:
     from mmtrain.data.shards import replace_dir, write_json_atomic
     from mmtrain.data.streaming_compat import STREAMING_VERSION
 
-    tok, n_ctx, _ = resolve_tokenizer(cfg.bundle, cfg.tokenizer, int(cfg.n_ctx))
-    out = Path(cfg.out).resolve()
     recipe = _recipe(cfg, tok, n_ctx)
     if (out / META_NAME).is_file():
         try:
@@ -516,10 +547,10 @@ def prepare_pairs(cfg, progress: bool = True) -> Dict[str, Any]:
                                         [s for _, _, s in train], int(cfg.hard_negatives),
                                         ignore_ids=(tok.pad_id, tok.eos_id), seed=int(cfg.seed),
                                         progress=progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = F.tmp_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     dtype = token_dtype(tok.vocab_size)
+    free_at_start = F.free_bytes(out.parent)
     try:
         tmp.mkdir()
         first = 0
@@ -554,7 +585,13 @@ def prepare_pairs(cfg, progress: bool = True) -> Dict[str, Any]:
             "streaming_version": STREAMING_VERSION,
         }
         write_json_atomic(tmp / META_NAME, meta)
+        F.write_marker(tmp, "prepare-pairs")
         replace_dir(tmp, out)
+    except OSError as exc:
+        if not F.is_disk_full(exc):
+            raise
+        raise F.disk_full_error(exc.filename or tmp, "writing the pair shards", free_at_start=free_at_start,
+                                kept=out if out.exists() else None) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**meta, "status": "written"}
@@ -714,7 +751,10 @@ _FLAGS = [("--input", "input", dict(nargs="+", metavar="PATH", help="JSONL files
                                                       help="build pairs from unlabeled documents")),
           ("--hard-negatives", "hard_negatives", dict(type=int, metavar="K", help="BM25 negatives per query")),
           ("--exclude-pairs", "exclude_pairs", dict(action="append", metavar="DIR",
-                                                    help="keep this pair set's held-out texts out (repeatable)"))]
+                                                    help="keep this pair set's held-out texts out (repeatable)")),
+          ("--overwrite", "overwrite", dict(action="store_true",
+                                            help="replace a non-empty --out that holds no pair shards (one "
+                                                 "holding anything else is never replaced)"))]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -729,7 +769,7 @@ def _run(args: argparse.Namespace) -> int:
         meta = prepare_pairs(cfg, progress=not args.quiet)
     except DataError as exc:
         print(f"mmtrain prepare-pairs: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(format_summary(cfg.out, meta))
     return 0
 

@@ -26,6 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from mmtrain import config as C
+from mmtrain import files as F
 from mmtrain.data.schema import PrepareConfig, validate_prepare
 from mmtrain.data import shards as S
 from mmtrain.data.corpus import Corpus
@@ -154,6 +155,29 @@ def _existing_recipe(out: Path, n_ctx: int, tok: Tokenizer) -> Optional[Dict[str
         return None
 
 
+_CTX_ENTRIES = {S.META_NAME, S.TOKENIZER_NAME, *S.SPLITS}
+
+
+def _write(cfg: DictConfig, corpus: Corpus, tok: Tokenizer, todo: List[int], out: Path,
+           recipe: Dict[str, Any], record: Optional[Dict[str, Any]], progress: bool) -> Dict[int, Dict[str, Any]]:
+    """Write the ctx dirs of ``todo``, then the root tokenizer and the marker; a full disk is an
+    OutputError naming the path and the space, with every existing ctx dir as it was."""
+    free_at_start = F.free_bytes(out)
+    written: Dict[int, Dict[str, Any]] = {}
+    try:
+        written = write_shards(cfg, corpus, tok, todo, out, recipe, progress) if todo else {}
+        # after the shards: a failed run leaves <out>/tokenizer.model matching the ctx dirs that exist
+        _save_root_tokenizer(out, tok, record)
+        F.write_marker(out, "prepare")
+    except OSError as exc:
+        if not F.is_disk_full(exc):
+            raise
+        # the ctx dirs are published together at the end of write_shards: none or all are new
+        raise F.disk_full_error(exc.filename or out, "writing the shards", free_at_start=free_at_start,
+                                kept=None if written else out) from None
+    return written
+
+
 def prepare(cfg: DictConfig, *, progress: bool = True) -> Dict[str, Any]:
     """Run the whole preparation for a :class:`mmtrain.config.PrepareConfig`; returns a summary.
 
@@ -176,21 +200,24 @@ def prepare(cfg: DictConfig, *, progress: bool = True) -> Dict[str, Any]:
     corpus = Corpus(list(cfg.input), text_field=cfg.text_field, delimiter=cfg.delimiter,
                     max_docs=int(cfg.max_docs), exclude=heldout_texts(list(cfg.exclude_pairs)))
     n_ctx_list = sorted(set(int(n) for n in cfg.n_ctx))
+    F.check_writable_into(out, "prepare", ours=lambda d: bool(S.existing_ctx(d)), overwrite=bool(cfg.overwrite))
     out.mkdir(parents=True, exist_ok=True)
-    clean_stale(out)
-    tok, source, record = resolve_tokenizer(cfg, corpus, out, progress)
-    _check_tokenizer_conflicts(out, tok, n_ctx_list)
-    recipe = _recipe(cfg, corpus)
-    existing = {n: _existing_recipe(out, n, tok) for n in n_ctx_list}
-    todo = [n for n in n_ctx_list if existing[n] != recipe]
-    other = [n for n in todo if existing[n] is not None]
-    if other and not cfg.overwrite:
-        raise C.ConfigError([f"out: {S.ctx_dir(out, n)} holds complete shards prepared with another recipe "
-                             "(corpus, packing, split or held-out pairs); pass --overwrite (overwrite=true) to "
-                             "replace them, or choose another --out" for n in other])
-    written = write_shards(cfg, corpus, tok, todo, out, recipe, progress) if todo else {}
-    # after the shards: a failed run leaves <out>/tokenizer.model matching the ctx dirs that exist
-    _save_root_tokenizer(out, tok, record)
+    with F.output_lock(out, "prepare"):
+        clean_stale(out)
+        tok, source, record = resolve_tokenizer(cfg, corpus, out, progress)
+        _check_tokenizer_conflicts(out, tok, n_ctx_list)
+        recipe = _recipe(cfg, corpus)
+        existing = {n: _existing_recipe(out, n, tok) for n in n_ctx_list}
+        todo = [n for n in n_ctx_list if existing[n] != recipe]
+        other = [n for n in todo if existing[n] is not None]
+        if other and not cfg.overwrite:
+            raise C.ConfigError([f"out: {S.ctx_dir(out, n)} holds complete shards prepared with another recipe "
+                                 "(corpus, packing, split or held-out pairs); pass --overwrite (overwrite=true) to "
+                                 "replace them, or choose another --out" for n in other])
+        for n in todo:   # a ctx dir is replaced only when it holds nothing but shards
+            F.check_replaceable(S.ctx_dir(out, n), "prepare", own=_CTX_ENTRIES.__contains__,
+                                ours=lambda d: (d / S.META_NAME).is_file(), overwrite=True, what="out:")
+        written = _write(cfg, corpus, tok, todo, out, recipe, record, progress)
     root_model = out / S.TOKENIZER_NAME
     seconds = time.time() - start
     summary: Dict[str, Any] = {
@@ -253,7 +280,8 @@ def demo_prepare_config(out: str, n_ctx: List[int], tokenizer: str = str(DEMO_TO
 
 _FLAGS = [  # (flag, config key, argparse kwargs)
     ("--overwrite", "overwrite", dict(action="store_true",
-                                      help="replace ctx<N> directories prepared from another corpus or recipe")),
+                                      help="replace ctx<N> directories prepared from another corpus or recipe, or "
+                                           "write into a non-empty --out that holds no shards")),
     ("--input", "input", dict(nargs="+", metavar="PATH",
                               help="corpus files, directories or globs (.txt .jsonl .jsonl.gz .json .parquet); "
                                    "`demo` = built-in Python-docstring corpus")),
@@ -331,7 +359,7 @@ def _run(args: argparse.Namespace) -> int:
         summary = prepare(cfg, progress=not args.quiet)
     except DataError as exc:
         print(f"mmtrain prepare: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(format_summary(summary))
     return 0
 

@@ -214,29 +214,28 @@ def split_bytes(path: PathLike) -> int:
 
 
 def write_json_atomic(path: PathLike, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary sibling renamed over it (removed when the write fails,
+    e.g. on a full disk)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def replace_dir(tmp: PathLike, final: PathLike) -> None:
-    """Move the finished directory ``tmp`` to ``final`` by renames; an older ``final`` is renamed
-    aside first and removed after, so ``final`` is never a half-written directory."""
-    import shutil
+    """Put the finished directory ``tmp`` at ``final`` atomically (:func:`mmtrain.files.publish_dir`):
+    ``final`` holds the complete old or the complete new directory at every instant."""
+    from mmtrain.files import publish_dir
 
-    tmp, final = Path(tmp), Path(final)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, final)
 
 
 def existing_ctx(shard_dir: PathLike) -> List[int]:

@@ -2,8 +2,9 @@
 
 Each ``<out>/ctx<N>`` is written into ``<out>/.ctx<N>.tmp-<pid>`` (MDS splits, a copy of the
 tokenizer, then meta.json last) and renamed into place only when every requested n_ctx is done;
-a replaced directory is moved aside first and deleted after. A failed run removes its
-temporary directories; a killed run leaves one that the next run deletes (its pid is gone).
+a replaced directory is swapped out in one atomic exchange and deleted after
+(:func:`mmtrain.files.publish_dir`). A failed run removes its temporary directories; a killed
+run leaves one that the next run deletes (its pid is gone).
 Nothing named ``ctx<N>`` is ever incomplete.
 """
 
@@ -29,18 +30,13 @@ SHARD_SIZE_LIMIT = 1 << 26  # bytes per MDS shard file (64 MiB)
 
 
 def clean_stale(out: Path) -> None:
-    """Remove temporary dirs left by killed runs (their pid is gone)."""
-    for path in out.glob(".ctx*.*-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:
-            continue
+    """Finish what killed runs left in ``out`` (:func:`mmtrain.files.clean_stale`: temporary dirs
+    of dead pids are removed, an ``.old`` copy that is the only copy is restored). Call it while
+    holding :func:`mmtrain.files.output_lock` on ``out``."""
+    from mmtrain import files
+
+    for target in files.leftover_targets(out, "ctx*"):
+        files.clean_stale(target)
 
 
 class _SplitWriter:

@@ -31,6 +31,7 @@ Usage: ``mmtrain frozen-retrieval --config configs/frozen_retrieval/demo.yaml [k
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -41,6 +42,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from mmtrain import files as F
+
 EMBEDDINGS_FILE = "embeddings.safetensors"
 EMBEDDINGS_META = "embeddings.json"
 EMBEDDINGS_FORMAT_VERSION = 1
@@ -48,6 +51,9 @@ SCORER_DIR = "scorer"
 SCORER_WEIGHTS = "model.safetensors"
 SCORER_CONFIG = "config.json"
 SPLITS = ("train", "test")
+EMBEDDINGS_ENTRIES = {EMBEDDINGS_FILE, EMBEDDINGS_META}
+#: What a run writes in out_dir (plus the marker): an out_dir holding other things is not ours.
+OUT_ENTRIES = {"tensorboard", "embeddings", SCORER_DIR}
 # What must agree between saved embeddings and a run (paths may move; contents may not).
 _IDENTITY = ("bundle_model", "bundle_tokenizer_sha256", "bundle_weights_sha256", "pairs_meta_sha256", "pooling")
 
@@ -139,12 +145,15 @@ def compute_embeddings(source: Dict[str, Any], batch_size: int, device: str,
     (``progress``: a bar of the embedding batches per split and side)."""
     import torch
 
-    from mmtrain.export.bundle import load_pretrained
+    from mmtrain.export.bundle import BundleError, load_pretrained
     from mmtrain.data.pairs import load_split
     from mmtrain.eval.retrieval import embed_arrays
     from mmtrain.models.embedding import embed
 
-    model = load_pretrained(source["bundle"], device=device)
+    try:
+        model = load_pretrained(source["bundle"], device=device)
+    except BundleError as exc:   # e.g. a weight file that differs from its recorded digest
+        raise FrozenRetrievalError(f"embeddings.bundle: {exc}") from None
     pooling = source["pooling"]
     out = {}
     with torch.no_grad():
@@ -168,6 +177,10 @@ def load_or_compute_embeddings(source: Dict[str, Any], directory: Path, *, overw
     from mmtrain.data.shards import replace_dir, write_json_atomic
 
     meta = None if overwrite else read_embeddings_meta(directory)
+    if meta is None:   # to be (re)computed: it replaces `directory`, which must hold nothing else
+        F.check_replaceable(directory, "frozen-retrieval", own=EMBEDDINGS_ENTRIES.__contains__,
+                            ours=lambda d: (d / EMBEDDINGS_META).is_file(), overwrite=True, what="embeddings.dir",
+                            overwrite_flag="embeddings.overwrite=true")
     if meta is not None:
         check_embeddings_match(meta, source, directory)
         tensors = load_file(str(directory / EMBEDDINGS_FILE))
@@ -181,7 +194,7 @@ def load_or_compute_embeddings(source: Dict[str, Any], directory: Path, *, overw
         return tensors, True
     tensors = compute_embeddings(source, batch_size, device, log, progress)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    tmp = F.tmp_name(directory)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
@@ -344,8 +357,9 @@ def save_scorer(model, out_dir: Path, info: Dict[str, Any]) -> Path:
     from mmtrain.data.shards import replace_dir, write_json_atomic
 
     final = Path(out_dir) / SCORER_DIR
+    check_scorer_dir(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{SCORER_DIR}.tmp-{os.getpid()}")
+    tmp = F.tmp_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
@@ -357,6 +371,12 @@ def save_scorer(model, out_dir: Path, info: Dict[str, Any]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def check_scorer_dir(final: Path) -> None:
+    """OutputError when ``<out_dir>/scorer`` holds anything but a scorer (it is replaced)."""
+    F.check_replaceable(final, "frozen-retrieval", own={SCORER_WEIGHTS, SCORER_CONFIG}.__contains__,
+                        ours=lambda d: (d / SCORER_CONFIG).is_file(), overwrite=True, what="out_dir:")
 
 
 def load_scorer(path, device: str = "cpu"):
@@ -404,11 +424,26 @@ def check_outputs(out_dir: Path, embeddings_dir: Path, inputs: Dict[str, str]) -
                 raise FrozenRetrievalError(f"{what} {path} overlaps the {name} {source}; choose a directory outside it")
 
 
+def _is_frozen_out(out_dir: Path) -> bool:
+    """An out_dir of an earlier run (before markers): only the entries a run writes."""
+    names = [p.name for p in out_dir.iterdir() if not p.name.startswith(".")]
+    return bool(names) and set(names) <= OUT_ENTRIES
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """OutputError unless out_dir is new, empty, or written by frozen-retrieval (its marker, or
+    only its own entries): a run adds and replaces only its own entries there."""
+    F.check_writable_into(out_dir, "frozen-retrieval", ours=_is_frozen_out, overwrite=False, what="out_dir",
+                          overwrite_flag=None)
+
+
 def run(cfg, json_path: Optional[str] = None, embed_only: bool = False,
         log: Callable[[str], None] = print, progress: bool = True) -> Dict[str, Any]:
     """Embed (or reuse), train, evaluate, save; the result dict (also written to ``json_path``).
-    ``progress``: bars of the embedding step (drawn only on a terminal, by rank 0)."""
-    from mmtrain.config import to_dict
+    ``progress``: bars of the embedding step (drawn only on a terminal, by rank 0).
+
+    out_dir is written only when new, empty or a frozen-retrieval out_dir (:func:`check_out_dir`);
+    it and the embeddings directory are locked (:func:`mmtrain.files.output_lock`) for the run."""
     from mmtrain.models.frozen_scorer import check_pool
 
     e = cfg.embeddings
@@ -423,6 +458,29 @@ def run(cfg, json_path: Optional[str] = None, embed_only: bool = False,
     out_dir = Path(cfg.out_dir)
     directory = Path(e.dir) if e.dir else out_dir / "embeddings"
     check_outputs(out_dir, directory, {"bundle": e.bundle, "pair shards": e.pairs})
+    writes_out = not embed_only or not e.dir
+    with contextlib.ExitStack() as locks:
+        if writes_out:
+            check_out_dir(out_dir)
+            locks.enter_context(F.output_lock(out_dir.resolve(), "frozen-retrieval"))
+            out_dir.mkdir(parents=True, exist_ok=True)
+            F.write_marker(out_dir, "frozen-retrieval")
+            F.clean_stale(out_dir / SCORER_DIR)
+            if not embed_only:
+                check_scorer_dir(out_dir / SCORER_DIR)   # before the work, not after
+        if not (writes_out and out_dir.resolve() in directory.resolve().parents):
+            locks.enter_context(F.output_lock(directory.resolve(), "frozen-retrieval"))
+        F.clean_stale(directory)
+        return _run_locked(cfg, source, out_dir, directory, device, json_path, embed_only, log, progress)
+
+
+def _run_locked(cfg, source: Dict[str, Any], out_dir: Path, directory: Path, device: str,
+                json_path: Optional[str], embed_only: bool, log: Callable[[str], None],
+                progress: bool) -> Dict[str, Any]:
+    """:func:`run` once its output directories are checked and locked."""
+    from mmtrain.config import to_dict
+
+    e = cfg.embeddings
     embeddings, reused = load_or_compute_embeddings(source, directory, overwrite=e.overwrite,
                                                     batch_size=e.batch_size, device=device, log=log,
                                                     progress=progress)

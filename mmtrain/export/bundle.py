@@ -4,7 +4,8 @@ Layout (written by :func:`write_bundle`, read by :func:`load_pretrained`)::
 
     <bundle>/config.json          section "mmtrain": model config (kind, sizes, n_ctx, vocab, norm/tie
                                   options), every tensor's name/shape/dtype/meaning, tokenizer hash,
-                                  source checkpoint (step, tokens seen) and training summary. A
+                                  the size and sha256 of every weight file ("digests"), source
+                                  checkpoint (step, tokens seen) and training summary. A
                                   transformer's config.json also holds Hugging Face LlamaConfig keys,
                                   so ``transformers.LlamaForCausalLM.from_pretrained(<bundle>)`` works.
     <bundle>/model.safetensors    the weights; above ``max_shard_size`` bytes Hugging Face's sharded
@@ -19,19 +20,28 @@ Layout (written by :func:`write_bundle`, read by :func:`load_pretrained`)::
 
 Weights are stored as the model computes with them: token-mixing matrices already multiplied by
 their causal masks, and a tied LM head stored once (under the embedding's name).
+
+Loading trusts nothing in the directory: :func:`load_pretrained` validates config.json against the
+model schema (types, ranges, kinds), compares the tensor shapes the config implies (a model built on
+the ``meta`` device, which allocates nothing) with those in the safetensors headers, and checks
+every weight file's size and sha256 against config.json before it builds the model or reads a weight.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from mmtrain.files import sha256_file
 from mmtrain.models import CausalLM, build_model
 from mmtrain.models.layers import init_gather
 from mmtrain.models.mixer import CausalMixingMatrix, MaskedMixingMatrix
@@ -43,6 +53,8 @@ INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_NAME = "tokenizer.model"
 CARD_NAME = "model_card.md"
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
+DIGESTS_KEY = "digests"              # mmtrain section: {weight file: {"bytes": n, "sha256": hex}}
+MAX_HEADER_BYTES = 100 * 1024**2     # safetensors' own limit on a header
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -64,8 +76,9 @@ def tied_names(model: torch.nn.Module) -> Dict[str, str]:
     first: Dict[Tuple[int, int], str] = {}
     aliases: Dict[str, str] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        # a ZeRO-3 partitioned parameter holds no local storage: it is known by identity
-        key = (id(tensor), -1) if hasattr(tensor, "ds_id") else (tensor.data_ptr(), tensor.numel())
+        # a ZeRO-3 partitioned parameter and a meta tensor hold no local storage: known by identity
+        no_storage = hasattr(tensor, "ds_id") or tensor.is_meta
+        key = (id(tensor), -1) if no_storage else (tensor.data_ptr(), tensor.numel())
         if key in first:
             aliases[name] = first[key]
         else:
@@ -153,6 +166,12 @@ def save_weights(state: Dict[str, torch.Tensor], directory: PathLike, max_shard_
     return files + [INDEX_NAME]
 
 
+def file_digest(path: PathLike) -> Dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a file, read in one chunked pass."""
+    size, digest = sha256_file(path)
+    return {"bytes": size, "sha256": digest}
+
+
 def bundle_file(directory: PathLike, name: str, what: str) -> Path:
     """``directory / name`` for a file a bundle's own JSON names; BundleError unless it resolves
     (symlinks followed) inside the bundle directory: a bundle never makes mmtrain open other files."""
@@ -164,23 +183,37 @@ def bundle_file(directory: PathLike, name: str, what: str) -> Path:
     return path
 
 
+def weight_files(directory: PathLike) -> List[str]:
+    """The files a bundle's weights are read from: ``[model.safetensors]``, or the shard index and
+    the shards it names. BundleError for a missing file or one outside the bundle directory."""
+    directory = Path(directory)
+    if (directory / INDEX_NAME).is_file():
+        index = _read_json(directory / INDEX_NAME)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise BundleError(f"{directory / INDEX_NAME}: no 'weight_map' of tensor names to file names "
+                              "(re-export the bundle with `mmtrain export`)")
+        shards = sorted(set(weight_map.values()))
+        for file in shards:
+            path = bundle_file(directory, file, f"{INDEX_NAME} weight file")
+            if not path.is_file():
+                raise BundleError(f"{path}: weight shard missing (listed in {directory / INDEX_NAME})")
+        return [INDEX_NAME] + shards
+    if (directory / WEIGHTS_NAME).is_file():
+        return [WEIGHTS_NAME]
+    raise BundleError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME} (not an exported bundle?)")
+
+
 def read_weights(directory: PathLike) -> Dict[str, torch.Tensor]:
     """All tensors of a bundle (single file or sharded); BundleError names missing/corrupt files."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    if (directory / INDEX_NAME).is_file():
-        index = _read_json(directory / INDEX_NAME)
-        files = sorted(set(index.get("weight_map", {}).values()))
-    elif (directory / WEIGHTS_NAME).is_file():
-        files = [WEIGHTS_NAME]
-    else:
-        raise BundleError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME} (not an exported bundle?)")
     state: Dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in weight_files(directory):
+        if file == INDEX_NAME:
+            continue
         path = bundle_file(directory, file, f"{INDEX_NAME} weight file")
-        if not path.is_file():
-            raise BundleError(f"{path}: weight shard missing (listed in {directory / INDEX_NAME})")
         try:
             state.update(load_file(str(path)))
         except Exception as exc:  # safetensors raises its own SafetensorError on damage
@@ -249,9 +282,11 @@ def tensor_table(state: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, Any]]:
 
 def bundle_config(model: CausalLM, state: Dict[str, torch.Tensor], dtype: torch.dtype, weight_files: List[str],
                   tokenizer, source: Optional[Dict[str, Any]] = None,
-                  training: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                  training: Optional[Dict[str, Any]] = None,
+                  digests: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
     """config.json: the "mmtrain" section, plus Hugging Face LlamaConfig keys for a transformer and
-    the ``auto_map`` / size keys of the remote-code kinds (:func:`mmtrain.export.hf.hf_config_keys`)."""
+    the ``auto_map`` / size keys of the remote-code kinds (:func:`mmtrain.export.hf.hf_config_keys`).
+    ``digests``: ``{weight file: {"bytes", "sha256"}}`` (:func:`file_digest`), checked at load."""
     from mmtrain import __version__
     from mmtrain.export.hf import hf_config_keys
 
@@ -262,6 +297,7 @@ def bundle_config(model: CausalLM, state: Dict[str, torch.Tensor], dtype: torch.
         "num_params": model.num_params(),
         "dtype": _DTYPE_NAMES[dtype],
         "weight_files": weight_files,
+        DIGESTS_KEY: digests,
         "tied_weights": tied_names(model),
         "masked_weights": "token-mixing matrices are stored already multiplied by their causal masks",
         "tokenizer": {"file": TOKENIZER_NAME, "sha256": tokenizer.sha256,
@@ -271,6 +307,8 @@ def bundle_config(model: CausalLM, state: Dict[str, torch.Tensor], dtype: torch.
         "training": training or {},
         "tensors": tensor_table(state),
     }
+    if digests is None:
+        del section[DIGESTS_KEY]
     config: Dict[str, Any] = {}
     if model.kind == "transformer":
         config.update(architectures=["LlamaForCausalLM"], model_type="llama", **model.hf_config_dict(),
@@ -303,8 +341,9 @@ def write_bundle(model: CausalLM, out: PathLike, tokenizer_path: PathLike, *, dt
         raise FileExistsError(f"{out} is not empty")
     state = export_state_dict(model, DTYPES[dtype])
     files = save_weights(state, out, max_shard_size)
+    digests = {file: file_digest(out / file) for file in files}   # of the bytes on disk, as load reads them
     shutil.copyfile(tokenizer_path, out / TOKENIZER_NAME)
-    config = bundle_config(model, state, DTYPES[dtype], files, tokenizer, source, training)
+    config = bundle_config(model, state, DTYPES[dtype], files, tokenizer, source, training, digests)
     rewrite_config(out, config)
     return config
 
@@ -321,15 +360,320 @@ def rewrite_config(out: PathLike, config: Dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Checking a bundle before anything is built: config schema, safetensors headers, digests
+# --------------------------------------------------------------------------------------------
+
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                         "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+#: Kinds whose weights hold at least one n_ctx x n_ctx token-mixing matrix per block.
+_MIXING_KINDS = ("mixer", "hybrid", "bidirectional_mixer", "mixer_autoencoder")
+_HEX = set("0123456789abcdef")
+_SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _found(value: Any) -> str:
+    """A config value for an error message: its JSON type and a short rendering."""
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+    text = json.dumps(value) if isinstance(value, (bool, int, float, str, type(None))) else ""
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{kind} ({text})" if text else kind
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+
+
+def model_config_problems(model: Any, prefix: str = "mmtrain.model") -> List[str]:
+    """Every way the model section of a bundle's config.json breaks the model schema
+    (:class:`mmtrain.models.schema.ModelConfig`): unknown keys, wrong JSON types, unknown kinds and
+    choices, values out of range. Empty when :func:`mmtrain.models.build_model` can build it."""
+    from omegaconf import OmegaConf
+
+    from mmtrain.models import MODELS
+    from mmtrain.models.schema import ModelConfig, validate_model
+
+    if not isinstance(model, dict):
+        return [f"{prefix}: expected an object with the model config, found {_found(model)}"]
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    problems = [f"{prefix}.{key}: unknown key (model keys: {', '.join(fields)})"
+                for key in model if key not in fields]
+    typed: Dict[str, Any] = {}   # the keys whose type (and choice) is right, for the range checks
+    for key, value in model.items():
+        field = fields.get(key)
+        if field is None:
+            continue
+        expected = field.type if isinstance(field.type, type) else _SCALAR_TYPES.get(field.type)
+        if expected not in (bool, int, float, str):
+            continue   # not a scalar setting: validate_model checks it
+        if expected is bool:
+            ok = isinstance(value, bool)
+        elif expected is int:
+            ok = _is_int(value)
+        elif expected is float:
+            ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            what = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[expected]
+            problems.append(f"{prefix}.{key}: expected {what}, found {_found(value)}")
+            continue
+        choices = list(MODELS) if key == "kind" else field.metadata.get("choices")
+        if choices and value not in choices:
+            problems.append(f"{prefix}.{key}: {json.dumps(value)[:40]} is not one of {', '.join(map(repr, choices))}")
+            continue
+        typed[key] = value
+    if "kind" not in model:
+        problems.append(f"{prefix}.kind: missing (one of {', '.join(map(repr, MODELS))})")
+    vocab = model.get("vocab_size")
+    if _is_int(vocab) and vocab < 1:
+        problems.append(f"{prefix}.vocab_size: must be >= 1 in a bundle, found {vocab}")
+    # The range checks compare numbers: they see the well-typed keys, defaults for the others.
+    defaults = dataclasses.asdict(ModelConfig())
+    return problems + validate_model(OmegaConf.create({**defaults, **typed}), prefix=prefix)
+
+
+def section_problems(section: Dict[str, Any]) -> List[str]:
+    """Schema problems of a bundle's "mmtrain" section: the model config and the keys loading
+    reads (dtype, tokenizer, weight files, digests)."""
+    problems = model_config_problems(section.get("model"))
+    dtype = section.get("dtype", "float32")
+    if dtype not in (_DTYPE_NAMES[t] for t in DTYPES.values()):
+        problems.append(f"mmtrain.dtype: expected one of {', '.join(_DTYPE_NAMES[t] for t in DTYPES.values())}, "
+                        f"found {_found(dtype)}")
+    tokenizer = section.get("tokenizer")
+    if not isinstance(tokenizer, dict):
+        problems.append(f"mmtrain.tokenizer: expected an object with 'file' and 'sha256', found {_found(tokenizer)}")
+    else:
+        if not isinstance(tokenizer.get("file"), str):
+            problems.append(f"mmtrain.tokenizer.file: expected a file name, found {_found(tokenizer.get('file'))}")
+        if not _is_sha256(tokenizer.get("sha256")):
+            problems.append("mmtrain.tokenizer.sha256: expected 64 lowercase hex digits, found "
+                            f"{_found(tokenizer.get('sha256'))}")
+    files = section.get("weight_files", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        problems.append(f"mmtrain.weight_files: expected a list of file names, found {_found(files)}")
+    digests = section.get(DIGESTS_KEY)
+    if digests is not None:
+        if not isinstance(digests, dict):
+            problems.append(f"mmtrain.{DIGESTS_KEY}: expected an object {{file: {{bytes, sha256}}}}, "
+                            f"found {_found(digests)}")
+        else:
+            for name, record in digests.items():
+                if not (isinstance(record, dict) and _is_int(record.get("bytes")) and record["bytes"] >= 0
+                        and _is_sha256(record.get("sha256"))):
+                    problems.append(f"mmtrain.{DIGESTS_KEY}.{name}: expected {{\"bytes\": n >= 0, \"sha256\": "
+                                    "64 hex digits}")
+    return problems
+
+
+def read_safetensors_header(path: PathLike) -> Dict[str, Tuple[str, List[int]]]:
+    """``{tensor: (dtype, shape)}`` from a safetensors file's header, read without touching the
+    data: 8 bytes of header length (little endian), then that much JSON. BundleError unless every
+    entry is well formed and its byte range lies inside the file (so the shapes are what the file
+    can really hold)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
+            raise BundleError(f"{path}: not a safetensors file (header length {length} for a file of {size} "
+                              "bytes); re-export the bundle with `mmtrain export`")
+        raw = fh.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path}: safetensors header is not UTF-8 (byte {8 + exc.start}); the file is "
+                          "damaged: re-export the bundle") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: safetensors header is not valid JSON ({exc.msg} at byte {8 + exc.pos}); "
+                          "the file is damaged: re-export the bundle") from None
+    if not isinstance(header, dict):
+        raise BundleError(f"{path}: safetensors header is {_found(header)}, not an object; re-export the bundle")
+    data_bytes = size - 8 - length
+    tensors, problems = {}, []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (dtype not in _SAFETENSORS_ITEMSIZE or not isinstance(shape, list)
+                or not all(_is_int(d) and d >= 0 for d in shape) or not isinstance(offsets, list)
+                or len(offsets) != 2 or not all(_is_int(o) for o in offsets)):
+            problems.append(f"tensor {name!r}: malformed header entry")
+            continue
+        nbytes = math.prod(shape) * _SAFETENSORS_ITEMSIZE[dtype]
+        if not (0 <= offsets[0] <= offsets[1] <= data_bytes and offsets[1] - offsets[0] == nbytes):
+            problems.append(f"tensor {name!r}: {dtype} {shape} needs {nbytes} bytes, its data_offsets "
+                            f"{offsets} do not fit the file's {data_bytes} data bytes")
+            continue
+        tensors[name] = (dtype, shape)
+    if problems:
+        raise BundleError(f"{path}: damaged safetensors header (re-export the bundle):\n  - " + "\n  - ".join(problems))
+    return tensors
+
+
+def stored_shapes(model: CausalLM) -> Dict[str, List[int]]:
+    """``{tensor: shape}`` that a bundle of ``model`` stores (:func:`export_state_dict`'s names:
+    tied duplicates left out, a packed mixing matrix as its dense ``weight``); works on a model
+    built on the meta device and on a ZeRO-3 partitioned one."""
+    packed = {f"{name}.packed_weight": module for name, module in model.named_modules()
+              if isinstance(module, CausalMixingMatrix) and module.layout == "packed"}
+    aliases = tied_names(model)
+    shapes = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in aliases:
+            continue
+        shape = _shape(tensor)
+        if name in packed:
+            name, shape = name[:-len("packed_weight")] + "weight", shape[:-1] + [packed[name].n_ctx] * 2
+        shapes[name] = shape
+    return shapes
+
+
+def _plausibility_problems(model_cfg: Dict[str, Any], header: Dict[str, Tuple[str, List[int]]]) -> List[str]:
+    """Lower bounds any model of ``model_cfg`` puts on its weights, checked against the headers
+    before a model is built (even on the meta device, a model of a million layers takes minutes
+    to build)."""
+    elements = sum(math.prod(shape) for _, shape in header.values())
+    m = model_cfg
+    layers = m["n_layers"]
+    if m["kind"] == "mixer_autoencoder":
+        layers = (m.get("encoder_layers") or layers) + (m.get("decoder_layers") or layers)
+    needs = [(m["vocab_size"] * m["d_model"], f"vocab_size {m['vocab_size']} x d_model {m['d_model']} "
+                                              "(the token embedding)")]
+    if m["kind"] in _MIXING_KINDS:
+        needs.append((m["n_ctx"] ** 2, f"an n_ctx {m['n_ctx']} token-mixing matrix"))
+    problems = [f"config.json's model needs at least {n:,} weights for {what}; the weight files hold {elements:,}"
+                for n, what in needs if n > elements]
+    if layers > len(header):
+        problems.append(f"config.json's model has {layers} blocks; the weight files hold only {len(header)} tensors")
+    return problems
+
+
+def meta_model(model_cfg: Dict[str, Any]) -> CausalLM:
+    """The model of ``model_cfg`` on the meta device: every shape, no memory, no initial values.
+    (The first meta build in a process imports ``torch._dynamo``, which torch computes some meta
+    ops through: about 1-2 s once.)"""
+    with torch.device("meta"):
+        return build_model(model_cfg)
+
+
+def shape_problems(section: Dict[str, Any], header: Dict[str, Tuple[str, List[int]]],
+                   model: Optional[CausalLM] = None) -> List[str]:
+    """Differences between the tensors config.json's model stores and the weight files' headers:
+    missing, unexpected and wrongly shaped tensors, and a dtype other than config.json's.
+    ``model``: the model to compare with; default one built on the meta device (no memory)."""
+    problems = _plausibility_problems(section["model"], header)
+    if problems:
+        return problems
+    if model is None:
+        model = meta_model(section["model"])
+    expected = stored_shapes(model)
+    problems = [f"missing tensor {name!r} (expected shape {shape})"
+                for name, shape in expected.items() if name not in header]
+    problems += [f"unexpected tensor {name!r}" for name in header if name not in expected]
+    problems += [f"tensor {name!r} has shape {header[name][1]}, the model needs {shape}"
+                 for name, shape in expected.items() if name in header and header[name][1] != shape]
+    want = _SAFETENSORS_DTYPE.get(section.get("dtype", "float32"))
+    wrong = sorted(name for name, (dtype, _) in header.items() if dtype != want)
+    if wrong:
+        problems.append(f"{len(wrong)} tensors are not {want} as config.json's dtype says (e.g. {wrong[0]!r} is "
+                        f"{header[wrong[0]][0]})")
+    return problems
+
+
+def read_headers(directory: PathLike, files: List[str]) -> Dict[str, Tuple[str, List[int]]]:
+    """The safetensors headers of a bundle's weight files (``files`` from :func:`weight_files`)."""
+    header: Dict[str, Tuple[str, List[int]]] = {}
+    for file in files:
+        if file != INDEX_NAME:
+            header.update(read_safetensors_header(bundle_file(directory, file, "weight file")))
+    return header
+
+
+def digest_problems(directory: PathLike, section: Dict[str, Any], files: List[str],
+                    sizes_only: bool = False) -> List[str]:
+    """Each of ``files`` whose size or sha256 differs from what config.json records (or that it
+    does not record). Sizes are compared first: a truncated file costs no read. ``sizes_only``:
+    compare only the sizes (instant; run before the headers are parsed)."""
+    directory = Path(directory)
+    digests = section[DIGESTS_KEY]
+    problems = []
+    for file in files:
+        path = bundle_file(directory, file, "weight file")
+        record = digests.get(file)
+        if record is None:
+            problems.append(f"{path}: config.json records no digest for it (recorded: "
+                            f"{', '.join(sorted(digests)) or 'none'})")
+            continue
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            problems.append(f"{path}: {size:,} bytes, config.json records {record['bytes']:,} (truncated or replaced)")
+            continue
+        if sizes_only:
+            continue
+        found = file_digest(path)["sha256"]
+        if found != record["sha256"]:
+            problems.append(f"{path}: sha256 {found}, config.json records {record['sha256']} (corrupted or changed "
+                            "after export)")
+    return problems
+
+
+REEXPORT = ("re-export the bundle from its checkpoint (`mmtrain export RUN --out BUNDLE --overwrite`) or "
+            "restore it from a good copy")
+_WARNED_UNVERIFIED: set = set()
+
+
+def verify_weights(directory: PathLike, section: Dict[str, Any], files: List[str], sizes_only: bool = False) -> bool:
+    """Check the weight files' sizes and sha256 (or only their sizes) against config.json;
+    BundleError naming each file that differs. A bundle written before digests were recorded loads
+    with a warning on stderr (once per bundle); returns False then, True when verified."""
+    directory = Path(directory)
+    if section.get(DIGESTS_KEY) is None:
+        key = str(directory.resolve())
+        if key not in _WARNED_UNVERIFIED:
+            _WARNED_UNVERIFIED.add(key)
+            print(f"[mmtrain] warning: {directory}: config.json records no weight digests (a bundle written "
+                  "before mmtrain recorded them); its weights are used unverified. Re-export it to add them.",
+                  file=sys.stderr, flush=True)
+        return False
+    problems = digest_problems(directory, section, files, sizes_only)
+    if problems:
+        raise BundleError(f"{directory}: weight files do not match the digests in {CONFIG_NAME}; {REEXPORT}:\n  - "
+                          + "\n  - ".join(problems))
+    return True
+
+
+# --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
+def _read_json(path: Path) -> Any:
+    """A JSON file's value; BundleError naming the file and where it breaks (never its text)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{path}: unreadable or not valid JSON ({exc})") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path}: unreadable ({exc.strerror or type(exc).__name__})") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path}: not UTF-8 text (byte {exc.start}); not a file written by "
+                          "`mmtrain export`") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+                          "restore it or re-export the bundle") from None
+    except RecursionError:
+        raise BundleError(f"{path}: JSON nested too deeply; not a file written by `mmtrain export`") from None
 
 
 def read_bundle_config(path: PathLike) -> Dict[str, Any]:
@@ -339,42 +683,56 @@ def read_bundle_config(path: PathLike) -> Dict[str, Any]:
     if not config_path.is_file():
         what = "does not exist" if not path.exists() else f"has no {CONFIG_NAME}"
         raise BundleError(f"{path} {what}: not a bundle written by `mmtrain export`")
-    section = _read_json(config_path).get("mmtrain")
+    config = _read_json(config_path)
+    section = config.get("mmtrain") if isinstance(config, dict) else None
     if not isinstance(section, dict) or "model" not in section:
         raise BundleError(f"{config_path}: no 'mmtrain' section with the model config (not written by "
                           "`mmtrain export`)")
     version = section.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise BundleError(f"{config_path}: bundle format_version {version!r}; this mmtrain reads "
+    if not _is_int(version) or version > FORMAT_VERSION:
+        raise BundleError(f"{config_path}: bundle format_version {_found(version)}; this mmtrain reads "
                           f"versions up to {FORMAT_VERSION} (upgrade mmtrain)")
+    problems = section_problems(section)
+    if problems:
+        raise BundleError(f"{config_path}: not a valid bundle config ({REEXPORT}):\n  - " + "\n  - ".join(problems))
     return section
 
 
 def load_pretrained(path: PathLike, device: Any = "cpu", dtype: Optional[torch.dtype] = None,
-                    kind: Optional[str] = None) -> CausalLM:
+                    kind: Optional[str] = None, verify: bool = True) -> CausalLM:
     """Rebuild the model of a bundle in eval mode (``dtype`` default float32, whatever was stored).
 
     With ``kind`` (e.g. ``"mixer"``) the bundle must hold that kind of model (ValueError otherwise).
 
-    Needs only the bundle: config.json's "mmtrain" section and the safetensors weights. Every
-    missing, unexpected or wrongly shaped tensor is named in one BundleError.
+    Needs only the bundle: config.json's "mmtrain" section and the safetensors weights. Before
+    anything is allocated, config.json is checked against the model schema and the tensors it
+    implies against the safetensors headers (every missing, unexpected or wrongly shaped tensor is
+    named in one BundleError), then each weight file's size and sha256 against config.json's
+    digests (``verify``, default on, about 1 s per GB; ``verify=False`` skips only the digests).
     """
     path = Path(path)
     section = read_bundle_config(path)
     if kind is not None and section["model"]["kind"] != kind:
         raise ValueError(f"{path} holds a {section['model']['kind']!r} model, not a {kind!r} model")
+    files = weight_files(path)
+    try:
+        header = read_headers(path, files)
+    except BundleError:
+        if verify:   # a truncated file is named as such rather than by what its header lacks
+            verify_weights(path, section, files, sizes_only=True)
+        raise
+    gather = init_gather()
+    # Under ZeRO-3's zero.Init every module built is partitioned, a meta one too: the shapes are
+    # then compared on the (partitioned, so per-rank small) model itself, after the lower bounds.
+    _refuse_mismatch(path, _plausibility_problems(section["model"], header) if gather
+                     else shape_problems(section, header))
+    if verify:
+        verify_weights(path, section, files)
     model = build_model(section["model"])
+    if gather:
+        _refuse_mismatch(path, shape_problems(section, header, model))
     stored = _in_model_layout(model, read_weights(path), path)
     aliases = tied_names(model)
-    expected = {name: _shape(t) for name, t in model.state_dict(keep_vars=True).items() if name not in aliases}
-    problems = [f"missing tensor {name!r} (expected shape {shape})"
-                for name, shape in expected.items() if name not in stored]
-    problems += [f"unexpected tensor {name!r}" for name in stored if name not in expected]
-    problems += [f"tensor {name!r} has shape {list(stored[name].shape)}, the model needs {shape}"
-                 for name, shape in expected.items() if name in stored and list(stored[name].shape) != shape]
-    if problems:
-        raise BundleError(f"{path}: weights do not match config.json's model:\n  - " + "\n  - ".join(problems))
-    gather = init_gather()
     # One module's own parameters at a time; when the model was built partitioned (ZeRO-3,
     # deepspeed.zero.Init) they are whole only while gathered.
     with torch.no_grad():
@@ -389,6 +747,11 @@ def load_pretrained(path: PathLike, device: Any = "cpu", dtype: Optional[torch.d
     if gather:
         return model.eval()   # the partitions already live where zero.Init put them
     return model.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+def _refuse_mismatch(path: Path, problems: List[str]) -> None:
+    if problems:
+        raise BundleError(f"{path}: weights do not match config.json's model:\n  - " + "\n  - ".join(problems))
 
 
 def _in_model_layout(model: CausalLM, stored: Dict[str, torch.Tensor], path: PathLike) -> Dict[str, torch.Tensor]:

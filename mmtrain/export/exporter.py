@@ -3,12 +3,15 @@
 sentence-transformers``: the bundle is also a sentence-transformers model folder).
 
 Steps: find the checkpoint (run dir, checkpoints dir or ``step_XXXXXXXX`` dir; ``--tag``), check
-that it was completely written, rebuild the fp32 weights (ZeRO 0: the module state in
-``mp_rank_00_model_states.pt``; ZeRO 1-3: DeepSpeed's ``zero_to_fp32`` over every rank's
-optimizer partition), load them into the model described by the checkpoint's own resolved config,
-write the bundle (:mod:`mmtrain.export.bundle`) into a temporary sibling of ``--out``, reload it with
+that it was completely written and is intact (every file's size and sha256 against its manifest,
+every ``.pt`` file loadable with ``weights_only=True``), rebuild the fp32 weights (ZeRO 0: the
+module state in ``mp_rank_00_model_states.pt``; ZeRO 1-3: DeepSpeed's ``zero_to_fp32`` over every
+rank's optimizer partition), load them into the model described by the checkpoint's own resolved
+config, write the bundle (:mod:`mmtrain.export.bundle`) into a temporary sibling of ``--out``, reload it with
 :func:`mmtrain.export.bundle.load_pretrained` into a fresh model and compare its logits on a fixed batch
-with the checkpoint model's. Only a verified bundle is moved to ``--out``.
+with the checkpoint model's. Only a verified bundle is moved to ``--out``, in one atomic swap
+(:func:`mmtrain.files.publish_dir`: an old bundle there is deleted only after), under a lock on
+``--out``; a ``--out`` holding anything but a bundle's files is never replaced.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import zipfile
@@ -26,8 +30,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from mmtrain import files
 from mmtrain.data.progress import add_quiet_argument, progress_bar
 from mmtrain.export import bundle as B
+from mmtrain.export import hf as HF
 from mmtrain.export.hf import EMBEDDER_KINDS, write_sentence_transformers
 from mmtrain.train import checkpoint as ckpt
 
@@ -132,17 +138,25 @@ def _check_file(path: Path) -> None:
 
 
 def _load(path: Path) -> Dict[str, Any]:
+    """A checkpoint ``.pt`` file, unpickled with ``weights_only=True`` and the checkpoint allowlist."""
     _check_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return ckpt.read_pt(str(path))
     except Exception as exc:
-        raise ExportError(f"{path}: cannot be loaded ({type(exc).__name__}: {exc})") from None
+        raise ExportError(f"{path}: cannot be loaded ({type(exc).__name__}); a damaged file, or one that "
+                          "holds Python objects a checkpoint does not") from None
 
 
 def open_checkpoint(root: Path, tag: str) -> Checkpoint:
     """Check that ``root/tag`` holds every file of a checkpoint written by mmtrain's trainer (all
-    ranks' files present, none truncated); read rank 0's states."""
+    ranks' files present, each of the size and sha256 its manifest records, every ``.pt`` file
+    loadable with ``weights_only=True``: :func:`mmtrain.train.checkpoint.verify`), before any of it
+    is used; read rank 0's states."""
     path = root / tag
+    try:
+        ckpt.verify(str(root), tag, fix="--tag {tag}")
+    except ckpt.CheckpointError as exc:
+        raise ExportError(str(exc)) from None
     if (path / MODEL_STATES).is_file():
         states = _load(path / MODEL_STATES)
     elif (path / ZERO3_MODEL_STATES.format(rank=0)).is_file():
@@ -194,8 +208,8 @@ def fp32_state_dict(checkpoint: Checkpoint) -> Dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     log = io.StringIO()   # it prints progress lines and bars: shown only when it fails
-    try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    try:   # its torch.load calls pass weights_only=False: held to weights_only=True and the allowlist
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), ckpt.weights_only_loads():
             return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.root), tag=checkpoint.tag)
     except Exception as exc:
         raise ExportError(f"{checkpoint.path}: DeepSpeed could not rebuild the fp32 weights "
@@ -324,10 +338,33 @@ def verify_bundle(bundle_dir: Path, reference, dtype: str) -> Dict[str, Any]:
     return result
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+#: Top-level entries a bundle may hold (mmtrain, Hugging Face and sentence-transformers files).
+BUNDLE_ENTRIES = {B.CONFIG_NAME, B.WEIGHTS_NAME, B.INDEX_NAME, B.TOKENIZER_NAME, B.CARD_NAME, HF.MODELING_FILE,
+                  HF.TOKENIZATION_FILE, HF.TOKENIZER_CONFIG_FILE, HF.SPECIAL_TOKENS_FILE, HF.GENERATION_CONFIG_FILE,
+                  HF.ST_MODULES_FILE, HF.ST_CONFIG_FILE, HF.ST_TRANSFORMER_CONFIG_FILE, "1_Pooling",
+                  "1_MmtrainPooling", "2_Normalize"}
+_WEIGHT_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def _bundle_entry(name: str) -> bool:
+    return name in BUNDLE_ENTRIES or bool(_WEIGHT_SHARD.match(name))
+
+
+def _is_bundle(directory: Path) -> bool:
+    """A bundle written by `mmtrain export`: config.json with an "mmtrain" section."""
+    try:
+        return "mmtrain" in json.loads((directory / B.CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _check_out(out: Path, overwrite: bool, command: str = "export") -> None:
+    """ExportError / OutputError unless ``out`` may receive the bundle: new or empty, or, with
+    ``overwrite``, a directory holding nothing but a bundle's files (anything else is never deleted)."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    non_empty = files.check_replaceable(out, command, own=_bundle_entry, ours=_is_bundle, overwrite=overwrite)
+    if non_empty and not overwrite:
         raise ExportError(f"--out {out} exists and is not empty ({_listing(out, 8)}); pass --overwrite to "
                           "replace it, or choose another directory")
 
@@ -351,11 +388,31 @@ def export(path: str, out: str, tag: Optional[str] = None, dtype: str = "fp32",
         raise ExportError("--format sentence-transformers needs an embedder: export a retrieval run with "
                           "`mmtrain export-embedder`")
     out_path = Path(out).resolve()
-    _check_out(out_path, overwrite)
-    checkpoint = open_checkpoint(*locate(path, tag))
-    if out_path == checkpoint.path or out_path in checkpoint.path.parents:
-        raise ExportError(f"--out {out_path} contains the checkpoint {checkpoint.path}; choose a directory "
-                          "outside it")
+    command = "export" if embedder is None else "export-embedder"
+    root, tag = locate(path, tag)
+    if out_path == root / tag or out_path in (root / tag).parents:
+        raise ExportError(f"--out {out_path} contains the checkpoint {root / tag}; choose a directory outside it")
+    _check_out(out_path, overwrite, command)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with files.output_lock(out_path, command):
+        files.clean_stale(out_path)
+        _check_out(out_path, overwrite, command)   # again, now that no other writer can change it
+        return _export_locked(root, tag, out_path, dtype=dtype, max_shard_size=max_shard_size,
+                              tokenizer=tokenizer, embedder=embedder, fmt=fmt, progress=progress)
+
+
+def _bundle_bytes(model, dtype: str, tokenizer_path: Path) -> int:
+    """About what the bundle takes on disk: the weights in ``dtype``, the tokenizer, 1 MiB of the rest."""
+    weights = sum(p.numel() for p in model.state_dict().values()) * B.DTYPES[dtype].itemsize
+    return weights + tokenizer_path.stat().st_size + (1 << 20)
+
+
+def _export_locked(root: Path, tag: str, out_path: Path, *, dtype, max_shard_size, tokenizer, embedder, fmt,
+                   progress) -> Dict[str, Any]:
+    """:func:`export` of checkpoint ``root/tag`` once ``out_path`` is checked and locked: the bundle
+    is built in ``.NAME.tmp-PID``, verified, and swapped in atomically
+    (:func:`mmtrain.files.publish_dir`)."""
+    checkpoint = open_checkpoint(root, tag)
     with progress_bar(progress, total=4, desc="export", unit=" stage") as bar:
         bar.set_postfix_str("reading the checkpoint")
         model = build_checkpoint_model(checkpoint)
@@ -365,9 +422,11 @@ def export(path: str, out: str, tag: Optional[str] = None, dtype: str = "fp32",
                               f"{', '.join(EMBEDDER_KINDS)})")
         tokenizer_path = find_tokenizer(checkpoint, tokenizer)
         source, training = summaries(checkpoint)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+        tmp = files.tmp_name(out_path)
         shutil.rmtree(tmp, ignore_errors=True)
+        kept = out_path if out_path.exists() else None
+        needed = _bundle_bytes(model, dtype, tokenizer_path)
+        files.check_free_space(out_path.parent, needed, "writing the bundle", kept=kept)
         bar.update(1)
         try:
             bar.set_postfix_str("writing the bundle")
@@ -383,10 +442,13 @@ def export(path: str, out: str, tag: Optional[str] = None, dtype: str = "fp32",
             B.rewrite_config(tmp, config)
             if fmt == "sentence-transformers":
                 write_sentence_transformers(tmp, config)
-            if out_path.exists():
-                shutil.rmtree(out_path)
-            os.replace(tmp, out_path)
+            files.publish_dir(tmp, out_path)
             bar.update(1)
+        except Exception as exc:   # safetensors wraps the OS error in its own SafetensorError
+            if not files.is_disk_full(exc):
+                raise
+            raise files.disk_full_error(getattr(exc, "filename", None) or tmp, "writing the bundle",
+                                        needed=needed, kept=kept) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return config

@@ -30,11 +30,20 @@ normalised inputs, the projected heads or the expanded hidden rows; the hybrid a
 values), so a new token costs O(L * d) per layer. ``use_cache=False`` recomputes the whole prefix
 for every token and gives the same tokens. Generation stops when the sequence reaches n_ctx.
 The autoencoder reconstructs its input and cannot continue a text: ``generate`` refuses it.
+
+Integrity: ``from_pretrained`` on a bundle directory first checks each weight file's size and
+sha256 against the ``mmtrain.digests`` that ``mmtrain export`` recorded in config.json
+(:func:`verify_bundle_weights`, about 1 s per GB) and raises :class:`BundleIntegrityError` naming
+the file on a mismatch; a bundle written before digests were recorded loads with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -402,6 +411,59 @@ class _ContextLimit(StoppingCriteria):
 
 
 # --------------------------------------------------------------------------------------------
+# Integrity of the weight files
+# --------------------------------------------------------------------------------------------
+
+
+class BundleIntegrityError(ValueError):
+    """A bundle's weight file differs from the size / sha256 its config.json records."""
+
+
+def _sha256(path: str, chunk: int = 1024**2) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def verify_bundle_weights(directory: str) -> bool:
+    """Check every weight file that ``<directory>/config.json`` records a digest for (size, then
+    sha256); BundleIntegrityError naming each file that differs. Returns False (with a warning)
+    for a bundle whose config.json records no digests, True when verified."""
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return False   # from_pretrained reports a missing or unreadable config.json itself
+    section = config.get("mmtrain") if isinstance(config, dict) else None
+    digests = section.get("digests") if isinstance(section, dict) else None
+    if not isinstance(digests, dict):
+        warnings.warn(f"{directory}: config.json records no weight digests (a bundle written before mmtrain "
+                      "recorded them); its weights are loaded unverified. Re-export it to add them.")
+        return False
+    problems = []
+    for name, record in sorted(digests.items()):
+        path = os.path.join(directory, str(name))
+        # weight files sit in the bundle directory itself (a Hub cache links them elsewhere: fine)
+        if os.path.basename(str(name)) != name or name in ("", ".", "..") or not isinstance(record, dict):
+            problems.append(f"digest entry {str(name)[:60]!r} does not name a file of the bundle")
+        elif not os.path.isfile(path):
+            problems.append(f"{path}: missing")
+        elif os.path.getsize(path) != record.get("bytes"):
+            problems.append(f"{path}: {os.path.getsize(path):,} bytes, config.json records {record.get('bytes')} "
+                            "(truncated or replaced)")
+        elif _sha256(path) != record.get("sha256"):
+            problems.append(f"{path}: sha256 {_sha256(path)}, config.json records {record.get('sha256')} "
+                            "(corrupted or changed after export)")
+    if problems:
+        raise BundleIntegrityError(f"{directory}: weight files do not match the digests in config.json; re-export "
+                                   "the bundle with `mmtrain export` or restore it from a good copy:\n  - "
+                                   + "\n  - ".join(problems))
+    return True
+
+
+# --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
 
@@ -413,6 +475,17 @@ class MmtrainPreTrainedModel(PreTrainedModel):
     # the decoding cache is the model's own (MmtrainCache), not a transformers Cache
     _is_stateful = True
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\.weight$"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, after :func:`verify_bundle_weights` when given a
+        local bundle directory."""
+        directory = str(pretrained_model_name_or_path)
+        if kwargs.get("subfolder"):
+            directory = os.path.join(directory, kwargs["subfolder"])
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isdir(directory):
+            verify_bundle_weights(directory)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)

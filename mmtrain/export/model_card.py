@@ -98,9 +98,11 @@ def render_model_card(config: Dict[str, Any]) -> str:
               "```bash"]
     if kind in _GENERATIVE:
         lines += ["mmtrain generate <this directory> --prompt \"def \""]
-    lines += ["mmtrain eval-lm <this directory> --data <shard_dir>", "```", ""]
+    lines += ["mmtrain eval-lm <this directory> --data <shard_dir>",
+              "mmtrain verify <this directory>   # weight sha256 digests (config.json), shapes, tokenizer",
+              "```", ""]
     if kind == "transformer":
-        lines += ["```python", "from transformers import LlamaForCausalLM",
+        lines += ["```python", "from transformers import LlamaForCausalLM   # checks no digests: mmtrain verify first",
                   "hf = LlamaForCausalLM.from_pretrained(\"<this directory>\")", "```", ""]
     elif kind in ("mixer", "hybrid", "mixer_autoencoder"):
         lines += ["```python", "from transformers import AutoModelForCausalLM   # pip install -e \".[hf]\"",

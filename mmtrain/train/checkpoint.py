@@ -7,7 +7,7 @@ Layout under ``<run_dir>/checkpoints/``::
         rng_rank000.pt ...           per-rank RNG states (plain tensors: loads with weights_only)
         resolved_config.yaml
         manifest.json                world size, ZeRO stage, token-mixing layout and every file above
-                                     (written last)
+                                     with its size and sha256 digest (written last)
     latest                  tag of the newest *complete* checkpoint (replaced atomically)
     universal/step_00000100/  the same checkpoint as a DeepSpeed universal checkpoint (made by
                             :func:`to_universal` to resume on another number of ranks;
@@ -21,26 +21,38 @@ before; the next start removes the unfinished ``*.incomplete`` directory
 (:func:`remove_incomplete`). Assumes one file system shared by all ranks (as ``latest`` does).
 Before resuming, :func:`resolve_resume` refuses a ``latest`` that names no complete checkpoint of
 this run and a start that would overwrite published checkpoints, and :func:`check_loadable`
-refuses a checkpoint missing a file of its manifest, and says when one written by another number
-of ranks or at another ZeRO partitioning must first be converted (:func:`to_universal`).
+refuses a checkpoint missing a file of its manifest or failing :func:`verify`, and says when one
+written by another number of ranks or at another ZeRO partitioning must first be converted
+(:func:`to_universal`).
 
-Checkpoint files are pickles (DeepSpeed's format): load only checkpoints you trust. This module
-reads RNG files with ``torch.load(weights_only=True)``; DeepSpeed loads its own files itself.
+Integrity: :func:`verify` checks every file's size and sha256 against the manifest (one chunked
+read per file; the ranks of a run split the files between them), before anything is loaded.
+Checkpoint files are pickles (DeepSpeed's format). :func:`verify` also unpickles every ``.pt``
+file with ``torch.load(weights_only=True)`` and :func:`allowed_globals` (the few DeepSpeed types
+the files hold), so a file referencing any other Python object is refused before DeepSpeed's
+loader (which passes ``weights_only=False``) sees it; the loads themselves run under
+:func:`weights_only_loads`, which holds DeepSpeed's ``torch.load`` calls to the same rule. Digests
+protect against damage, not against someone who can rewrite the manifest too: the
+``weights_only`` rule is what keeps a planted pickle from running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+import sys
+import zipfile
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmtrain.files import sha256_file
 from mmtrain.models.mixer import mixing_layout
 from mmtrain.models.mixing_ops import block_for_size
 from mmtrain.train import faults
@@ -49,8 +61,11 @@ CHECKPOINT_SUBDIR = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"   # world size, ZeRO stage and every file of a checkpoint, written last
 INCOMPLETE_SUFFIX = ".incomplete"
+RESUME_INFO = "resume_info.json"   # the data a checkpoint trained on, read before a resume loads anything
 UNIVERSAL = "universal"      # subdirectory of universal conversions (resume on another layout)
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
+DIGEST = "sha256"
+_RANK_FILE_RE = re.compile(r"zero_pp_rank_(\d+)_|^rng_rank(\d+)\.pt$")   # files named for the rank that writes them
 
 
 def tag_for(step: int) -> str:
@@ -79,7 +94,7 @@ def read_latest(ckpt_root: str) -> Optional[str]:
 
 def _atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with faults.open_run_file(tmp, "w") as fh:   # a link planted under the temporary name is not followed
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
@@ -120,12 +135,13 @@ def _barrier() -> None:
 
 
 def save(engine, run_dir: str, step: int, client_state: Dict[str, Any], keep_last: int,
-         config_yaml: str, rank: int) -> str:
+         config_yaml: str, rank: int, resume_info: Optional[Dict[str, Any]] = None) -> str:
     """Write checkpoint ``step_<step>`` on every rank, then publish it. Returns its path.
 
     A collective: every rank calls it. Order (each step starts after the previous one finished):
     all ranks write ``<tag>.incomplete/`` -> barrier -> rank 0 renames it to ``<tag>`` -> rank 0
-    moves ``latest`` -> rank 0 prunes old checkpoints -> barrier.
+    moves ``latest`` -> rank 0 prunes old checkpoints -> barrier. ``resume_info`` (what a resume
+    compares before loading anything: :func:`read_resume_info`) is written beside the config.
     """
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
@@ -139,18 +155,84 @@ def save(engine, run_dir: str, step: int, client_state: Dict[str, Any], keep_las
     torch.save(rng_state(), os.path.join(staging, f"rng_rank{rank:03d}.pt"))
     if rank == 0:
         _atomic_write(os.path.join(staging, "resolved_config.yaml"), config_yaml)
+        if resume_info is not None:
+            _atomic_write(os.path.join(staging, RESUME_INFO), json.dumps(resume_info, indent=1))
     _barrier()  # every rank's files are on disk
+    digests = _gather(_digest_own_files(staging, rank))
     if rank == 0:
         files = sorted(f for f in os.listdir(staging) if f != MANIFEST)
         _atomic_write(os.path.join(staging, MANIFEST), json.dumps(
             {"world_size": world_size(), "zero_stage": int(engine.zero_optimization_stage()),
-             "mixing_layout": mixing_layout(engine.module), "files": files}, indent=1))
+             "mixing_layout": mixing_layout(engine.module), "files": files,
+             "digests": _complete_digests(staging, files, digests)}, indent=1))
         _publish(staging, path)
         faults.inject("before_latest", step, rank)
         _atomic_write(os.path.join(root, LATEST), tag)
         prune(root, keep_last)
     _barrier()
     return path
+
+
+# ---- digests ----------------------------------------------------------------------------------
+
+
+def file_digest(path: str) -> Dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of a file, in one chunked pass."""
+    size, digest = sha256_file(path)
+    return {"size": size, DIGEST: digest}
+
+
+def digest_files(paths: List[str]) -> List[Dict[str, Any]]:
+    """:func:`file_digest` of each path, several files at a time (hashlib releases the GIL while it
+    hashes, so threads use the cores a multi-core node has; one core reads at ~1 GB/s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(len(paths), os.cpu_count() or 1, 8)
+    if workers <= 1:
+        return [file_digest(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(file_digest, paths))
+
+
+def _file_owner(name: str) -> int:
+    """The rank that writes ``name``: the one it is named for (optimizer partitions, ZeRO-3 model
+    states, RNG states); rank 0 for the rest (model states, resolved config)."""
+    match = _RANK_FILE_RE.search(name)
+    return int(next(g for g in match.groups() if g is not None)) if match else 0
+
+
+def _digest_own_files(directory: str, rank: int) -> Dict[str, Dict[str, Any]]:
+    """Digests of the files of ``directory`` that this rank wrote: each rank reads back its own
+    files (on several hosts, the host that wrote them), in parallel with the other ranks."""
+    names = [name for name in sorted(os.listdir(directory))
+             if name != MANIFEST and _file_owner(name) == rank and os.path.isfile(os.path.join(directory, name))]
+    return dict(zip(names, digest_files([os.path.join(directory, name) for name in names])))
+
+
+def _gather(digests: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Every rank's digests merged (a collective; the identity in a single process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(digests)
+    parts: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, digests)
+    merged: Dict[str, Dict[str, Any]] = {}
+    for part in parts:
+        merged.update(part or {})
+    return merged
+
+
+def _complete_digests(directory: str, names: List[str], digests: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """``{relative path: digest}`` for every file under ``names`` of ``directory`` (recursing into
+    folders), taking ``digests`` where a rank already computed one."""
+    paths = []
+    for name in names:
+        path = os.path.join(directory, name)
+        paths += ([name] if not os.path.isdir(path) else
+                  sorted(os.path.relpath(os.path.join(folder, f), directory)
+                         for folder, _, files in os.walk(path) for f in files))
+    todo = [rel for rel in paths if rel not in digests]
+    found = dict(zip(todo, digest_files([os.path.join(directory, rel) for rel in todo])))
+    return {rel: digests.get(rel) or found[rel] for rel in paths}
 
 
 def _publish(staging: str, path: str) -> None:
@@ -227,24 +309,222 @@ class CheckpointError(ValueError):
     """A checkpoint pointer or directory that cannot be trusted; the message says what to do."""
 
 
-def check_latest(ckpt_root: str) -> Optional[str]:
-    """The tag ``latest`` names, checked: None when there is no ``latest`` file; CheckpointError when
-    it is unreadable or names anything but a complete checkpoint directory of ``ckpt_root``."""
-    path = os.path.join(ckpt_root, LATEST)
-    if not os.path.isfile(path):
+# ---- verification before use ------------------------------------------------------------------
+
+
+def allowed_globals() -> list:
+    """The Python types checkpoint ``.pt`` files may hold besides what ``torch.load(weights_only=True)``
+    allows by itself (tensors, containers, numbers, strings): the DeepSpeed 0.19 objects its optimizer
+    states store (ZeRO 1-3, fp32 and bf16, and universal conversions; DynamicLossScaler for fp16)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Within the block, every ``torch.load`` (DeepSpeed's included) loads with ``weights_only=True``
+    and :func:`allowed_globals`: a pickle naming any other Python object fails instead of running.
+
+    DeepSpeed 0.19.8 passes ``weights_only=False`` itself in its checkpoint engine, its ZeRO and
+    universal-checkpoint loaders, ``ds_to_universal`` and ``zero_to_fp32``, with no setting to change
+    it; they all call ``torch.load`` through the ``torch`` module, so replacing that attribute for
+    the duration of a load is the one hook they share. Not thread-safe: use it around loads only."""
+    original = torch.load
+    if getattr(original, "_mmtrain_weights_only", False):   # already inside such a block
+        yield
+        return
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    load._mmtrain_weights_only = True
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            yield
+    finally:
+        torch.load = original
+
+
+def read_pt(path: str) -> Any:
+    """A checkpoint ``.pt`` file loaded with ``weights_only=True`` and :func:`allowed_globals`."""
+    with torch.serialization.safe_globals(allowed_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _scan_pt(path: str) -> Optional[str]:
+    """What is wrong with ``.pt`` file ``path`` (None: nothing): it is unpickled with
+    ``weights_only=True`` and the allowlist, its tensors memory-mapped, not read (cheap)."""
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:   # torch raises UnpicklingError, RuntimeError, EOFError, ... for a bad file
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError) and "global" in str(exc).lower():
+            return ("references a Python object outside the types a checkpoint holds; refused unloaded: "
+                    "it may run code when unpickled (a planted or foreign file). "
+                    "torch.serialization.get_unsafe_globals_in_checkpoint(path) lists what it references")
+        return f"is not a readable torch.save file ({type(exc).__name__}): truncated or damaged"
+    return None
+
+
+def _damaged(root: str, tag: str, problem: str, fix: str) -> CheckpointError:
+    """The error for a damaged checkpoint ``root/tag``: ``problem``, then the other checkpoints
+    there and how to pick one (``fix`` formats ``{path}`` and ``{tag}`` of the newest other)."""
+    others = [t for t in list_tags(root) if t != tag]
+    pick = (f"; use one with {fix.format(path=os.path.join(root, others[-1]), tag=others[-1])}" if others else
+            "; none to fall back on: start over (checkpoint.resume=none with a new logging.run_dir)")
+    return CheckpointError(f"{problem}. Other checkpoints in {root}: {', '.join(others) or 'none'}{pick}")
+
+
+def read_manifest(root: str, tag: str, fix: str = "checkpoint.resume={path}") -> Optional[Dict[str, Any]]:
+    """The manifest of checkpoint ``root/tag``; None when there is none (written before manifests
+    existed); CheckpointError when it is unreadable, not complete JSON or lacks an entry."""
+    path = os.path.join(root, tag, MANIFEST)
+    if not os.path.lexists(path):
         return None
     try:
-        with open(path, "r", encoding="utf-8") as fh:
-            tag = fh.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        tag, problem = None, f"is unreadable ({type(exc).__name__})"
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _damaged(root, tag, f"{path} is unreadable or not complete JSON ({type(exc).__name__}): it is written "
+                                  "last, in one piece, so it was damaged or truncated afterwards", fix) from None
+    keys = ("universal_of", "files") if isinstance(manifest, dict) and "universal_of" in manifest else (
+        "world_size", "zero_stage", "files")
+    missing = [k for k in keys if not isinstance(manifest, dict) or k not in manifest]
+    bad = missing or not isinstance(manifest["files"], list) or not all(isinstance(f, str) for f in manifest["files"])
+    digests = manifest.get("digests") if not bad else None
+    if not bad and digests is not None:
+        bad = not isinstance(digests, dict) or not all(
+            isinstance(d, dict) and isinstance(d.get("size"), int) and isinstance(d.get(DIGEST), str)
+            for d in digests.values())
+    if bad:
+        what = f"lacks {', '.join(missing)}" if missing else "has a malformed file list or digest"
+        raise _damaged(root, tag, f"{path} {what} (an incomplete or edited manifest)", fix)
+    return manifest
+
+
+def _files_under(directory: str) -> Dict[str, int]:
+    """``{relative path: size}`` of every file under ``directory`` but the manifest."""
+    out = {}
+    for folder, _, files in os.walk(directory):
+        for name in files:
+            rel = os.path.relpath(os.path.join(folder, name), directory)
+            if rel != MANIFEST:
+                out[rel] = os.lstat(os.path.join(folder, name)).st_size
+    return out
+
+
+def _share(sizes: Dict[str, int], rank: int, world_size: int) -> List[str]:
+    """The files rank ``rank`` of ``world_size`` checks: the largest go first to the least-loaded
+    rank (every rank computes the same split)."""
+    loads, mine = [0] * max(world_size, 1), []
+    for name, size in sorted(sizes.items(), key=lambda item: (-item[1], item[0])):
+        owner = loads.index(min(loads))
+        loads[owner] += size + 1
+        if owner == rank:
+            mine.append(name)
+    return mine
+
+
+def _size_problem(path: str, expected: Dict[str, Any]) -> Optional[str]:
+    """How file ``path``'s size differs from its manifest entry (None: it does not)."""
+    size = os.path.getsize(path)
+    if size == expected["size"]:
+        return None
+    what = "empty" if size == 0 else "truncated" if size < expected["size"] else "longer than it was written"
+    return f"{path} has {size:,} bytes; {MANIFEST} records {expected['size']:,} ({what})"
+
+
+def _digest_problem(path: str, got: Dict[str, Any], expected: Dict[str, Any]) -> Optional[str]:
+    """How file ``path``'s digest ``got`` differs from its manifest entry (None: it does not)."""
+    if got[DIGEST] == expected[DIGEST] and got["size"] == expected["size"]:
+        return None
+    return (f"{path} has sha256 {got[DIGEST][:16]}…; {MANIFEST} records {expected[DIGEST][:16]}… (bytes changed "
+            "on disk or in a copy after it was written)")
+
+
+def verify(root: str, tag: str, rank: int = 0, world_size: int = 1, fix: str = "checkpoint.resume={path}") -> None:
+    """Check checkpoint ``root/tag`` before anything of it is loaded; CheckpointError naming the
+    first bad file, what was expected, and the other checkpoints (``fix`` says how to pick one).
+
+    Each file's size and sha256 must match the manifest (one chunked read per file), every ``.pt``
+    file must unpickle under ``weights_only=True`` with :func:`allowed_globals` (its tensors are
+    mapped, not read), and no ``.pt`` file may be missing from the manifest. A checkpoint written
+    before manifests recorded digests is checked for what it can be (no empty file, every ``.pt``
+    readable and allowed), with a warning. With ``world_size`` ranks each checks its share of the
+    files (the same split on every rank): call it on every rank and stop all when any fails."""
+    directory = os.path.join(root, tag)
+    manifest = read_manifest(root, tag, fix)
+    sizes = _files_under(directory)
+    digests = (manifest or {}).get("digests")
+    if digests is None:
+        if rank == 0:
+            age = "has no manifest" if manifest is None else "has a manifest without digests"
+            print(f"[mmtrain] warning: {directory} {age} (written by an older mmtrain): its files' sizes and "
+                  "sha256 cannot be checked; checking that none is empty and every .pt file is readable",
+                  file=sys.stderr, flush=True)
     else:
-        problem = None if tag in list_tags(ckpt_root) else f"names {tag[:80]!r}, which is not"
-    if problem is None:
-        return tag
+        problems = [f"{os.path.join(directory, name)} is missing" for name in sorted(digests) if name not in sizes]
+        problems += [f"{os.path.join(directory, name)} is not in {MANIFEST} (not written with this checkpoint)"
+                     for name in sorted(sizes) if name not in digests and name.endswith(".pt")]
+        problems += [f"{MANIFEST} lists {name} without a digest" for name in manifest["files"]
+                     if name not in digests and not any(d.startswith(name + os.sep) for d in digests)]
+        if problems:
+            raise _damaged(root, tag, f"{problems[0]} (an incomplete or damaged checkpoint)", fix)
+    mine = _share(sizes, rank, world_size)
+    paths = {name: os.path.join(directory, name) for name in mine}
+    problems = {}
+    for name in mine:   # the cheap checks first: a truncated file is named without reading it
+        path = paths[name]
+        if not os.path.isfile(path):   # a device, pipe or dangling link: reading it may never end
+            problems[name] = f"{path} is not a regular file"
+        elif digests is not None and name in digests:
+            problems[name] = _size_problem(path, digests[name])
+        elif sizes[name] == 0:
+            problems[name] = f"{path} is empty"
+    hashed = [name for name in mine if not problems.get(name) and digests is not None and name in digests]
+    for name, got in zip(hashed, digest_files([paths[name] for name in hashed])):
+        problems[name] = _digest_problem(paths[name], got, digests[name])
+    for name in mine:
+        if not problems.get(name) and name.endswith(".pt"):
+            problems[name] = (f"{paths[name]} " + scan) if (scan := _scan_pt(paths[name])) else None
+        if problems.get(name):
+            raise _damaged(root, tag, problems[name], fix)
+
+
+def check_latest(ckpt_root: str) -> Optional[str]:
+    """The tag ``latest`` names, checked: None when there is no ``latest`` file; CheckpointError when
+    it is unreadable or names anything but a complete checkpoint directory of ``ckpt_root``. A
+    ``latest`` that is a link (symbolic or hard) is refused unread: its text is another file's."""
+    path = os.path.join(ckpt_root, LATEST)
+    target = f"a complete checkpoint directory of {ckpt_root}"
+    if os.path.islink(path):
+        problem = f"is a symbolic link (not followed: mmtrain writes `latest` as a plain file naming {target})"
+    elif not os.path.isfile(path):
+        return None
+    elif os.stat(path).st_nlink > 1:
+        problem = (f"is a hard link to another file (not read: mmtrain writes `latest` as a plain file naming "
+                   f"{target})")
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "r", encoding="utf-8") as fh:
+                tag = fh.read(4096).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            problem = f"is unreadable ({type(exc).__name__}), not {target}"
+        else:
+            if tag in list_tags(ckpt_root):
+                return tag
+            problem = f"names {tag[:80]!r}, which is not {target}"
     complete = list_tags(ckpt_root)
     raise CheckpointError(
-        f"{path} {problem} a complete checkpoint directory of {ckpt_root}. Complete checkpoints there: "
+        f"{path} {problem}. Complete checkpoints there: "
         f"{', '.join(complete) or 'none'}. Pick one with checkpoint.resume={os.path.join(ckpt_root, complete[-1]) if complete else '<dir>'}"
         f" (or checkpoint.resume=none with a new logging.run_dir to start over); nothing was changed")
 
@@ -313,13 +593,12 @@ class LoadPlan(NamedTuple):
 def check_loadable(root: str, tag: str, rank: int, world_size: int, zero_stage: int) -> LoadPlan:
     """How ``root/tag`` loads into this run (:class:`LoadPlan`); CheckpointError unless it holds
     every file its manifest lists (and, at the same layout, what this rank loads: its RNG state,
-    the model states and, at ZeRO >= 1, its optimizer partition), or when it was written at a ZeRO
-    stage of another layout (0 | 1, 2 | 3: no conversion between those)."""
+    the model states and, at ZeRO >= 1, its optimizer partition) and passes :func:`verify` (this
+    rank's share of it), or when it was written at a ZeRO stage of another layout (0 | 1, 2 | 3:
+    no conversion between those)."""
     directory = os.path.join(root, tag)
-    manifest_path = os.path.join(directory, MANIFEST)
-    if os.path.isfile(manifest_path):
-        with open(manifest_path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
+    manifest = read_manifest(root, tag)
+    if manifest is not None:
         saved_stage, saved_world, files = manifest["zero_stage"], manifest["world_size"], manifest["files"]
     else:   # written before manifests: what the file names say
         files = sorted(os.listdir(directory))
@@ -349,17 +628,25 @@ def check_loadable(root: str, tag: str, rank: int, world_size: int, zero_stage: 
         raise CheckpointError(f"{directory} lacks {', '.join(missing)}: an incomplete or damaged checkpoint. "
                               f"Other checkpoints there: {', '.join(others) or 'none'} "
                               "(checkpoint.resume=<dir> picks one)")
+    verify(root, tag, rank, world_size)
     return LoadPlan(universal, same_ranks, saved_world, saved_stage)
 
 
 def saved_layout(root: str, tag: str) -> str:
     """How ``root/tag`` stores its causal token-mixing matrices: "packed" or "dense" (checkpoints
     that do not record it were written before packed storage existed: dense)."""
-    manifest_path = os.path.join(root, tag, MANIFEST)
-    if os.path.isfile(manifest_path):
-        with open(manifest_path, encoding="utf-8") as fh:
-            return json.load(fh).get("mixing_layout") or "dense"
-    return "dense"
+    return (read_manifest(root, tag) or {}).get("mixing_layout") or "dense"
+
+
+def read_resume_info(root: str, tag: str) -> Optional[Dict[str, Any]]:
+    """What ``root/tag`` recorded about the data it trained on (:data:`RESUME_INFO`), or None for a
+    checkpoint written before it was recorded (or an unreadable record; verification names that)."""
+    try:
+        with open(os.path.join(root, tag, RESUME_INFO), encoding="utf-8") as fh:
+            info = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def check_layout(root: str, tag: str, layout: Optional[str], zero_stage: int) -> bool:
@@ -398,7 +685,7 @@ def _convert_mixing_layout(directory: str, model) -> None:
         shape = getattr(module.mixing_parameter, "ds_shape", module.mixing_parameter.shape)
         lead = tuple(shape[:-1] if module.layout == "packed" else shape[:-2])
         for name in sorted(os.listdir(source)):
-            value = torch.load(os.path.join(source, name), weights_only=False)
+            value = read_pt(os.path.join(source, name))
             tensor = value.get("param") if isinstance(value, dict) else value   # ZeRO-3 files hold flat tensors
             if torch.is_tensor(tensor) and tensor.numel() > 1:
                 if module.layout == "packed":
@@ -424,7 +711,7 @@ def _repair_zero3_universal(engine, directory: str) -> None:
     for state in engine.optimizer.optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
-    saved = torch.load(os.path.join(directory, "zero", "optimizer_state.pt"), weights_only=False)
+    saved = read_pt(os.path.join(directory, "zero", "optimizer_state.pt"))
     saved_groups = saved["optimizer_state_dict"]["param_groups"]
     groups = engine.optimizer.optimizer.param_groups
     if len(saved_groups) != len(groups):
@@ -439,10 +726,11 @@ def to_universal(root: str, tag: str, model=None) -> str:
     reused) and return ``root/universal``. Every parameter's fp32 weights and Adam moments are
     stored whole, so any number of ranks at the same ZeRO layout loads it
     (``checkpoint.load_universal`` in the DeepSpeed config); with ``model``, its token-mixing
-    matrices are re-laid in the model's layout (packed / dense). The conversion is written to
-    ``tag.incomplete`` and renamed when done. Run it on one rank."""
+    matrices are re-laid in the model's layout (packed / dense). The source is verified first
+    (:func:`verify`), and so is a finished conversion before it is reused (a damaged one is made
+    again); the conversion's manifest records its digests. It is written to ``tag.incomplete``
+    and renamed when done. Run it on one rank."""
     import argparse
-    import contextlib
     import io
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
@@ -450,8 +738,14 @@ def to_universal(root: str, tag: str, model=None) -> str:
     out_root = os.path.join(root, UNIVERSAL)
     out = os.path.join(out_root, tag)
     layout = mixing_layout(model) if model is not None else saved_layout(root, tag)
-    if os.path.isfile(os.path.join(out, MANIFEST)) and saved_layout(out_root, tag) == (layout or "dense"):
-        return out_root
+    if os.path.isfile(os.path.join(out, MANIFEST)):
+        try:
+            verify(out_root, tag)
+            if saved_layout(out_root, tag) == (layout or "dense"):
+                return out_root
+        except CheckpointError as exc:
+            print(f"[mmtrain] converting {os.path.join(root, tag)} again: {exc}", file=sys.stderr, flush=True)
+    verify(root, tag)
     staging = out + INCOMPLETE_SUFFIX
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(out_root, exist_ok=True)
@@ -460,7 +754,7 @@ def to_universal(root: str, tag: str, model=None) -> str:
                               inject_missing_state=True)   # checkpoints written without Megatron's marker
     log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), weights_only_loads():
             ds_to_universal(args)
     except Exception as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -474,15 +768,18 @@ def to_universal(root: str, tag: str, model=None) -> str:
         _convert_mixing_layout(staging, model)
     files = sorted(f for f in os.listdir(staging) if f != MANIFEST)
     _atomic_write(os.path.join(staging, MANIFEST), json.dumps(
-        {"universal_of": tag, "mixing_layout": layout, "files": files}, indent=1))
+        {"universal_of": tag, "mixing_layout": layout, "files": files,
+         "digests": _complete_digests(staging, files, {})}, indent=1))
     _publish(staging, out)
     return out_root
 
 
 def load(engine, root: str, tag: str, rank: int, rng_dir: Optional[str] = "") -> Dict[str, Any]:
     """Restore engine (model, optimizer, scheduler) and this rank's RNG from ``rng_dir`` (default:
-    the checkpoint directory; None: leave the RNG alone); return the client state."""
-    load_path, client_state = engine.load_checkpoint(root, tag=tag)
+    the checkpoint directory; None: leave the RNG alone); return the client state. Every file is
+    unpickled with ``weights_only=True`` and the allowlist (:func:`weights_only_loads`)."""
+    with weights_only_loads():
+        load_path, client_state = engine.load_checkpoint(root, tag=tag)
     if load_path is None:
         raise RuntimeError(f"could not load checkpoint {os.path.join(root, tag)}")
     if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 3:

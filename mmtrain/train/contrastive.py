@@ -93,10 +93,13 @@ class ContrastiveTask(Task):
         return self.grad_cache.chunk_size, self.trainer.gas * len(chunks)
 
     def build_model(self) -> torch.nn.Module:
-        from mmtrain.export.bundle import load_pretrained
+        from mmtrain.export.bundle import BundleError, load_pretrained
 
         r = self.cfg.retrieval
-        model = load_pretrained(r.bundle).train()   # partitioned at ZeRO-3 (Trainer._build_model)
+        try:
+            model = load_pretrained(r.bundle).train()   # partitioned at ZeRO-3 (Trainer._build_model)
+        except BundleError as exc:   # e.g. a weight file that differs from its recorded digest
+            raise ConfigError([f"retrieval.bundle: {exc}"]) from None
         if r.learn_temperature:
             scale = torch.nn.Parameter(torch.full((1,), -math.log(r.temperature)))
             scale.lr_scale = LOGIT_SCALE_LR   # its own AdamW group (engine.param_groups)

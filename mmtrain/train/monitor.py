@@ -157,12 +157,15 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def truncate_metrics(run_dir: str, step: int) -> None:
-    """Drop metrics.jsonl records after ``step`` (a resumed run re-does those steps)."""
+    """Drop metrics.jsonl records after ``step`` (a resumed run re-does those steps). Neither the
+    file nor its temporary copy is followed if it is a symbolic link (RunFileLink)."""
+    from mmtrain.train.faults import open_run_file
+
     path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return
     keep = []
-    with open(path, "r", encoding="utf-8") as fh:
+    with open_run_file(path, "r") as fh:
         for line in fh:
             try:
                 record = json.loads(line)
@@ -171,7 +174,7 @@ def truncate_metrics(run_dir: str, step: int) -> None:
             if record.get("step", 0) <= step:
                 keep.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with open_run_file(tmp, "w") as fh:
         fh.writelines(keep)
     os.replace(tmp, path)
 
@@ -191,8 +194,12 @@ def truncate_events(run_dir: str, step: int) -> int:
     from google.protobuf.message import DecodeError
     from tensorboard.compat.proto.event_pb2 import Event
 
+    from mmtrain.train.faults import open_run_file
+
     dropped = 0
     for path in sorted(glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))):
+        if os.path.islink(path):   # not written by a run: neither read nor rewritten
+            continue
         with open(path, "rb") as fh:
             data = fh.read()
         keep, pos, n = [], 0, 0
@@ -212,7 +219,7 @@ def truncate_events(run_dir: str, step: int) -> int:
             pos = end
         if n or pos < len(data):
             tmp = os.path.join(os.path.dirname(path), ".truncate.tmp")   # no "tfevents" in the name
-            with open(tmp, "wb") as fh:
+            with open_run_file(tmp, "wb") as fh:
                 fh.write(b"".join(keep))
             os.replace(tmp, path)
         dropped += n
@@ -242,7 +249,9 @@ class Monitor:
         if start_step > 0:
             truncate_events(run_dir, start_step)
         self.writer = SummaryWriter(log_dir=f"{run_dir}/tensorboard", purge_step=start_step + 1)
-        self.metrics = open(f"{run_dir}/metrics.jsonl", "a", encoding="utf-8")
+        from mmtrain.train.faults import open_run_file
+
+        self.metrics = open_run_file(os.path.join(run_dir, "metrics.jsonl"), "a")   # never through a link
         if progress_bar:
             from tqdm import tqdm
 

@@ -12,7 +12,9 @@ engine. LM pretraining is :class:`mmtrain.train.lm.LMTask`, contrastive retrieva
 :class:`mmtrain.train.contrastive.ContrastiveTask`.
 
 Exit codes of :func:`run_entry`: 0 done, 2 configuration / data error (before any training; also:
-run directory not writable, locked by another job, or too little free disk for a checkpoint),
+run directory not writable, locked by another job, holding a symbolic link where a run file goes,
+or too little free disk for a checkpoint; a resume whose config or data differ from the
+checkpoint's; and, during training, a disk that fills up while a checkpoint is written),
 3 non-finite loss, 75 stopped by SIGTERM or SIGUSR1 after writing a checkpoint at the next step
 boundary (relaunch with ``checkpoint.resume=auto``, the default, to continue; see
 :mod:`mmtrain.train.faults`).
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mmtrain.config import ConfigError, load_config, save_yaml, to_dict, to_yaml
+from mmtrain.config import ConfigError, load_config, to_dict, to_yaml
 from mmtrain.data.errors import DataError
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train import faults
@@ -56,17 +58,85 @@ RESUME_MUTABLE = ("train.stop_at", "train.eval_every", "train.eval_batches", "tr
                   "data.shard_dir")   # moved shards: the tokenizer hash is still checked; printed as a warning
 
 
+# Keys no checkpoint.allow_changes makes resumable: the checkpoint's tensors would not fit. Model
+# settings give the parameters their shapes (except those below); the tokenizer and vocabulary
+# size the embedding. ``shards.*`` keys are the data fingerprint. (engine.precision: see
+# PRECISION_CONVERTS.)
+UNLOADABLE = ("model.", "shards.tokenizer_sha256", "shards.vocab_size")
+# Precisions a checkpoint converts between when checkpoint.allow_changes names engine.precision:
+# DeepSpeed lays out its optimizer files per precision (a bf16 run finds no fp32 optimizer state),
+# but its universal checkpoint stores fp32 weights and Adam moments, which load into either (ZeRO
+# 1-3; tested: the moments and step count load exactly). Other changes (fp16) are refused.
+PRECISION_CONVERTS = ("fp32", "bf16")
+# Model settings that only choose an initialisation or an implementation: allow_changes applies.
+MODEL_NOT_SHAPES = ("model.init", "model.embedding_init_std", "model.linear_init", "model.mixing_init",
+                    "model.init_std", "model.mixer_impl", "model.norm_eps", "model.rope_theta")
+
+
+def _matches(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(p if p.endswith((".", "_")) else p + ".") for p in prefixes)
+
+
 def config_changes(saved: Dict[str, Any], current: Dict[str, Any], allowed=()) -> Tuple[List[str], List[str]]:
     """(forbidden, applied) differences between a checkpoint's config and a resumed run's, one
     ``key: old -> new`` line each; keys absent from the checkpoint (older versions) are not compared."""
-    old, new = mon.flatten(saved), mon.flatten(current)
-    forbidden, applied = [], []
-    for key in sorted(k for k in new if k in old and old[k] != new[k]):
-        line = f"{key}: {old[key]!r} -> {new[key]!r}"
-        free = any(key == p or key.startswith(p if p.endswith((".", "_")) else p + ".")
-                   for p in (*RESUME_MUTABLE, *allowed))
-        (applied if free else forbidden).append(line)
+    forbidden, applied, _ = resume_changes(saved, current, allowed)
     return forbidden, applied
+
+
+def resume_changes(saved: Dict[str, Any], current: Dict[str, Any],
+                   allowed=()) -> Tuple[List[str], List[str], List[str]]:
+    """(forbidden, applied, unloadable) differences between a checkpoint's config (and data
+    fingerprint, as ``shards.*`` keys) and a resumed run's, one ``key: old -> new`` line each.
+    Unloadable: changes the checkpoint cannot be loaded into (:data:`UNLOADABLE`), whatever
+    ``allowed`` says. Keys absent from the checkpoint (older versions) are not compared."""
+    old, new = mon.flatten(saved), mon.flatten(current)
+    forbidden, applied, unloadable = [], [], []
+    for key in sorted(k for k in new if k in old and old[k] != new[k]):
+        line = f"{key}: {_short(old[key])} -> {_short(new[key])}"
+        if _matches(key, UNLOADABLE) and not _matches(key, (*MODEL_NOT_SHAPES, *RESUME_MUTABLE)):
+            unloadable.append(line)
+        elif _matches(key, (*RESUME_MUTABLE, *allowed)):
+            applied.append(line)
+        else:
+            forbidden.append(line)
+    return forbidden, applied, unloadable
+
+
+def resume_problem(checkpoint: str, line: str, unloadable: bool = False, convertible: bool = False) -> str:
+    """The error of resuming ``checkpoint`` with the change ``line`` (``key: old -> new``), with the
+    fix. ``unloadable``: no setting makes the checkpoint load (:func:`resume_changes`);
+    ``convertible``: a precision change the checkpoint can be converted for."""
+    key, _, change = line.partition(": ")
+    old = change.split(" -> ")[0]
+    if key == "engine.precision":
+        how = ("allow it with checkpoint.allow_changes=[engine.precision] (the checkpoint is then converted to a "
+               "universal checkpoint, whose fp32 weights and optimizer state load at either precision)"
+               if convertible else f"only {' <-> '.join(PRECISION_CONVERTS)} at engine.zero_stage >= 1 converts")
+        return (f"resuming {checkpoint} at another precision: {line} (DeepSpeed lays out a checkpoint's optimizer "
+                f"state per precision: {how}; or resume with {key}={old.strip(chr(39))}, or train into a new "
+                "logging.run_dir)")
+    if key in ("shards.tokenizer_sha256", "shards.vocab_size"):
+        return (f"resuming {checkpoint} with another vocabulary: {line} (the shards in data.shard_dir were made with "
+                "another tokenizer, which the checkpoint's embedding does not fit: point data.shard_dir at shards "
+                "of its tokenizer, or train into a new logging.run_dir)")
+    if key.startswith("shards."):
+        return (f"resuming {checkpoint} on other data: {line} (the shards in data.shard_dir are not the ones it "
+                "trained on, e.g. prepared again with another recipe: point data.shard_dir at those, allow it with "
+                "checkpoint.allow_changes=[shards], or train into a new logging.run_dir)")
+    if unloadable:
+        return (f"resuming {checkpoint} with a model of other shapes: {line} (the checkpoint's weights do not fit "
+                f"it, whatever checkpoint.allow_changes says: resume with {key}={old}, or train into a new "
+                "logging.run_dir)")
+    return (f"resuming {checkpoint} with a config that changes what it trains: {line} (resume with the "
+            "checkpoint's value, allow it with checkpoint.allow_changes=[KEY], or train into a new logging.run_dir)")
+
+
+def _short(value: Any) -> str:
+    """A value for a ``key: old -> new`` line (digests shortened to 12 characters)."""
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return repr(value[:12])
+    return repr(value)
 
 
 # ---- collectives (no-ops in a single process) ------------------------------------------------
@@ -93,6 +163,7 @@ def barrier() -> None:
 
 
 def seed_everything(seed: int) -> None:
+    seed %= 2**32  # numpy takes seeds in [0, 2**32); derived per-(step, rank) seeds grow past it
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -181,6 +252,13 @@ class Task:
         """The checkpoint's config as this task's config would be (for comparing on resume)."""
         return saved
 
+    def data_fingerprint(self) -> Dict[str, Any]:
+        """What identifies the training data, recorded in every checkpoint and compared on resume
+        before anything loads (``shards.<key>`` in messages): tokenizer and vocabulary here; a task
+        adds what tells its data apart (LM shards: their recipe and an index ``digest``; a changed
+        ``digest`` is an error unless ``checkpoint.allow_changes=[shards]``)."""
+        return {"tokenizer_sha256": self.tokenizer_hash, "vocab_size": int(self.vocab_size)}
+
     def banner(self) -> str:
         raise NotImplementedError
 
@@ -212,6 +290,7 @@ class Trainer:
         self._check_run_dir()
         try:
             where = self._resume_point()   # before any work: an untrustworthy `latest` changes nothing
+            self._check_resume_config(where)   # before any weights load: what would not fit, or differs
             self.ds_config = deepspeed_config(cfg, self.dist.world_size, *task.engine_micro_steps())
             self.model = self._build_model()
             if where is not None:
@@ -263,6 +342,8 @@ class Trainer:
         if self.is_main:
             problem = faults.check_writable(self.run_dir)
             if problem is None:
+                problem = "; ".join(faults.symlinked_run_files(self.run_dir)) or None
+            if problem is None:
                 try:
                     self.run_dir_lock = faults.RunDirLock(self.run_dir).acquire()
                 except (faults.RunDirLocked, OSError) as exc:
@@ -278,13 +359,20 @@ class Trainer:
         """Fail before training when the run directory's disk cannot hold one checkpoint."""
         problem = None
         if self.is_main:
-            size = faults.checkpoint_bytes(self.model.num_params(), self.cfg.engine.precision)
-            problem, warning = faults.check_free_space(self.run_dir, size, self.cfg.checkpoint.keep_last)
+            problem, warning = faults.check_free_space(self.run_dir, self.checkpoint_size(),
+                                                       self.cfg.checkpoint.keep_last)
             if warning:
                 print(f"[mmtrain] warning: {warning}", file=sys.stderr, flush=True)
         problem = from_main(problem)
         if problem:
             raise ConfigError([f"logging.run_dir: {problem}"])
+
+    def checkpoint_size(self) -> int:
+        """Estimated bytes of one checkpoint of this run (:func:`faults.checkpoint_bytes`)."""
+        model = self.model
+        params = model.stored_params() if hasattr(model, "stored_params") else model.num_params()
+        return faults.checkpoint_bytes(params, self.cfg.engine.precision, self.cfg.engine.zero_stage,
+                                       self.dist.world_size)
 
     def release_run_dir(self) -> None:
         """The run is over: drop the run-directory lock, and ignore further stop signals (a launcher
@@ -295,11 +383,15 @@ class Trainer:
             self.run_dir_lock.release()
 
     def _write_run_files(self) -> None:
+        """config.yaml and deepspeed_config.json (replaced atomically, never through a link)."""
         if not self.is_main:
             return
-        save_yaml(self.cfg, os.path.join(self.run_dir, "config.yaml"))
-        with open(os.path.join(self.run_dir, "deepspeed_config.json"), "w") as fh:
-            json.dump(self.ds_config, fh, indent=2)
+        try:
+            faults.write_run_file(os.path.join(self.run_dir, "config.yaml"), self.resolved_yaml)
+            faults.write_run_file(os.path.join(self.run_dir, "deepspeed_config.json"),
+                                  json.dumps(self.ds_config, indent=2))
+        except faults.RunFileLink as exc:
+            raise ConfigError([f"logging.run_dir: {exc}"]) from None
 
     def _resume_point(self) -> Optional[Tuple[str, str]]:
         """(checkpoint root, tag) to resume from, or None; ConfigError when it cannot be trusted.
@@ -320,11 +412,66 @@ class Trainer:
         self.resume_source = where
         return where
 
+    def _check_resume_config(self, where: Optional[Tuple[str, str]]) -> None:
+        """Before the model is built and any weights load: ConfigError listing every difference
+        between the checkpoint's config and data (its ``resolved_config.yaml`` and
+        :data:`ckpt.RESUME_INFO`) and this run's that the resume cannot take (``key: old -> new``
+        each); a warning for the changes it applies. Sets ``self.resume_checked`` (False for a
+        checkpoint without those files: :meth:`_resume` then compares its client state)."""
+        self.resume_checked, self.precision_from = False, None
+        if where is None:
+            return
+        found = self._resume_differences(*where) if self.is_main else None
+        problems, notes, checked, precision_from = from_main(found)
+        if problems:
+            raise ConfigError(problems)
+        for note in notes if self.is_main else ():
+            print(f"[mmtrain] warning: {note}", flush=True)
+        self.resume_checked, self.precision_from = checked, precision_from
+
+    def _resume_differences(self, root: str, tag: str) -> Tuple[List[str], List[str], bool, Optional[str]]:
+        """(problems, warnings, compared, the checkpoint's precision when it is converted to this run's)
+        of resuming ``root/tag`` with this run's config and data."""
+        import yaml
+
+        where = os.path.join(root, tag)
+        try:
+            with open(os.path.join(where, "resolved_config.yaml"), encoding="utf-8") as fh:
+                saved_config = yaml.safe_load(fh)
+        except (OSError, ValueError, yaml.YAMLError):
+            saved_config = None
+        if not isinstance(saved_config, dict):
+            return [], [], False, None   # the client state is compared once loaded
+        saved, current = self.task.resume_config(saved_config), to_dict(self.cfg)
+        info, notes = ckpt.read_resume_info(root, tag), []
+        if info is None:
+            notes.append(f"{where} records no fingerprint of the data it trained on (written by an earlier "
+                         "mmtrain): the shards in data.shard_dir cannot be compared with its own; resuming")
+        else:
+            saved_data, data = dict(info.get("data") or {}), self.task.data_fingerprint()
+            if saved_data.get("digest") == data.get("digest"):   # the same shards: how they were made is moot
+                saved_data.pop("prepare", None)
+                data.pop("prepare", None)
+            saved, current = {**saved, "shards": saved_data}, {**current, "shards": data}
+        forbidden, applied, unloadable = resume_changes(saved, current, list(self.cfg.checkpoint.allow_changes))
+        old_precision, precision = mon.flatten(saved).get("engine.precision"), self.cfg.engine.precision
+        converts = ({old_precision, precision} <= set(PRECISION_CONVERTS) and self.cfg.engine.zero_stage >= 1)
+        if old_precision not in (None, precision) and not converts:
+            line = next(x for x in forbidden + applied if x.startswith("engine.precision:"))
+            forbidden, applied, unloadable = ([x for x in forbidden if x != line], [x for x in applied if x != line],
+                                              unloadable + [line])
+        problems = [resume_problem(where, line, convertible=converts) for line in forbidden]
+        problems += [resume_problem(where, line, unloadable=True) for line in unloadable]
+        if applied:
+            notes.append(f"resuming with changed settings: {'; '.join(applied)}")
+        return problems, notes, True, (old_precision if old_precision not in (None, precision) else None)
+
     def _convert_for_resume(self, where: Tuple[str, str]) -> Tuple[str, str]:
         """Where to load ``where`` from, once the model is built: itself, or (rank 0 converts it,
         once) its DeepSpeed universal checkpoint, when it was written by another number of ranks
-        at ZeRO >= 1 or stores the token-mixing matrices in the other layout (packed / dense);
-        the DeepSpeed config then loads universal checkpoints. ConfigError when it cannot be."""
+        at ZeRO >= 1, stores the token-mixing matrices in the other layout (packed / dense) or was
+        trained at the other precision (fp32 / bf16, allowed by :meth:`_check_resume_config`); the
+        DeepSpeed config then loads universal checkpoints. ConfigError when it cannot be."""
         from mmtrain.models.mixer import mixing_layout
 
         layout = mixing_layout(self.model)
@@ -333,7 +480,7 @@ class Trainer:
         except ckpt.CheckpointError as exc:
             raise ConfigError([f"checkpoint.resume: {exc}"]) from exc
         plan = self.load_plan
-        if not (plan.universal or relayout):
+        if not (plan.universal or relayout or self.precision_from):
             return where
         problem, converted = None, None
         if self.is_main:
@@ -342,6 +489,9 @@ class Trainer:
             if relayout:
                 what += ("; " if what else "") + (f"stores {ckpt.saved_layout(*where)} token-mixing matrices; "
                                                   f"this run builds them {layout}")
+            if self.precision_from:
+                what += ("; " if what else "") + (f"trained in {self.precision_from}; this run trains in "
+                                                  f"{self.cfg.engine.precision}")
             print(f"[mmtrain] {os.path.join(*where)} was {what}: converting it to a universal checkpoint",
                   flush=True)
             try:
@@ -371,9 +521,20 @@ class Trainer:
         if not plan.same_ranks:   # no per-rank RNG state to restore: one stream per (seed, step, rank)
             seed_everything(self.cfg.train.seed + 1_000_003 * self.step + 7919 * self.dist.rank)
         self.tokens_seen = int(state["tokens_seen"])
+        self._check_client_state(state, root, tag)
+        self.train_loader.load_state_dict(state["loader"])
+        self.resumed_from = os.path.join(root, tag)
+        if self.is_main:
+            print(f"[mmtrain] resumed from {os.path.join(root, tag)} at step {self.step}", flush=True)
+
+    def _check_client_state(self, state: Dict[str, Any], root: str, tag: str) -> None:
+        """The resume checks of a checkpoint written before the files :meth:`_check_resume_config`
+        reads, on its client state (after loading)."""
         if state.get("tokenizer_hash") and state["tokenizer_hash"] != self.task.tokenizer_hash:
             raise ConfigError([f"checkpoint {root}/{tag} was trained with tokenizer "
                                f"{state['tokenizer_hash'][:12]}, the data uses {self.task.tokenizer_hash[:12]}"])
+        if self.resume_checked:
+            return
         forbidden, applied = config_changes(self.task.resume_config(state.get("config", {})), to_dict(self.cfg),
                                             list(self.cfg.checkpoint.allow_changes))
         if forbidden:
@@ -382,10 +543,6 @@ class Trainer:
                                "train into a new logging.run_dir)" for line in forbidden])
         if applied and self.is_main:
             print(f"[mmtrain] warning: resuming with changed settings: {'; '.join(applied)}", flush=True)
-        self.train_loader.load_state_dict(state["loader"])
-        self.resumed_from = os.path.join(root, tag)
-        if self.is_main:
-            print(f"[mmtrain] resumed from {os.path.join(root, tag)} at step {self.step}", flush=True)
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -451,15 +608,43 @@ class Trainer:
     # ---- checkpoint --------------------------------------------------------------------------
 
     def save(self) -> str:
-        """Checkpoint this step; a model with a non-finite weight is never saved (NonFiniteLoss)."""
+        """Checkpoint this step; a model with a non-finite weight is never saved (NonFiniteLoss). A
+        write that fails for lack of disk space is :class:`faults.DiskFull` (exit 2); the previous
+        checkpoint and ``latest`` are untouched (the unfinished write is removed)."""
         if not self.weights_finite():
             raise NonFiniteLoss(f"non-finite weights after step {self.step}; not saved")
         self.last_saved_step = self.step
+        data = self.task.data_fingerprint()
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.train_loader.state_dict(),
                  "tokenizer_hash": self.task.tokenizer_hash, "vocab_size": self.task.vocab_size,
-                 "world_size": self.dist.world_size, **self.task.checkpoint_state()}
-        return ckpt.save(self.engine, self.run_dir, self.step, state, self.cfg.checkpoint.keep_last,
-                         self.resolved_yaml, self.dist.rank)
+                 "world_size": self.dist.world_size, "data_fingerprint": data, **self.task.checkpoint_state()}
+        try:
+            return ckpt.save(self.engine, self.run_dir, self.step, state, self.cfg.checkpoint.keep_last,
+                             self.resolved_yaml, self.dist.rank, resume_info={"data": data})
+        except (OSError, RuntimeError) as exc:
+            root, needed = ckpt.checkpoint_root(self.run_dir), self.checkpoint_size()
+            if not faults.is_disk_full(exc, root, needed):
+                raise
+            raise self._disk_full(exc, root, needed) from exc
+
+    def _disk_full(self, exc: BaseException, root: str, needed: int) -> faults.DiskFull:
+        """The error of a checkpoint write that ran out of space, after removing what it wrote (one
+        rank: the others of a larger world may still be writing; the next start removes it then)."""
+        tag = ckpt.tag_for(self.step)
+        if self.dist.world_size == 1:
+            ckpt.remove_incomplete(root)
+        try:
+            free = faults.human_bytes(faults.free_bytes(root))
+        except OSError:
+            free = "?"
+        latest = ckpt.read_latest(root)
+        kept = (f"the previous checkpoint {os.path.join(root, latest)} and `latest` are unchanged: free some space "
+                "(or point logging.run_dir at a larger disk) and relaunch with checkpoint.resume=auto to continue "
+                "from it" if latest else "no earlier checkpoint exists: free some space or point logging.run_dir at "
+                "a larger disk")
+        return faults.DiskFull(f"{os.path.join(root, tag)}: no space left on device while writing the checkpoint of "
+                               f"step {self.step} ({type(exc).__name__}); {free} free, one checkpoint of this run "
+                               f"needs about {faults.human_bytes(needed)}; {kept}")
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -548,7 +733,7 @@ def run_entry(argv: Optional[List[str]], schema, task_cls, description: str = ""
         return EXIT_CONFIG
     try:
         last = trainer.run()
-    except DataError as exc:
+    except (DataError, faults.DiskFull) as exc:
         print(f"mmtrain {prog}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except NonFiniteLoss as exc:

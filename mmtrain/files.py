@@ -29,6 +29,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple, Union
@@ -173,12 +174,20 @@ def output_lock(target: PathLike, command: str) -> Iterator[Path]:
         except OSError as exc:
             if is_disk_full(exc):
                 raise disk_full_error(path, "creating the lock file", kept=target) from None
+            if exc.errno == errno.ELOOP:
+                raise OutputError(f"{path} is a symbolic link; mmtrain does not write its lock file through "
+                                  "a link (it would overwrite what it points at). Remove it and run again") from None
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             # a directory we may write into whose parent we may not: as before locks existed
             _warn(f"cannot create {path} ({exc.strerror}): concurrent writers to {Path(target)} are not serialised")
             yield path
             return
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:   # a planted hard link: never truncate it
+            os.close(fd)
+            raise OutputError(f"{path} is a hard link to another file; mmtrain does not write its lock file "
+                              "through a link (it would overwrite that file). Remove it and run again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -297,6 +297,18 @@ def test_a_second_writer_to_the_same_out_is_refused_naming_the_holder(trained_ru
     assert not out.exists() and not (tmp_path / ".b.lock").exists()
 
 
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_untouched(trained_runs, tmp_path, capsys, kind):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    lock = tmp_path / ".b.lock"
+    (lock.symlink_to if kind == "symlink" else lock.hardlink_to)(victim)
+    assert cli.main(["export", str(trained_runs["mixer_zero1"]), "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{lock} is a {'symbolic link' if kind == 'symlink' else 'hard link to another file'}" in err
+    assert "Traceback" not in err and victim.read_text() == "precious" and not (tmp_path / "b").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Exit codes: data errors and a full disk
 # --------------------------------------------------------------------------------------------

@@ -200,18 +200,22 @@ def test_the_disk_precheck_estimates_a_real_checkpoint_within_10_percent(demo_sh
 # ---- run-directory files are never followed -------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["mmtrain.lock", "deepspeed_config.json", "config.yaml", "metrics.jsonl",
-                                  "metrics.jsonl.tmp", "config.yaml.tmp"])
-def test_a_symlink_planted_in_a_run_directory_is_refused_and_its_target_untouched(run_copy, tmp_path, capsys, name):
+@pytest.mark.parametrize("name, kind", [
+    ("mmtrain.lock", "symlink"), ("deepspeed_config.json", "symlink"), ("config.yaml", "symlink"),
+    ("metrics.jsonl", "symlink"), ("metrics.jsonl.tmp", "symlink"), ("config.yaml.tmp", "symlink"),
+    ("mmtrain.lock", "hardlink"), ("metrics.jsonl", "hardlink"), ("config.yaml.tmp", "hardlink")])
+def test_a_link_planted_in_a_run_directory_is_refused_and_its_target_untouched(run_copy, tmp_path, capsys,
+                                                                               name, kind):
     shards, run_dir = run_copy
     victim = tmp_path / "victim.txt"
     victim.write_text("precious data that is not mmtrain's\n")
     (run_dir / name).unlink(missing_ok=True)
-    (run_dir / name).symlink_to(victim)
+    ((run_dir / name).symlink_to if kind == "symlink" else (run_dir / name).hardlink_to)(victim)
     before = digests(run_dir / "checkpoints")
     code, err, _ = launch(args(shards, run_dir), capsys)
     assert code == 2, err
-    assert f"{run_dir / name} is a symbolic link; mmtrain writes this file itself and does not follow links" in err
+    what = "a symbolic link" if kind == "symlink" else "a hard link to another file"
+    assert f"{run_dir / name} is {what}; mmtrain writes this file itself and does not write through links" in err
     assert victim.read_text() == "precious data that is not mmtrain's\n"
     assert digests(run_dir / "checkpoints") == before
 
@@ -227,6 +231,11 @@ def test_run_files_are_opened_without_following_links(tmp_path):
     (tmp_path / faults.LOCK_FILE).symlink_to(victim)
     with pytest.raises(faults.RunFileLink):
         faults.RunDirLock(str(tmp_path)).acquire()
+    hard = tmp_path / "hard"
+    hard.hardlink_to(victim)
+    for mode in ("w", "a", "wb"):
+        with pytest.raises(faults.RunFileLink, match="is a hard link to another file"):
+            faults.open_run_file(str(hard), mode)
     assert victim.read_text() == "keep"
 
 

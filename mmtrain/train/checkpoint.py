@@ -378,7 +378,7 @@ def _damaged(root: str, tag: str, problem: str, fix: str) -> CheckpointError:
     there and how to pick one (``fix`` formats ``{path}`` and ``{tag}`` of the newest other)."""
     others = [t for t in list_tags(root) if t != tag]
     pick = (f"; use one with {fix.format(path=os.path.join(root, others[-1]), tag=others[-1])}" if others else
-            "; none to fall back on: start over (checkpoint.resume=none with a new logging.run_dir)")
+            "; none to fall back on: restore it from a copy, or train again into a new logging.run_dir")
     return CheckpointError(f"{problem}. Other checkpoints in {root}: {', '.join(others) or 'none'}{pick}")
 
 

@@ -31,6 +31,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import time
 from typing import List, Optional, Tuple
@@ -192,21 +193,37 @@ class RunFileLink(OSError):
     """A run file is a symbolic link, which mmtrain does not follow (the message says so)."""
 
 
-def _link_problem(path: str) -> str:
-    return (f"{path} is a symbolic link; mmtrain writes this file itself and does not follow links in a run "
+def _link_problem(path: str, hard: bool = False) -> str:
+    what = "a hard link to another file" if hard else "a symbolic link"
+    return (f"{path} is {what}; mmtrain writes this file itself and does not write through links in a run "
             "directory (it would overwrite the file the link points at). Remove the link, or use another "
             "logging.run_dir")
 
 
+def _hard_linked(st: os.stat_result) -> bool:
+    """A regular file with another name: writing it in place writes that file too."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink > 1
+
+
 def open_run_fd(path: str, flags: int, mode: int = 0o666) -> int:
     """``os.open`` of a run file with ``O_NOFOLLOW`` (``mode``: as ``open`` creates files, less the
-    umask): RunFileLink when ``path`` is a symbolic link."""
+    umask): RunFileLink when ``path`` is a symbolic link or a regular file with another hard link
+    (checked before ``O_TRUNC`` truncates anything)."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+        fd = os.open(path, (flags & ~os.O_TRUNC) | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise RunFileLink(_link_problem(path)) from None
         raise
+    try:
+        if _hard_linked(os.fstat(fd)):
+            raise RunFileLink(_link_problem(path, hard=True))
+        if flags & os.O_TRUNC:
+            os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def open_run_file(path: str, mode: str = "r", encoding: Optional[str] = "utf-8"):
@@ -232,9 +249,20 @@ def write_run_file(path: str, text: str) -> None:
 
 
 def symlinked_run_files(run_dir: str) -> List[str]:
-    """One problem per run file (:data:`RUN_FILES`) of ``run_dir`` that is a symbolic link."""
-    return [_link_problem(os.path.join(run_dir, name)) for name in RUN_FILES
-            if os.path.islink(os.path.join(run_dir, name))]
+    """One problem per run file (:data:`RUN_FILES`) of ``run_dir`` that is a symbolic link, or a
+    regular file with another hard link (``checkpoints/latest`` is checked where it is read)."""
+    problems = []
+    for name in RUN_FILES:
+        path = os.path.join(run_dir, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            problems.append(_link_problem(path))
+        elif _hard_linked(st) and name != os.path.join("checkpoints", "latest"):
+            problems.append(_link_problem(path, hard=True))
+    return problems
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,15 +52,17 @@ warn_exposed() {
 }
 
 is_loopback "$host" || warn_exposed "$host"
-# TensorBoard's own options after -- can widen the binding too: --bind_all wins over --host, and a
-# later --host wins over ours.
+# TensorBoard's own options after -- can widen the binding too: a later --host wins over ours, and
+# --bind_all (which TensorBoard refuses beside any --host) replaces ours.
+host_args=(--host "$host")
 for ((i = 0; i < ${#extra[@]}; i++)); do
     case "${extra[i]}" in
         --bind_all | -bind_all | --bind_all=true | --bind_all=1 | -bind_all=true)
+            host_args=()
             warn_exposed "every interface (--bind_all)" ;;
         --host | -host) ((i + 1 < ${#extra[@]})) && { is_loopback "${extra[i + 1]}" || warn_exposed "${extra[i + 1]}"; } ;;
         --host=* | -host=*) is_loopback "${extra[i]#*=}" || warn_exposed "${extra[i]#*=}" ;;
     esac
 done
-MMTRAIN_CMD=(tensorboard --logdir "$runs_dir" --host "$host" --port "$port" "${extra[@]}")
+MMTRAIN_CMD=(tensorboard --logdir "$runs_dir" "${host_args[@]}" --port "$port" "${extra[@]}")
 mmtrain_exec

@@ -150,11 +150,19 @@ def lock_path(target: PathLike) -> Path:
 
 
 def _holder(path: Path) -> str:
-    try:
-        words = path.read_text(encoding="utf-8", errors="replace").split()
-    except OSError:
-        words = []
-    return f"pid {words[0]}" if words and words[0].isdigit() else "pid unknown"
+    """``pid N`` of the lock's holder, read from the lock file (which it writes right after locking:
+    a moment later when it is still empty)."""
+    import time
+
+    for attempt in range(5):
+        try:
+            words = path.read_text(encoding="utf-8", errors="replace").split()
+        except OSError:
+            words = []
+        if words and words[0].isdigit():
+            return f"pid {words[0]}"
+        time.sleep(0.05 * (attempt + 1))
+    return "pid unknown"
 
 
 @contextlib.contextmanager
@@ -174,6 +182,9 @@ def output_lock(target: PathLike, command: str) -> Iterator[Path]:
         except OSError as exc:
             if is_disk_full(exc):
                 raise disk_full_error(path, "creating the lock file", kept=target) from None
+            if exc.errno == errno.EISDIR:
+                raise OutputError(f"{path} is a directory where mmtrain keeps the lock of {Path(target)}; "
+                                  "remove it and run again") from None
             if exc.errno == errno.ELOOP:
                 raise OutputError(f"{path} is a symbolic link; mmtrain does not write its lock file through "
                                   "a link (it would overwrite what it points at). Remove it and run again") from None
@@ -318,7 +329,10 @@ def clean_stale(final: PathLike, log: Callable[[str], None] = _warn) -> List[Pat
                 leftovers.append((m["kind"], pid, path))
     done = []
     for kind, pid, path in sorted(leftovers, key=lambda x: (x[0] != "old", -x[2].lstat().st_mtime_ns)):
-        if kind == "old" and not os.path.lexists(final):
+        if path.is_symlink() or not path.is_dir():   # mmtrain leaves directories only: not its own
+            path.unlink()
+            log(f"removed {path}, which is not a directory mmtrain left (a link or a file planted there)")
+        elif kind == "old" and not os.path.lexists(final):
             os.rename(path, final)
             log(f"restored {final} from {path.name}: a run (pid {pid}) was killed while replacing it")
         else:

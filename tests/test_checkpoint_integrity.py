@@ -148,7 +148,14 @@ def test_checkpoints_written_before_digests_still_resume_with_a_warning(old_styl
     if old_style == "no manifest":
         manifest.unlink()
     else:
-        manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "digests"}))
+        record = {k: v for k, v in json.loads(manifest.read_text()).items() if k != "digests"}
+        manifest.write_text(json.dumps(record))
+        # a checkpoint that has the resume_info.json written beside digests cannot be that old
+        with pytest.raises(ckpt.CheckpointError, match="records no digests, but this checkpoint was written with them"):
+            ckpt.verify(str(run / "checkpoints"), ckpt.tag_for(STEPS))
+        record["files"] = [f for f in record["files"] if f != ckpt.RESUME_INFO]
+        manifest.write_text(json.dumps(record))
+    (step_dir(run) / ckpt.RESUME_INFO).unlink()   # older checkpoints have neither
     capfd.readouterr()
     trainer = pretrain_in_process(run_args(demo_shards, run))
     assert trainer.step == 6 and trainer.resumed_from.endswith(ckpt.tag_for(STEPS))

@@ -253,6 +253,22 @@ def test_stale_siblings_are_removed_only_when_their_writer_is_gone(tmp_path, tra
     assert not (tmp_path / f".out.tmp-{gone}").exists() and not (tmp_path / ".out.lock").exists()
 
 
+def test_a_planted_link_among_the_leftovers_is_removed_never_restored_or_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    final = tmp_path / "out" / "ctx32"
+    final.parent.mkdir()
+    dead = 2**22 + 12345   # above the default pid_max: never a live process
+    for kind in ("old", "tmp"):
+        (final.parent / f".ctx32.{kind}-{dead}").symlink_to(victim)
+    messages = []
+    F.clean_stale(final, log=messages.append)
+    assert not final.exists() and sorted(final.parent.iterdir()) == []
+    assert (victim / "keep.txt").read_text() == "keep"
+    assert all("not a directory mmtrain left" in m for m in messages) and len(messages) == 2
+
+
 def test_an_old_copy_that_is_the_only_copy_is_restored_not_deleted(tmp_path):
     final = tmp_path / "b"
     gone = dead_pid()
@@ -351,6 +367,10 @@ def test_a_full_disk_during_prepare_is_exit_2_with_the_old_shards_intact(tmp_pat
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert snapshot(out / "ctx32") == before
     assert not [p for p in out.iterdir() if p.name.startswith(".ctx")]
+    # into a new --out: nothing is left behind, not even the directory
+    assert cli.main(prepare_args(tmp_path / "new")) == 2
+    assert "no space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
 
 
 def test_a_full_disk_during_export_is_exit_2_with_the_old_bundle_intact(exported_bundles, trained_runs, tmp_path,
@@ -404,3 +424,6 @@ def test_tensorboard_warns_when_asked_to_bind_beyond_loopback(args, warned):
         assert proc.stderr == ""
     else:
         assert f"warning: listening on {warned}, not only on this machine" in proc.stderr
+    # TensorBoard refuses --host beside --bind_all: the launcher then passes --bind_all alone
+    assert ("--host" in proc.stdout.split()) == ("--bind_all" not in args)
+

@@ -71,7 +71,7 @@ def test_weights_that_are_not_finite_are_never_saved(demo_shards, tmp_path):
 @pytest.mark.parametrize("latest, problem", [
     (b"step_00000099", "names 'step_00000099', which is not"),
     (b"\xff\xfe\x00garbage", "is unreadable"),
-    (b"../../other/checkpoints/step_00000002", "names '../../other/checkpoints/step_00000002', which is not"),
+    (b"../../other/checkpoints/step_00000002", "names no checkpoint tag (37 characters), which is not"),
 ])
 def test_a_latest_that_names_no_complete_checkpoint_is_an_error_and_nothing_is_touched(demo_shards, tmp_path,
                                                                                        latest, problem):

@@ -201,23 +201,14 @@ def prepare(cfg: DictConfig, *, progress: bool = True) -> Dict[str, Any]:
                     max_docs=int(cfg.max_docs), exclude=heldout_texts(list(cfg.exclude_pairs)))
     n_ctx_list = sorted(set(int(n) for n in cfg.n_ctx))
     F.check_writable_into(out, "prepare", ours=lambda d: bool(S.existing_ctx(d)), overwrite=bool(cfg.overwrite))
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with F.output_lock(out, "prepare"):
-        clean_stale(out)
-        tok, source, record = resolve_tokenizer(cfg, corpus, out, progress)
-        _check_tokenizer_conflicts(out, tok, n_ctx_list)
-        recipe = _recipe(cfg, corpus)
-        existing = {n: _existing_recipe(out, n, tok) for n in n_ctx_list}
-        todo = [n for n in n_ctx_list if existing[n] != recipe]
-        other = [n for n in todo if existing[n] is not None]
-        if other and not cfg.overwrite:
-            raise C.ConfigError([f"out: {S.ctx_dir(out, n)} holds complete shards prepared with another recipe "
-                                 "(corpus, packing, split or held-out pairs); pass --overwrite (overwrite=true) to "
-                                 "replace them, or choose another --out" for n in other])
-        for n in todo:   # a ctx dir is replaced only when it holds nothing but shards
-            F.check_replaceable(S.ctx_dir(out, n), "prepare", own=_CTX_ENTRIES.__contains__,
-                                ours=lambda d: (d / S.META_NAME).is_file(), overwrite=True, what="out:")
-        written = _write(cfg, corpus, tok, todo, out, recipe, record, progress)
+    try:
+        written, tok, source = _prepare_locked(cfg, corpus, out, n_ctx_list, progress)
+    except BaseException:
+        if created:
+            _remove_if_only_started(out)
+        raise
     root_model = out / S.TOKENIZER_NAME
     seconds = time.time() - start
     summary: Dict[str, Any] = {
@@ -237,6 +228,41 @@ def prepare(cfg: DictConfig, *, progress: bool = True) -> Dict[str, Any]:
     summary["corpus_tokens"] = corpus_tokens
     summary["tokens_per_second"] = round(corpus_tokens / seconds) if written else 0
     return summary
+
+
+def _prepare_locked(cfg, corpus, out: Path, n_ctx_list: List[int], progress: bool):
+    """The locked part of :func:`prepare`: (the ctx dirs written (n_ctx -> meta), the tokenizer, its source)."""
+    with F.output_lock(out, "prepare"):
+        clean_stale(out)
+        tok, source, record = resolve_tokenizer(cfg, corpus, out, progress)
+        _check_tokenizer_conflicts(out, tok, n_ctx_list)
+        recipe = _recipe(cfg, corpus)
+        existing = {n: _existing_recipe(out, n, tok) for n in n_ctx_list}
+        todo = [n for n in n_ctx_list if existing[n] != recipe]
+        other = [n for n in todo if existing[n] is not None]
+        if other and not cfg.overwrite:
+            raise C.ConfigError([f"out: {S.ctx_dir(out, n)} holds complete shards prepared with another recipe "
+                                 "(corpus, packing, split or held-out pairs); pass --overwrite (overwrite=true) to "
+                                 "replace them, or choose another --out" for n in other])
+        for n in todo:   # a ctx dir is replaced only when it holds nothing but shards
+            F.check_replaceable(S.ctx_dir(out, n), "prepare", own=_CTX_ENTRIES.__contains__,
+                                ours=lambda d: (d / S.META_NAME).is_file(), overwrite=True, what="out:")
+        written = _write(cfg, corpus, tok, todo, out, recipe, record, progress)
+    return written, tok, source
+
+
+def _remove_if_only_started(out: Path) -> None:
+    """After a failed prepare into a directory it created: remove it when it holds nothing but what
+    this run began to write (the tokenizer, the marker), so a failure leaves no empty output behind."""
+    started = {S.TOKENIZER_NAME, "tokenizer.yaml", F.MARKER}
+    try:
+        names = [p.name for p in out.iterdir()]
+        if set(names) <= started:
+            for name in names:
+                (out / name).unlink()
+            out.rmdir()
+    except OSError:
+        pass
 
 
 def _human_bytes(n: int) -> str:

@@ -463,6 +463,10 @@ def verify(root: str, tag: str, rank: int = 0, world_size: int = 1, fix: str = "
     manifest = read_manifest(root, tag, fix)
     sizes = _files_under(directory)
     digests = (manifest or {}).get("digests")
+    if digests is None and os.path.lexists(os.path.join(directory, RESUME_INFO)):
+        # Written by an mmtrain that records digests (resume_info.json came with them): they were removed.
+        raise _damaged(root, tag, f"{os.path.join(directory, MANIFEST)} records no digests, but this checkpoint "
+                       "was written with them (it has a resume_info.json): the manifest was edited", fix)
     if digests is None:
         if rank == 0:
             age = "has no manifest" if manifest is None else "has a manifest without digests"
@@ -501,16 +505,14 @@ def verify(root: str, tag: str, rank: int = 0, world_size: int = 1, fix: str = "
 def check_latest(ckpt_root: str) -> Optional[str]:
     """The tag ``latest`` names, checked: None when there is no ``latest`` file; CheckpointError when
     it is unreadable or names anything but a complete checkpoint directory of ``ckpt_root``. A
-    ``latest`` that is a link (symbolic or hard) is refused unread: its text is another file's."""
+    ``latest`` that is a symbolic link is refused unread, and its text is never shown unless it is a
+    checkpoint tag's shape (it may be another file's: a planted hard link)."""
     path = os.path.join(ckpt_root, LATEST)
     target = f"a complete checkpoint directory of {ckpt_root}"
     if os.path.islink(path):
         problem = f"is a symbolic link (not followed: mmtrain writes `latest` as a plain file naming {target})"
     elif not os.path.isfile(path):
         return None
-    elif os.stat(path).st_nlink > 1:
-        problem = (f"is a hard link to another file (not read: mmtrain writes `latest` as a plain file naming "
-                   f"{target})")
     else:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -521,7 +523,8 @@ def check_latest(ckpt_root: str) -> Optional[str]:
         else:
             if tag in list_tags(ckpt_root):
                 return tag
-            problem = f"names {tag[:80]!r}, which is not {target}"
+            shown = repr(tag) if re.fullmatch(r"[\w.-]{1,64}", tag) else f"no checkpoint tag ({len(tag)} characters)"
+            problem = f"names {shown}, which is not {target}"
     complete = list_tags(ckpt_root)
     raise CheckpointError(
         f"{path} {problem}. Complete checkpoints there: "

@@ -136,7 +136,10 @@ class RunDirLock:
         self._fd: Optional[int] = None
 
     def acquire(self) -> "RunDirLock":
-        fd = open_run_fd(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Not open_run_fd: a lock file shared with another name (a `cp -al` snapshot of a running
+        # job's directory) is locked as it is first, so that a job holding it is seen; only then is
+        # it given an inode of its own (_own_lock).
+        fd = _open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -154,11 +157,28 @@ class RunDirLock:
                 return self
             os.close(fd)
             raise
+        fd = self._own_lock(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         self._fd = fd
         return self
+
+    def _own_lock(self, fd: int) -> int:
+        """The locked ``fd``, or, when its file has another name too, a lock on a copy of its own
+        (taken while the shared one is still held; the shared one is then let go unchanged)."""
+        if not _hard_linked(os.fstat(fd)):
+            return fd
+        own_copy(self.path)
+        mine = _open_nofollow(self.path, os.O_RDWR)
+        try:
+            fcntl.lockf(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(mine)
+            os.close(fd)
+            raise RunDirLocked(f"{self.path} changed while it was being locked; run again") from None
+        os.close(fd)   # releases the lock on the shared file, whose bytes were never written
+        return mine
 
     def release(self) -> None:
         if self._fd is not None:
@@ -193,42 +213,66 @@ class RunFileLink(OSError):
     """A run file is a symbolic link, which mmtrain does not follow (the message says so)."""
 
 
-def _link_problem(path: str, hard: bool = False) -> str:
-    what = "a hard link to another file" if hard else "a symbolic link"
-    return (f"{path} is {what}; mmtrain writes this file itself and does not write through links in a run "
-            "directory (it would overwrite the file the link points at). Remove the link, or use another "
+def _link_problem(path: str) -> str:
+    return (f"{path} is a symbolic link; mmtrain writes this file itself and does not write through links in a "
+            "run directory (it would overwrite the file the link points at). Remove the link, or use another "
             "logging.run_dir")
 
 
 def _hard_linked(st: os.stat_result) -> bool:
-    """A regular file with another name: writing it in place writes that file too."""
+    """A regular file with another name: writing it in place would write that file too."""
     return stat.S_ISREG(st.st_mode) and st.st_nlink > 1
 
 
-def open_run_fd(path: str, flags: int, mode: int = 0o666) -> int:
-    """``os.open`` of a run file with ``O_NOFOLLOW`` (``mode``: as ``open`` creates files, less the
-    umask): RunFileLink when ``path`` is a symbolic link or a regular file with another hard link
-    (checked before ``O_TRUNC`` truncates anything)."""
+def _open_nofollow(path: str, flags: int, mode: int = 0o666) -> int:
     try:
-        fd = os.open(path, (flags & ~os.O_TRUNC) | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+        return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise RunFileLink(_link_problem(path)) from None
         raise
+
+
+def own_copy(path: str) -> bool:
+    """Give the run file ``path`` an inode of its own when another name shares it (a ``cp -al`` or
+    ``rsync --link-dest`` snapshot of the run, or a planted hard link): its bytes are copied to a
+    new file that is renamed over ``path``, so writing it changes nothing under the other name.
+    Whether it did. Call it only on files this process alone writes (under the run-directory lock)."""
     try:
-        if _hard_linked(os.fstat(fd)):
-            raise RunFileLink(_link_problem(path, hard=True))
-        if flags & os.O_TRUNC:
-            os.ftruncate(fd, 0)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        if not _hard_linked(os.lstat(path)):
+            return False
+    except FileNotFoundError:
+        return False
+    tmp = f"{path}.own-{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    src = _open_nofollow(path, os.O_RDONLY)
+    try:
+        dst = _open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IMODE(os.fstat(src).st_mode))
+        try:
+            while chunk := os.read(src, 1 << 20):
+                os.write(dst, chunk)
+            os.fsync(dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    os.replace(tmp, path)
+    return True
+
+
+def open_run_fd(path: str, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` of a run file with ``O_NOFOLLOW`` (``mode``: as ``open`` creates files, less the
+    umask): RunFileLink when ``path`` is a symbolic link. Opened for writing, a file that shares its
+    inode with another name is first given its own copy (:func:`own_copy`)."""
+    if flags & (os.O_WRONLY | os.O_RDWR):
+        own_copy(path)
+    return _open_nofollow(path, flags, mode)
 
 
 def open_run_file(path: str, mode: str = "r", encoding: Optional[str] = "utf-8"):
-    """``open(path, mode)`` for a file in a run directory, never through a symbolic link (RunFileLink).
-    Modes: r, w, a (text) and rb, wb, ab."""
+    """``open(path, mode)`` for a file in a run directory, never through a symbolic link (RunFileLink)
+    nor into another name's file (:func:`open_run_fd`). Modes: r, w, a (text) and rb, wb, ab."""
     flags = {"r": os.O_RDONLY, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
              "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND}[mode[0]]
     fd = open_run_fd(path, flags)
@@ -240,29 +284,22 @@ def open_run_file(path: str, mode: str = "r", encoding: Optional[str] = "utf-8")
 
 
 def write_run_file(path: str, text: str) -> None:
-    """Replace the run file ``path`` with ``text`` atomically (a temporary sibling, then a rename;
-    neither is followed if it is a link)."""
+    """Replace the run file ``path`` with ``text`` atomically: a fresh temporary sibling (whatever
+    had its name is removed, never followed), then a rename."""
     tmp = f"{path}.tmp"
-    with open_run_file(tmp, "w") as fh:
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    fd = _open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
 
 
 def symlinked_run_files(run_dir: str) -> List[str]:
-    """One problem per run file (:data:`RUN_FILES`) of ``run_dir`` that is a symbolic link, or a
-    regular file with another hard link (``checkpoints/latest`` is checked where it is read)."""
-    problems = []
-    for name in RUN_FILES:
-        path = os.path.join(run_dir, name)
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            problems.append(_link_problem(path))
-        elif _hard_linked(st) and name != os.path.join("checkpoints", "latest"):
-            problems.append(_link_problem(path, hard=True))
-    return problems
+    """One problem per run file (:data:`RUN_FILES`) of ``run_dir`` that is a symbolic link (hard links
+    are given their own copy when written: :func:`own_copy`)."""
+    return [_link_problem(os.path.join(run_dir, name)) for name in RUN_FILES
+            if os.path.islink(os.path.join(run_dir, name))]
 
 
 # --------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> Dict[str, Any]:
     from mmtrain.config import load_config
     from mmtrain.models import build_model
     from mmtrain.train import checkpoint as ckpt
+    from mmtrain.train import checkpoint_files
     from mmtrain.train.engine import build_engine, init_distributed
     from mmtrain.train.schema import PretrainConfig
 
@@ -93,7 +94,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> Dict[str, Any]:
     rows = {
         "sha256": timed(lambda: ckpt.digest_files([str(p) for p in files]), args.repeats),
         "sha256, one file at a time": timed(lambda: [ckpt.file_digest(str(p)) for p in files], args.repeats),
-        "weights_only scan": timed(lambda: [ckpt._scan_pt(p) for p in pt_files], args.repeats),
+        "weights_only scan": timed(lambda: [checkpoint_files._scan_pt(p) for p in pt_files], args.repeats),
         "verify()": timed(lambda: ckpt.verify(root, tag), args.repeats),
         "load": timed(load, args.repeats),
         "load, DeepSpeed default": timed(lambda: engine.load_checkpoint(root, tag=tag), args.repeats),

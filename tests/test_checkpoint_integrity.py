@@ -18,6 +18,7 @@ from conftest import TINY, pretrain_in_process
 from mmtrain.cli import main as cli_main
 from mmtrain.pretrain import main as pretrain_main
 from mmtrain.train import checkpoint as ckpt
+from mmtrain.train import checkpoint_files
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -213,11 +214,11 @@ def test_conversion_to_universal_verifies_its_source_first(copy_run):
 
 def test_every_rank_checks_its_share_and_together_all_files(runs):
     sizes = {"a.pt": 100, "b.pt": 90, "c.pt": 20, "d": 5, "e": 1}
-    shares = [ckpt._share(sizes, rank, 2) for rank in range(2)]
+    shares = [checkpoint_files._share(sizes, rank, 2) for rank in range(2)]
     assert sorted(shares[0] + shares[1]) == sorted(sizes) and not set(shares[0]) & set(shares[1])
-    assert ckpt._file_owner("zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
-    assert ckpt._file_owner("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt") == 1
-    assert ckpt._file_owner("rng_rank002.pt") == 2 and ckpt._file_owner(MODEL_STATES) == 0
+    assert checkpoint_files._file_owner("zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
+    assert checkpoint_files._file_owner("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt") == 1
+    assert checkpoint_files._file_owner("rng_rank002.pt") == 2 and checkpoint_files._file_owner(MODEL_STATES) == 0
 
 
 def test_verify_cost_benchmark_prints_its_table(tmp_path, capsys, monkeypatch):

@@ -265,21 +265,13 @@ def _remove_if_only_started(out: Path) -> None:
         pass
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def format_summary(summary: Dict[str, Any]) -> str:
     """The end-of-run table: documents, tokens, samples and bytes per n_ctx and split."""
     rows = [("n_ctx", "split", "documents", "tokens", "samples", "bytes", "status")]
     for n, info in summary["ctx"].items():
         for split, s in info["splits"].items():
             rows.append((str(n), split, f"{s['documents']:,}", f"{s['tokens']:,}", f"{s['samples']:,}",
-                         _human_bytes(s["bytes"]), info["status"]))
+                         F.human_bytes(s["bytes"]), info["status"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i in (1, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]

@@ -39,6 +39,9 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from mmtrain import files
+from mmtrain.files import human_bytes
+
 EXIT_PREEMPTED = 75
 """Exit code after a stop signal: a checkpoint was written; relaunch to continue.
 
@@ -367,22 +370,19 @@ def check_free_space(path: str, checkpoint_size: int, keep_last: int) -> Tuple[O
     """
     free = free_bytes(path)
     if free < checkpoint_size:
-        return (f"{path} has {_human(free)} free, but one checkpoint of this model needs about "
-                f"{_human(checkpoint_size)} (weights + AdamW state). Free some space or point "
+        return (f"{path} has {human_bytes(free)} free, but one checkpoint of this model needs about "
+                f"{human_bytes(checkpoint_size)} (weights + AdamW state). Free some space or point "
                 "logging.run_dir at a larger disk"), None
     window = (keep_last + 1) if keep_last > 0 else 2
     if free < window * checkpoint_size:
-        return None, (f"{path} has {_human(free)} free; keeping checkpoint.keep_last={keep_last} "
-                      f"checkpoints of ~{_human(checkpoint_size)} each may need {_human(window * checkpoint_size)}")
+        return None, (f"{path} has {human_bytes(free)} free; keeping checkpoint.keep_last={keep_last} "
+                      f"checkpoints of ~{human_bytes(checkpoint_size)} each may need {human_bytes(window * checkpoint_size)}")
     return None, None
 
 
 class DiskFull(OSError):
     """A write failed because its file system is full; the message names the path and the space
     needed (the entry scripts exit with code 2)."""
-
-
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def is_disk_full(exc: BaseException, path: str, needed: int) -> bool:
@@ -392,7 +392,7 @@ def is_disk_full(exc: BaseException, path: str, needed: int) -> bool:
     only ``basic_ios::clear`` or ``unexpected pos``)."""
     seen = exc
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+        if isinstance(seen, OSError) and files.is_disk_full(seen):
             return True
         seen = seen.__cause__ or seen.__context__
     if not isinstance(exc, (OSError, RuntimeError)):
@@ -401,19 +401,6 @@ def is_disk_full(exc: BaseException, path: str, needed: int) -> bool:
         return free_bytes(path) < needed
     except OSError:
         return False
-
-
-def human_bytes(n: float) -> str:
-    """``n`` bytes for a message (``1.5 GiB``)."""
-    return _human(n)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 # --------------------------------------------------------------------------------------------

@@ -208,6 +208,17 @@ def check_shards(shard_dir: PathLike, n_ctx: int, *, tokenizer_hash: Optional[st
     return meta
 
 
+def index_digest(shard_dir: PathLike, n_ctx: int) -> str:
+    """sha256 of what the MDS indexes of ``<shard_dir>/ctx<n_ctx>`` list (split, file, size, sha1 and
+    samples of every shard file): equal for moved or copied shards, not for shards written again."""
+    entries = []
+    for split in SPLITS:
+        for info in _read_index(split_dir(shard_dir, n_ctx, split))["shards"]:
+            raw = info.get("raw_data") or {}
+            entries.append([split, raw.get("basename"), raw.get("bytes"), raw.get("hashes"), info.get("samples")])
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
 def split_bytes(path: PathLike) -> int:
     """Bytes on disk under a directory."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -55,24 +55,6 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, shard_dir: str) -> None:
                         f"vocabulary 0..{vocab_size - 1}: the shards are corrupt; re-run `mmtrain prepare`")
 
 
-def shard_digest(shard_dir, n_ctx: int) -> str:
-    """sha256 of what the MDS indexes of ``<shard_dir>/ctx<n_ctx>`` list (split, file, size, sha1 and
-    samples of every shard file): equal for moved or copied shards, not for shards written again."""
-    import hashlib
-    import json
-
-    from mmtrain.data.shards import SPLITS, split_dir
-
-    entries = []
-    for split in SPLITS:
-        with open(split_dir(shard_dir, n_ctx, split) / "index.json", encoding="utf-8") as fh:
-            shards = json.load(fh).get("shards") or []
-        for info in shards:
-            raw = info.get("raw_data") or {}
-            entries.append([split, raw.get("basename"), raw.get("bytes"), raw.get("hashes"), info.get("samples")])
-    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
-
-
 class LMTask(Task):
     """Next-token (or, for the autoencoder, reconstruction) loss on the token shards."""
 
@@ -87,15 +69,20 @@ class LMTask(Task):
         self.val_loader = None
         self.tokenizer = None             # loaded at the first evaluation that logs samples
         self.sampling_noted = False       # the reason samples are skipped was printed
+        self._fingerprint = None          # data_fingerprint, read once
 
     def run_name(self) -> str:
         return f"{self.cfg.model.kind}-ctx{self.n_ctx}"
 
     def data_fingerprint(self) -> Dict:
         """Besides tokenizer and vocabulary: the recipe that prepared the shards (meta.json) and a
-        digest of their indexes (:func:`shard_digest`)."""
-        return {**super().data_fingerprint(), "prepare": self.meta.get("prepare") or {},
-                "digest": shard_digest(self.cfg.data.shard_dir, self.n_ctx)}
+        digest of their indexes (:func:`mmtrain.data.shards.index_digest`); read once per run."""
+        if self._fingerprint is None:
+            from mmtrain.data.shards import index_digest
+
+            self._fingerprint = {**super().data_fingerprint(), "prepare": self.meta.get("prepare") or {},
+                                 "digest": index_digest(self.cfg.data.shard_dir, self.n_ctx)}
+        return self._fingerprint
 
     def build_model(self) -> torch.nn.Module:
         from mmtrain.models import build_model

@@ -1,7 +1,7 @@
 """Hugging Face interop: every causal bundle loads with ``transformers`` (AutoConfig,
 AutoModelForCausalLM, AutoModel, AutoTokenizer; trust_remote_code, offline) with mmtrain's logits
 and greedy tokens; an embedder exported with ``--format sentence-transformers`` gives mmtrain's
-retrieval embeddings through ``SentenceTransformer``; the README's snippets run.
+retrieval embeddings through ``SentenceTransformer``; the snippets of docs/export.md run.
 
 Needs the ``hf`` extra (and ``st`` for the sentence-transformers tests); skipped without them.
 """
@@ -294,15 +294,16 @@ def test_sentence_transformers_format_is_refused_where_it_cannot_hold(bundles, r
 
 
 # --------------------------------------------------------------------------------------------
-# README
+# The documented snippets (docs/export.md, linked from the README)
 # --------------------------------------------------------------------------------------------
 
 README_SECTION = "## Use with Hugging Face / sentence-transformers"
+DOC = ROOT / "docs" / "export.md"
 
 
 def readme_snippets():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert README_SECTION in text, f"README.md has no section {README_SECTION!r}"
+    text = DOC.read_text(encoding="utf-8")
+    assert README_SECTION in text, f"docs/export.md has no section {README_SECTION!r}"
     section = text.split(README_SECTION, 1)[1]
     section = re.split(r"^## ", section, flags=re.M)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
@@ -319,5 +320,5 @@ def test_readme_snippets_run(bundles, st_embedder, tmp_path, capsys):
         for placeholder, path in paths.items():
             snippet = snippet.replace(f'"{placeholder}"', repr(str(path)))
         assert "bundles/" not in snippet, snippet
-        exec(compile(snippet, "README.md", "exec"), {"__name__": "readme"})
+        exec(compile(snippet, "docs/export.md", "exec"), {"__name__": "readme"})
     assert capsys.readouterr().out.strip()

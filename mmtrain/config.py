@@ -284,10 +284,31 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _item_schema(node: Any) -> Optional[type]:
+    """The dataclass the entries of a list setting are (``List[StreamSpec]``), else None."""
+    item = getattr(getattr(node, "_metadata", None), "element_type", None)
+    return item if isinstance(item, type) and dataclasses.is_dataclass(item) else None
+
+
 def _set_leaf(cfg: DictConfig, key: str, value: Any, source: str, problems: List[str]) -> None:
     node = OmegaConf.select(cfg, key)
-    # Every list setting holds single values; OmegaConf would take nested lists / mappings as entries.
-    if isinstance(node, ListConfig) and isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+    item = _item_schema(node) if isinstance(node, ListConfig) else None
+    if item is not None and isinstance(value, list):
+        # a list of sections: every entry a mapping of the section's keys
+        for i, entry in enumerate(value):
+            if not isinstance(entry, dict):
+                problems.append(f"{key}[{i}] ({source}): expected a mapping of {', '.join(f.name for f in dataclasses.fields(item))}, "
+                                f"got {_short(entry)}")
+                return
+            unknown = [k for k in entry if k not in {f.name for f in dataclasses.fields(item)}]
+            if unknown:
+                hint = difflib.get_close_matches(str(unknown[0]), [f.name for f in dataclasses.fields(item)], n=1)
+                problems.append(f"{key}[{i}] ({source}): unknown key {_short(unknown[0])}"
+                                + (f"; did you mean '{hint[0]}'?" if hint else
+                                   f"; accepts: {', '.join(f.name for f in dataclasses.fields(item))}"))
+                return
+    # Every other list setting holds single values; OmegaConf would take nested lists / mappings as entries.
+    elif isinstance(node, ListConfig) and isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
         problems.append(f"{key} ({source}): every entry must be a single value, not a list or mapping")
         return
     try:
@@ -308,8 +329,12 @@ def _leaf_fields(schema_cls: type, cfg: Any, prefix: str = ""):
         dotted = f"{prefix}.{f.name}" if prefix else f.name
         value = cfg[f.name]
         sub = _dataclass_type(schema_cls, f)
+        item = _list_item_type(schema_cls, f)
         if sub is not None:
             yield from _leaf_fields(sub, value, dotted)
+        elif item is not None:
+            for i, entry in enumerate(value):
+                yield from _leaf_fields(item, entry, f"{dotted}[{i}]")
         else:
             yield dotted, f, value
 
@@ -371,6 +396,17 @@ def _dataclass_type(schema_cls: type, f: dataclasses.Field) -> Optional[type]:
     if isinstance(t, str):
         t = vars(sys.modules[schema_cls.__module__]).get(t)
     return t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
+
+
+def _list_item_type(schema_cls: type, f: dataclasses.Field) -> Optional[type]:
+    """The section type of a ``List[Section]`` field of ``schema_cls``, else None."""
+    t = f.type
+    if isinstance(t, str):
+        match = re.fullmatch(r"(?:typing\.)?List\[(\w+)\]", t)
+        t = vars(sys.modules[schema_cls.__module__]).get(match.group(1)) if match else None
+        return t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
+    args = getattr(t, "__args__", None) or ()
+    return args[0] if len(args) == 1 and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]) else None
 
 
 def load_config(schema_cls: type, files: Iterable[str] = (), overrides: Iterable[str] = ()):
@@ -463,6 +499,11 @@ def reference(schema_cls: type, prefix: str = "") -> List[str]:
         sub = _dataclass_type(schema_cls, f)
         if sub is not None:
             lines.extend(reference(sub, dotted))
+            continue
+        item = _list_item_type(schema_cls, f)
+        if item is not None:
+            lines.append(f"| `{dotted}` | List[{item.__name__}] | `[]` | | {f.metadata.get('help', '')} |")
+            lines.extend(reference(item, f"{dotted}[]"))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tname = getattr(f.type, "__name__", str(f.type)).replace("typing.", "")

@@ -44,13 +44,15 @@ import atexit
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from mmtrain.data import remote as R
 from mmtrain.data import shards as S
 from mmtrain.data.errors import DataError
+from mmtrain.data.sources import CachedStream, Source, check_sources, source, wrapped_worker_error
 from mmtrain.data.streaming_compat import StreamingDataLoader, StreamingDataset
 
 
@@ -64,16 +66,24 @@ def _remove_files(paths) -> None:
 
 
 class LMDataset(StreamingDataset):
-    """A StreamingDataset over ``<shard_dir>/ctx<n_ctx>/<split>`` yielding ``input_ids`` (+ mask)."""
+    """A StreamingDataset over ``ctx<n_ctx>/<split>`` of one or more sources (a mixture) yielding
+    ``input_ids`` (+ mask; + ``stream``, the index of the sample's source, for a mixture)."""
 
-    def __init__(self, shard_dir: Union[str, Path], n_ctx: int, split: str, *, batch_size: int,
+    def __init__(self, shard_dir: Union[str, Path, Sequence[Source]], n_ctx: int, split: str, *, batch_size: int,
                  shuffle: bool = False, seed: int = 0, meta: Optional[Dict[str, Any]] = None,
+                 retries: int = R.DEFAULT_RETRIES, timeout: float = R.DEFAULT_TIMEOUT,
                  **streaming_kwargs: Any):
-        self.meta = meta if meta is not None else S.read_meta(shard_dir, n_ctx)
+        srcs = as_sources(shard_dir)
+        self.sources = srcs
+        self.meta = meta if meta is not None else S.read_meta(srcs[0].local, n_ctx)
         self.n_ctx = int(n_ctx)
         self.padded = self.meta["packing"] == "pad"
-        super().__init__(local=str(S.split_dir(shard_dir, n_ctx, split).resolve()), remote=None,
-                         batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
+        self.tag_streams = len(srcs) > 1
+        streams = [CachedStream(url=R.child(src.url, f"ctx{int(n_ctx)}", split) if src.url else None,
+                                local=str(S.split_dir(src.local, n_ctx, split).resolve()), retries=retries,
+                                timeout=timeout, **src.weights())
+                   for src in srcs]
+        super().__init__(streams=streams, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
                          **streaming_kwargs)
         if self._unique_rank_world.is_local_leader:
             atexit.register(_remove_files, [self._shared_barrier.filelock_path, self._cache_filelock_path])
@@ -86,7 +96,44 @@ class LMDataset(StreamingDataset):
             mask = np.zeros(self.n_ctx, np.int64)
             mask[:int(sample["length"])] = 1
             item["attention_mask"] = torch.from_numpy(mask)
+        if self.tag_streams:
+            shard_id, _ = self.spanner[sample_id]
+            item["stream"] = torch.tensor(int(self.stream_per_shard[shard_id]))
         return item
+
+    def on_exception(self, future) -> None:
+        """A failed download thread stops the epoch (streaming's own behaviour), and its exception is
+        kept for :meth:`__iter__` to raise, instead of being logged as a callback error while the
+        epoch ends early without one."""
+        exc = future.exception()
+        if exc is not None:
+            self.thread_failure = exc
+            self._event.set()
+
+    def __iter__(self):
+        self.thread_failure = None
+        try:
+            yield from super().__iter__()
+        except RuntimeError:
+            self._raise_failure()
+            raise
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        failure = next((s.failure for s in self.streams if getattr(s, "failure", None)), None)
+        if failure is None and getattr(self, "thread_failure", None) is not None:
+            failure = self.thread_failure
+            if not isinstance(failure, DataError):
+                raise RuntimeError(f"the data loader's download thread failed: {failure!r}") from failure
+        if failure is not None:
+            raise failure from None
+
+
+def as_sources(shard_dir: Union[str, Path, Sequence[Source]]) -> List[Source]:
+    """A directory or URL as a one-source list; a list of sources as it is."""
+    if isinstance(shard_dir, (str, Path)):
+        return [source(str(shard_dir))]
+    return list(shard_dir)
 
 
 def _launcher_env() -> int:
@@ -122,29 +169,48 @@ def new_streaming_dataset(cls, *args: Any, **kwargs: Any):
     raise AssertionError("unreachable")
 
 
-def build_lm_loader(shard_dir: Union[str, Path], n_ctx: int, split: str, batch_size: int, *,
+def build_lm_loader(shard_dir: Union[str, Path, Sequence[Source]], n_ctx: int, split: str, batch_size: int, *,
                     shuffle: bool, seed: int, num_workers: int,
                     expected_tokenizer_hash: Optional[str] = None,
                     expected_vocab_size: Optional[int] = None,
                     drop_last: bool = True, verify_hashes: bool = False,
-                    num_canonical_nodes: int = 0) -> StreamingDataLoader:
+                    num_canonical_nodes: int = 0, meta: Optional[Dict[str, Any]] = None,
+                    retries: int = R.DEFAULT_RETRIES, timeout: float = R.DEFAULT_TIMEOUT,
+                    cache_limit: Optional[Union[int, str]] = None,
+                    predownload: Optional[int] = None) -> StreamingDataLoader:
     """Check the shards, then build a resumable ``StreamingDataLoader`` of per-rank batches.
 
-    Raises :class:`DataError` before any work when the shards are missing (the message has the
-    ``mmtrain prepare`` command), made for another n_ctx / tokenizer / vocabulary, or damaged.
+    ``shard_dir``: a directory, a URL (streamed through its cache, :mod:`mmtrain.data.sources`) or
+    a list of :class:`~mmtrain.data.sources.Source` (a mixture). Raises :class:`DataError` before
+    any work when the shards are missing (the message has the ``mmtrain prepare`` command), made
+    for another n_ctx / tokenizer / vocabulary, or damaged; ``meta`` (from
+    :func:`~mmtrain.data.sources.check_sources`) says they were checked already.
     Batches are dicts of ``[batch_size, n_ctx]`` long tensors. ``num_canonical_nodes`` fixes
     streaming's sample order (0 = the number of physical nodes, streaming's default, so the order
     then depends on how many nodes run the job).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    meta = S.check_shards(shard_dir, n_ctx, tokenizer_hash=expected_tokenizer_hash,
-                          vocab_size=expected_vocab_size, splits=(split,), verify_hashes=verify_hashes)
+    srcs = as_sources(shard_dir)
+    if meta is None:
+        meta = check_sources(srcs, n_ctx, tokenizer_hash=expected_tokenizer_hash, vocab_size=expected_vocab_size,
+                             splits=(split,), verify=verify_hashes, retries=retries, timeout=timeout)
     num_nodes = _launcher_env()
+    extra: Dict[str, Any] = {}
+    if cache_limit:
+        extra["cache_limit"] = R.parse_bytes(cache_limit)
+    if predownload:
+        extra["predownload"] = int(predownload)
     # num_canonical_nodes = physical nodes is streaming's own default; passing it keeps the
     # workers from logging that they chose it.
-    dataset = _new_dataset(shard_dir, n_ctx, split, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                           meta=meta, num_canonical_nodes=num_canonical_nodes or num_nodes)
+    try:
+        dataset = _new_dataset(srcs, n_ctx, split, batch_size=batch_size, shuffle=shuffle, seed=seed, meta=meta,
+                               num_canonical_nodes=num_canonical_nodes or num_nodes, retries=retries,
+                               timeout=timeout, **extra)
+    except ValueError as exc:
+        if isinstance(exc, DataError) or "cache_limit" not in str(exc):
+            raise
+        raise DataError(f"data.cache_limit {cache_limit}: {exc}") from None
     return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                drop_last=drop_last, persistent_workers=False,
                                pin_memory=torch.cuda.is_available())
@@ -161,9 +227,12 @@ def iterate_forever(loader: StreamingDataLoader) -> Iterator[Dict[str, torch.Ten
     empty_epochs = 0
     while True:
         produced = False
-        for batch in loader:
-            produced = True
-            yield batch
+        try:
+            for batch in loader:
+                produced = True
+                yield batch
+        except DataError as exc:   # from a worker process: its message without the traceback
+            raise wrapped_worker_error(exc) from None
         empty_epochs = 0 if produced else empty_epochs + 1
         # A resumed state that sits exactly at the end of an epoch gives one empty pass.
         if empty_epochs >= 2:

@@ -11,10 +11,46 @@ from omegaconf import DictConfig
 from mmtrain.config import register_validator, seed_setting, setting
 
 
+DEFAULT_SHARD_DIR = "data/demo"
+
+
+@dataclass
+class StreamSpec:
+    name: str = setting("", "Name of the stream in metrics and TensorBoard (eval/<name>/loss_ctx<N>); '' = "
+                        "stream<i>.")
+    shard_dir: str = setting("", "Its shards: a directory or a URL (s3://, gs://, oci://, hf://, azure://, "
+                                 "file:///...) written by `mmtrain prepare`.")
+    cache_dir: str = setting("", "Local cache when shard_dir is a URL; '' = a directory of its own under "
+                                 "~/.cache/mmtrain/shards ($MMTRAIN_CACHE).")
+    proportion: float = setting(0.0, "Share of every epoch's samples drawn from this stream (weights are "
+                                     "normalised over the streams); 0 = not set. Give it for all streams or none.", ge=0)
+    repeat: float = setting(0.0, "Instead of proportion: take this stream's samples this many times per epoch "
+                                 "(0.5 = half of them, 2 = each twice); 0 = not set.", ge=0)
+    choose: int = setting(0, "Instead of proportion: take this many of this stream's samples per epoch; 0 = not set.",
+                          ge=0)
+
+
 @dataclass
 class DataConfig:
-    shard_dir: str = setting("data/demo", "Directory written by `mmtrain prepare`; training reads "
-                                     "<shard_dir>/ctx<n_ctx>/{train,val} and its meta.json.")
+    shard_dir: str = setting(DEFAULT_SHARD_DIR, "Directory or URL written by `mmtrain prepare`; training reads "
+                                     "<shard_dir>/ctx<n_ctx>/{train,val} and its meta.json. A URL (s3://bucket/prefix, "
+                                     "gs://, oci://, hf://, azure://, file:///nfs/path) is streamed into a local "
+                                     "cache (docs/data.md).")
+    streams: List[StreamSpec] = setting(list, "A mixture instead of shard_dir: datasets (directories or URLs) "
+                                        "with a proportion, repeat or choose each, mapped onto streaming's "
+                                        "Streams; all must share tokenizer and n_ctx. Example: "
+                                        "[{name: web, shard_dir: s3://b/web, proportion: 0.8}, "
+                                        "{name: code, shard_dir: data/code, proportion: 0.2}].", factory=True)
+    cache_dir: str = setting("", "Local cache of a shard_dir URL (per node); '' = a directory of its own under "
+                                 "~/.cache/mmtrain/shards ($MMTRAIN_CACHE). Reused across runs: shards "
+                                 "already there and verified are not downloaded again.")
+    cache_limit: str = setting("", "Most bytes the cache of a URL may hold, e.g. `20gb`; the shards used least "
+                                   "recently are evicted (streaming's cache_limit); '' = no limit.")
+    predownload: int = setting(0, "Samples each data-loader worker downloads ahead of use; 0 = streaming's "
+                                  "default (8 x micro_batch_size).", ge=0)
+    download_retry: int = setting(3, "Retries of an object-store download (exponential backoff: 1, 2, 4 ... s, "
+                                     "at most 30 s) before the run stops with an error naming the object.", ge=0)
+    download_timeout: float = setting(60.0, "Seconds one object-store download may take.", gt=0)
     tokenizer: str = setting("", "SentencePiece .model the shards were made with; '' = the one recorded in "
                             "the shards' meta.json. A hash mismatch with the shards is an error.")
     auto_prepare: bool = setting(True, "If the shards are missing and `prepare_input` is `demo`, prepare them "
@@ -144,6 +180,42 @@ def validate_pairs(cfg: DictConfig) -> List[str]:
                  f"{cfg.crop_max_ratio}")
     if not cfg.query_field or not cfg.document_field:
         p.append("query_field / document_field: must not be empty")
+    return p
+
+
+def validate_data(data: DictConfig, prefix: str = "data") -> List[str]:
+    """What a data section cannot run with besides out-of-range values."""
+    p: List[str] = []
+    if data.streams and data.shard_dir != DEFAULT_SHARD_DIR:
+        p.append(f"{prefix}.shard_dir / {prefix}.streams: give one of them (with streams, every stream names "
+                 "its own shard_dir)")
+    if data.streams and data.cache_dir:
+        p.append(f"{prefix}.cache_dir: with streams, give each stream its own cache_dir")
+    if data.cache_limit:
+        from mmtrain.data.remote import parse_bytes
+
+        try:
+            parse_bytes(data.cache_limit)
+        except ValueError as exc:
+            p.append(f"{prefix}.cache_limit: {exc}")
+    names = []
+    weighted = [bool(s.proportion) for s in data.streams]
+    for i, s in enumerate(data.streams):
+        key = f"{prefix}.streams[{i}]"
+        if not s.shard_dir:
+            p.append(f"{key}.shard_dir: required (a directory or URL written by `mmtrain prepare`)")
+        set_ = [k for k in ("proportion", "repeat", "choose") if s[k]]
+        if len(set_) > 1:
+            p.append(f"{key}: give one of proportion, repeat, choose (got {', '.join(set_)})")
+        names.append(s.name or f"stream{i}")
+        if not (s.name or f"stream{i}").replace("_", "").replace("-", "").isalnum():
+            p.append(f"{key}.name: letters, digits, '-' and '_' only, got {s.name!r}")
+    if any(weighted) and not all(weighted):
+        p.append(f"{prefix}.streams: give a proportion for every stream or for none (streaming's rule); "
+                 f"set for {sum(weighted)} of {len(weighted)}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        p.append(f"{prefix}.streams: names must be unique, repeated: {', '.join(dupes)}")
     return p
 
 

@@ -118,6 +118,9 @@ def _read_index(sdir: Path) -> Dict[str, Any]:
     return index
 
 
+read_index = _read_index
+
+
 def check_shard_file(sdir: Path, info: Dict[str, Any], verify_hashes: bool, remedy: str = "`mmtrain prepare`") -> int:
     """Check one shard file of an MDS index entry (presence, size, header; sha1 with ``verify_hashes``);
     its sample count. ``remedy``: the command that rewrites it, named in the error."""
@@ -160,8 +163,9 @@ def expected_columns(meta: Dict[str, Any]) -> Dict[str, str]:
 
 
 def check_split(shard_dir: PathLike, n_ctx: int, split: str, meta: Dict[str, Any],
-                verify_hashes: bool = False) -> int:
-    """Check one MDS split directory against meta.json; returns its sample count."""
+                verify_hashes: bool = False, present_only: bool = False) -> int:
+    """Check one MDS split directory against meta.json; returns its sample count. ``present_only``
+    (the cache of a remote dataset): shard files not downloaded yet are counted from index.json."""
     sdir = split_dir(shard_dir, n_ctx, split)
     if not sdir.is_dir():
         raise DataError(f"{sdir}: missing split directory")
@@ -173,6 +177,10 @@ def check_split(shard_dir: PathLike, n_ctx: int, split: str, meta: Dict[str, Any
         if cols != want:
             raise DataError(f"{sdir}/index.json: columns {cols}, expected {want} "
                             f"(n_ctx {n_ctx}, packing {meta['packing']})")
+        raw = info.get("raw_data") or {}
+        if present_only and not (sdir / str(raw.get("basename", "?"))).is_file():
+            total += int(info.get("samples", 0))
+            continue
         total += check_shard_file(sdir, info, verify_hashes)
     recorded = meta["splits"][split]["samples"]
     if total != recorded:
@@ -182,7 +190,7 @@ def check_split(shard_dir: PathLike, n_ctx: int, split: str, meta: Dict[str, Any
 
 def check_shards(shard_dir: PathLike, n_ctx: int, *, tokenizer_hash: Optional[str] = None,
                  vocab_size: Optional[int] = None, splits: Sequence[str] = SPLITS,
-                 verify_hashes: bool = False) -> Dict[str, Any]:
+                 verify_hashes: bool = False, present_only: bool = False) -> Dict[str, Any]:
     """Fail early and clearly unless ``<shard_dir>/ctx<n_ctx>`` holds complete, matching shards.
 
     Checks: the directory and meta.json exist (else the message gives the ``mmtrain prepare``
@@ -204,7 +212,7 @@ def check_shards(shard_dir: PathLike, n_ctx: int, *, tokenizer_hash: Optional[st
     if vocab_size is not None and int(meta.get("vocab_size", -1)) != int(vocab_size):
         raise DataError(f"{where}: shards have vocab_size {meta.get('vocab_size')}, expected {vocab_size}")
     for split in splits:
-        check_split(shard_dir, n_ctx, split, meta, verify_hashes)
+        check_split(shard_dir, n_ctx, split, meta, verify_hashes, present_only)
     return meta
 
 

@@ -53,6 +53,8 @@ MDSWriter, StreamingDataLoader, StreamingDataset = (streaming.MDSWriter, streami
 clean_stale_shared_memory = streaming.base.util.clean_stale_shared_memory
 
 STREAMING_VERSION = streaming.__version__
+Stream = streaming.Stream
+from streaming.base.storage import CloudDownloader, CloudUploader  # noqa: E402
 
 
 def read_samples(split_dir):
@@ -67,5 +69,5 @@ def read_samples(split_dir):
         for i in range(reader.samples):
             yield reader.get_item(i)
 
-__all__ = ["MDSWriter", "StreamingDataLoader", "StreamingDataset", "clean_stale_shared_memory",
+__all__ = ["CloudDownloader", "CloudUploader", "Stream", "MDSWriter", "StreamingDataLoader", "StreamingDataset", "clean_stale_shared_memory",
            "read_samples", "STREAMING_VERSION"]

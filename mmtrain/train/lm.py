@@ -3,6 +3,8 @@ validation loss at every evaluation context length, throughput and MFU in the st
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Dict, List, Tuple
 
 import torch
@@ -13,13 +15,20 @@ from mmtrain.train.trainer import Task, all_reduce_sum, barrier
 
 
 def ensure_shards(cfg, is_main: bool) -> Dict:
-    """Check the shards for model.n_ctx (auto-preparing the demo corpus on first use)."""
+    """Check the shards for model.n_ctx of every source (auto-preparing the demo corpus on first
+    use; the node's local rank 0 bringing the cache of a URL up to date first)."""
     from mmtrain.data.errors import DataError
-    from mmtrain.data.shards import check_shards, ctx_dir
+    from mmtrain.data.shards import ctx_dir
+    from mmtrain.data.sources import check_sources, local_leader, sources_of
 
-    shard_dir, n_ctx = cfg.data.shard_dir, cfg.model.n_ctx
-    if (is_main and cfg.data.auto_prepare and cfg.data.prepare_input == "demo"
-            and not (ctx_dir(shard_dir, n_ctx) / "meta.json").is_file()):
+    n_ctx = cfg.model.n_ctx
+    try:
+        srcs = sources_of(cfg.data)
+    except DataError as exc:
+        raise ConfigError([f"data.{'streams' if len(cfg.data.streams) else 'shard_dir'}: {exc}"]) from exc
+    shard_dir = cfg.data.shard_dir
+    if (is_main and cfg.data.auto_prepare and cfg.data.prepare_input == "demo" and not len(cfg.data.streams)
+            and not srcs[0].remote and not (ctx_dir(shard_dir, n_ctx) / "meta.json").is_file()):
         from mmtrain.data.prepare import demo_prepare_config, prepare
 
         print(f"[mmtrain] preparing demo shards for n_ctx={n_ctx} in {shard_dir} (first use; cached)",
@@ -31,17 +40,27 @@ def ensure_shards(cfg, is_main: bool) -> Dict:
             prepare(demo_prepare_config(shard_dir, [n_ctx], **kwargs))
         except (DataError, OutputError) as exc:
             raise ConfigError([f"data.auto_prepare: {exc}"]) from exc
-    barrier()
     expected_hash = None
     if cfg.data.tokenizer:
         from mmtrain.data.tokenizer import load_tokenizer
 
         expected_hash = load_tokenizer(cfg.data.tokenizer).sha256
+    key = "data.streams" if len(cfg.data.streams) else "data.shard_dir"
+    kwargs = dict(tokenizer_hash=expected_hash, vocab_size=cfg.model.vocab_size or None,
+                  verify=cfg.data.verify_shards, retries=cfg.data.download_retry, timeout=cfg.data.download_timeout)
+    problem = None
+    if any(s.remote for s in srcs) and local_leader():
+        try:    # one process per node fills the node's caches; the others wait, then check
+            check_sources(srcs, n_ctx, fetch=True, **kwargs)
+        except DataError as exc:
+            problem = str(exc)
+    barrier()
     try:
-        return check_shards(shard_dir, n_ctx, tokenizer_hash=expected_hash,
-                            vocab_size=cfg.model.vocab_size or None, verify_hashes=cfg.data.verify_shards)
+        if problem is not None:
+            raise DataError(problem)
+        return srcs, check_sources(srcs, n_ctx, fetch=False, **kwargs)
     except DataError as exc:
-        raise ConfigError([f"data.shard_dir: {exc}"]) from exc
+        raise ConfigError([f"{key}: {exc}"]) from exc
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int, shard_dir: str) -> None:
@@ -63,10 +82,11 @@ class LMTask(Task):
     def setup(self) -> None:
         t = self.trainer
         self.cfg, self.n_ctx = t.cfg, t.cfg.model.n_ctx
-        self.meta = ensure_shards(t.cfg, t.is_main)
+        self.sources, self.meta = ensure_shards(t.cfg, t.is_main)
+        self.mixture = len(self.sources) > 1
         self.vocab_size = int(self.meta["vocab_size"])
         self.tokenizer_hash = self.meta["tokenizer_sha256"]
-        self.val_loader = None
+        self.val_loaders = None           # one per source, built at the first evaluation
         self.tokenizer = None             # loaded at the first evaluation that logs samples
         self.sampling_noted = False       # the reason samples are skipped was printed
         self._fingerprint = None          # data_fingerprint, read once
@@ -80,8 +100,17 @@ class LMTask(Task):
         if self._fingerprint is None:
             from mmtrain.data.shards import index_digest
 
-            self._fingerprint = {**super().data_fingerprint(), "prepare": self.meta.get("prepare") or {},
-                                 "digest": index_digest(self.cfg.data.shard_dir, self.n_ctx)}
+            from mmtrain.data.shards import read_meta
+
+            if self.mixture:   # every stream's recipe and index, with its weights
+                parts = [{"name": s.name, **s.weights(), "prepare": read_meta(s.local, self.n_ctx).get("prepare") or {},
+                          "digest": index_digest(s.local, self.n_ctx)} for s in self.sources]
+                digest = hashlib.sha256(json.dumps([{k: v for k, v in p.items() if k != "prepare"} for p in parts],
+                                                   sort_keys=True).encode()).hexdigest()
+                prepare = {"streams": [{"name": p["name"], **p["prepare"]} for p in parts]}
+            else:
+                digest, prepare = index_digest(self.sources[0].local, self.n_ctx), self.meta.get("prepare") or {}
+            self._fingerprint = {**super().data_fingerprint(), "prepare": prepare, "digest": digest}
         return self._fingerprint
 
     def build_model(self) -> torch.nn.Module:
@@ -97,21 +126,21 @@ class LMTask(Task):
         self.peak_flops = self.peak.value
         return model
 
-    def _loader(self, split: str, shuffle: bool, num_workers: int):
+    def _loader(self, split: str, shuffle: bool, num_workers: int, sources=None):
         from mmtrain.data.lm_dataset import build_lm_loader
 
         c = self.cfg
         return build_lm_loader(
-            c.data.shard_dir, self.n_ctx, split, c.train.micro_batch_size, shuffle=shuffle, seed=c.train.seed,
-            num_workers=num_workers, expected_tokenizer_hash=self.tokenizer_hash,
-            expected_vocab_size=self.vocab_size, drop_last=split == "train",
-            num_canonical_nodes=c.data.num_canonical_nodes)
+            sources or self.sources, self.n_ctx, split, c.train.micro_batch_size, shuffle=shuffle, seed=c.train.seed,
+            num_workers=num_workers, drop_last=split == "train", num_canonical_nodes=c.data.num_canonical_nodes,
+            meta=self.meta, retries=c.data.download_retry, timeout=c.data.download_timeout,
+            cache_limit=c.data.cache_limit or None, predownload=c.data.predownload or None)
 
     def train_loader(self):
         return self._loader("train", shuffle=self.cfg.data.shuffle, num_workers=self.cfg.data.num_workers)
 
     def micro_batch(self, batch, micro: int = 0):
-        check_token_ids(batch["input_ids"], self.vocab_size, self.cfg.data.shard_dir)
+        check_token_ids(batch["input_ids"], self.vocab_size, self.data_name())
         input_ids = batch["input_ids"].to(self.trainer.device, non_blocking=True).long()
         labels = input_ids.clone()
         mask = batch.get("attention_mask")
@@ -134,38 +163,69 @@ class LMTask(Task):
         extra = sorted({int(n) for n in self.cfg.train.eval_n_ctx if int(n) < self.n_ctx})
         return extra + [self.n_ctx]
 
+    def data_name(self) -> str:
+        return ", ".join(s.location for s in self.sources)
+
     @torch.no_grad()
-    def eval_losses(self) -> Dict[int, float]:
-        """Mean validation loss per context length over the first eval_batches micro-batches.
-        Shorter lengths L cut every n_ctx block into n_ctx // L consecutive blocks of L tokens."""
+    def eval_sums(self) -> torch.Tensor:
+        """[sources, lengths, 2]: (loss x targets, targets) of the first eval_batches validation
+        micro-batches of every source, summed over ranks. Shorter lengths L cut every n_ctx block
+        into n_ctx // L consecutive blocks of L tokens."""
         from mmtrain.eval.lm import cut_blocks
 
-        if self.val_loader is None:
-            self.val_loader = self._loader("val", shuffle=False, num_workers=0)
+        if self.val_loaders is None:
+            self.val_loaders = [self._loader("val", shuffle=False, num_workers=0, sources=[s]) for s in self.sources]
         engine, device = self.trainer.engine, self.trainer.device
         engine.eval()
         lengths = self.eval_lengths()
-        sums = torch.zeros(len(lengths), 2, dtype=torch.float64, device=device)   # loss x targets, targets
-        for i, batch in enumerate(self.val_loader):
-            if i >= self.cfg.train.eval_batches:
-                break
-            input_ids, labels = self.micro_batch(batch)
-            for j, n in enumerate(lengths):
-                ids, lab = cut_blocks(input_ids, n), cut_blocks(labels, n)
-                targets = (lab[:, self.label_shift:] != -100).sum().double()
-                sums[j] += torch.stack([engine(ids, labels=lab).loss.double() * targets, targets])
-        flat = all_reduce_sum(sums).tolist()
+        sums = torch.zeros(len(self.sources), len(lengths), 2, dtype=torch.float64, device=device)
+        for k, loader in enumerate(self.val_loaders):
+            for i, batch in enumerate(loader):
+                if i >= self.cfg.train.eval_batches:
+                    break
+                input_ids, labels = self.micro_batch(batch)
+                for j, n in enumerate(lengths):
+                    ids, lab = cut_blocks(input_ids, n), cut_blocks(labels, n)
+                    targets = (lab[:, self.label_shift:] != -100).sum().double()
+                    sums[k, j] += torch.stack([engine(ids, labels=lab).loss.double() * targets, targets])
+        sums = all_reduce_sum(sums)
         engine.train()
-        return {n: s / max(t, 1.0) for n, (s, t) in zip(lengths, flat)}
+        return sums
+
+    def eval_losses(self) -> Dict[int, float]:
+        """Mean validation loss per context length (over every source's evaluated tokens)."""
+        total = self.eval_sums().sum(0).tolist()
+        return {n: s / max(t, 1.0) for n, (s, t) in zip(self.eval_lengths(), total)}
 
     def evaluate(self) -> Dict[str, float]:
         m, step = self.trainer.monitor, self.trainer.step
-        losses = self.eval_losses()
-        m.scalars(step, {mon.eval_tag(n): v for n, v in losses.items()})
-        m.record({"step": step, **{f"eval_loss_ctx{n}": v for n, v in losses.items()}})
-        m.info("eval   " + " | ".join(f"ctx{n} {v:.4f}" for n, v in losses.items()))
+        sums = self.eval_sums()
+        lengths = self.eval_lengths()
+        losses = {n: s / max(t, 1.0) for n, (s, t) in zip(lengths, sums.sum(0).tolist())}
+        scalars = {mon.eval_tag(n): v for n, v in losses.items()}
+        record = {f"eval_loss_ctx{n}": v for n, v in losses.items()}
+        per_stream = []
+        if self.mixture:   # each stream's own loss besides the token-weighted mean over all of them
+            for src, rows in zip(self.sources, sums.tolist()):
+                for n, (s, t) in zip(lengths, rows):
+                    scalars[mon.eval_tag(n, src.name)] = record[f"eval_loss_ctx{n}/{src.name}"] = s / max(t, 1.0)
+                per_stream.append(f"{src.name} {rows[-1][0] / max(rows[-1][1], 1.0):.4f}")
+        m.scalars(step, scalars)
+        m.record({"step": step, **record})
+        m.info("eval   " + " | ".join(f"ctx{n} {v:.4f}" for n, v in losses.items())
+               + (f" | ctx{self.n_ctx} per stream: " + ", ".join(per_stream) if per_stream else ""))
         self.log_samples()
         return {f"eval_loss_ctx{n}": v for n, v in losses.items()}
+
+    def hparams(self) -> Dict:
+        """The config's hyperparameters, and for a mixture each stream's location and weights
+        (``data.streams.<name>.<key>``: lists are not HParams values)."""
+        out = super().hparams()
+        if self.mixture:
+            for s in self.sources:
+                out[f"data.streams.{s.name}.shard_dir"] = s.location
+                out.update({f"data.streams.{s.name}.{k}": v for k, v in s.weights().items()})
+        return out
 
     # ---- generated samples (TensorBoard text) ---------------------------------------------------
 
@@ -209,7 +269,7 @@ class LMTask(Task):
         if self.tokenizer is None:
             from mmtrain.data.tokenizer import load_tokenizer
 
-            self.tokenizer = load_tokenizer(shard_tokenizer_path(self.cfg.data.shard_dir, self.n_ctx))
+            self.tokenizer = load_tokenizer(shard_tokenizer_path(self.sources[0].local, self.n_ctx))
         tok, n_tokens = self.tokenizer, self.cfg.logging.sample_tokens
         model = self.trainer.engine.module
         was_training = model.training
@@ -238,7 +298,9 @@ class LMTask(Task):
 
     def banner(self) -> str:
         t, cfg = self.trainer, self.cfg
-        return (f"[mmtrain] run dir {t.run_dir} | {cfg.model.kind} n_ctx={self.n_ctx} "
+        weights = lambda s: "".join(f" {k} {v:g}" for k, v in s.weights().items())   # noqa: E731
+        data = " + ".join(f"{s.name or 'data'} {s.describe()}{weights(s)}" for s in self.sources)
+        return (f"[mmtrain] run dir {t.run_dir} | data {data} | {cfg.model.kind} n_ctx={self.n_ctx} "
                 f"params={t.model.num_params():,}{self._stored()} | world={t.dist.world_size} "
                 f"zero={cfg.engine.zero_stage} {cfg.engine.precision} | global batch "
                 f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {t.gas} x {t.dist.world_size} | "

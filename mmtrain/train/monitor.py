@@ -44,13 +44,14 @@ RETRIEVAL_TABLE = "eval/retrieval"  # retrieval training: the metrics of the eva
 # what it trains (prefixes; most may also change when the run resumes).
 HPARAM_SKIP = ("logging.", "checkpoint.", "train.stop_at", "train.eval_every", "train.eval_batches",
                "data.num_workers", "data.auto_prepare", "data.prepare_input", "data.verify_shards",
-               "engine.peak_flops")
+               "engine.peak_flops", "data.cache_", "data.predownload", "data.download_")
 
 HParam = Union[bool, int, float, str]
 
 
-def eval_tag(n_ctx: int) -> str:
-    return f"eval/loss_ctx{n_ctx}"
+def eval_tag(n_ctx: int, stream: str = "") -> str:
+    """The TensorBoard tag of the validation loss at ``n_ctx`` (of one stream of a mixture)."""
+    return f"eval/{stream}/loss_ctx{n_ctx}" if stream else f"eval/loss_ctx{n_ctx}"
 
 
 def flatten(d: Any, prefix: str = "") -> Dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import List
 from omegaconf import DictConfig
 
 from mmtrain.config import register_validator, seed_setting, setting
-from mmtrain.data.schema import DataConfig, PairDataConfig
+from mmtrain.data.schema import DataConfig, PairDataConfig, validate_data
 from mmtrain.models.schema import ModelConfig, validate_model
 
 
@@ -167,6 +167,7 @@ def validate_pretrain(cfg: DictConfig) -> List[str]:
     if t.steps == 0 and t.max_tokens == 0:
         p.append("train.steps: must be >= 1 (or set train.max_tokens)")
     p += validate_train_engine(cfg)
+    p += validate_data(cfg.data)
     for n in t.eval_n_ctx:
         if n > cfg.model.n_ctx:
             p.append(f"train.eval_n_ctx: {n} must be in [1, model.n_ctx={cfg.model.n_ctx}]")

@@ -55,6 +55,7 @@ RESUME_MUTABLE = ("train.stop_at", "train.eval_every", "train.eval_batches", "tr
                   "checkpoint.", "data.num_workers", "engine.peak_flops", "engine.device", "retrieval.eval_",
                   "engine.zero_stage", "engine.offload_",   # a layout: checked (and converted) by check_loadable
                   "model.mixer_layout",                     # converted by _convert_for_resume
+                  "data.cache_", "data.predownload", "data.download_",   # where and how shards are fetched
                   "data.shard_dir")   # moved shards: the tokenizer hash is still checked; printed as a warning
 
 

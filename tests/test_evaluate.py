@@ -98,3 +98,16 @@ def test_eval_lm_errors_name_the_problem(exported_bundles, demo_shards, tmp_path
     # a mixer evaluates shorter blocks cut from longer shards
     report = eval_lm(bundle, str(demo_shards), [32], shard_ctx=64, max_sequences=4)
     assert by_length(report)[32]["sequences"] == 8
+
+
+def test_eval_lm_reads_shards_from_a_bucket_like_local_ones(exported_bundles, demo_shards, s3_server, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.setenv("MMTRAIN_CACHE", str(tmp_path / "cache"))
+    url = s3_server.bucket("mmeval") + "/demo"
+    s3_server.upload_dir(demo_shards, url)
+    bundle = str(exported_bundles["mixer_zero1"])
+    local = eval_lm(bundle, str(demo_shards), [16, 32], max_sequences=24, progress=False)
+    remote = eval_lm(bundle, url, [16, 32], max_sequences=24, progress=False)
+    assert remote["results"] == local["results"] and remote["data"] == url
+    with pytest.raises(DataError, match=r"no shards for n_ctx=128 at s3://mmeval/demo/ctx128"):
+        eval_lm(bundle, url, [16], shard_ctx=128)

@@ -5,6 +5,7 @@ Also: the engine's gradient-cached step equals the plain one, exact resume, and 
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -207,3 +208,31 @@ def test_hard_negatives_and_a_learned_temperature_train_and_export(pipeline, tmp
     # more mined negatives than the shards hold: a clear error before training
     proc = run_retrieval(common + [f"logging.run_dir={tmp_path / 'r2'}", "retrieval.hard_negatives=3"], check=False)
     assert proc.returncode == 2 and "hard_negatives=3" in proc.stderr
+
+
+def test_pairs_from_a_bucket_train_and_evaluate_like_the_local_pairs(pipeline, s3_server, tmp_path, monkeypatch):
+    base, common = pipeline["base"], pipeline["common"]
+    monkeypatch.setenv("MMTRAIN_CACHE", str(tmp_path / "cache"))
+    url = s3_server.bucket("mmpairs") + "/demo"
+    s3_server.upload_dir(base / "pairs", url)
+    args = [f"retrieval.bundle={base / 'base'}", "train.steps=3", "train.eval_every=0", "checkpoint.every=0"]
+    run_retrieval(common + args + [f"logging.run_dir={tmp_path / 'local'}"])
+    run_retrieval(args + [f"data.shard_dir={url}", f"logging.run_dir={tmp_path / 'remote'}"])
+    local = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "local") if "loss" in r}
+    remote = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "remote") if "loss" in r}
+    assert sorted(remote) == [1, 2, 3] and remote == local
+    copies = list((tmp_path / "cache" / "pairs").iterdir())
+    assert len(copies) == 1 and (copies[0] / "meta.json").read_bytes() == (base / "pairs" / "meta.json").read_bytes()
+    out = {}
+    for name, data in (("local", base / "pairs"), ("remote", url)):
+        assert cli.main(["eval-retrieval", str(base / "embedder"), "--data", str(data), "--n-candidates", "8",
+                         "--json", str(tmp_path / f"{name}.json")]) == 0
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())["results"][str(base / "embedder")]
+    assert out["remote"] == out["local"]
+    # a pair shard damaged in the bucket is named, and never copied
+    key = next(k for k in s3_server.keys(url) if k.startswith("demo/test/shard."))
+    s3_server.client().put_object(Bucket="mmpairs", Key=key, Body=b"x" * 16)
+    shutil.rmtree(tmp_path / "cache")
+    rc = run_retrieval(args + [f"data.shard_dir={url}", f"logging.run_dir={tmp_path / 'bad'}"], check=False)
+    assert rc.returncode == 2 and f"s3://mmpairs/{key}: 16 bytes downloaded, index.json says" in rc.stderr
+    assert not list((tmp_path / "cache").glob("pairs/*/" + key[len("demo/"):]))

@@ -147,7 +147,14 @@ class PairsConfig:
 
 @dataclass
 class PairDataConfig:
-    shard_dir: str = setting("data/pairs/demo", "Directory written by `mmtrain prepare-pairs`.")
+    shard_dir: str = setting("data/pairs/demo", "Directory or URL (s3://bucket/prefix, file:///...) written by "
+                                                "`mmtrain prepare-pairs`; a URL is copied whole into a local cache "
+                                                "(every shard's sha1 checked) before training.")
+    cache_dir: str = setting("", "Local copy of a shard_dir URL; '' = a directory of its own under "
+                                 "~/.cache/mmtrain/pairs ($MMTRAIN_CACHE).")
+    download_retry: int = setting(3, "Retries of an object-store download (backoff 1, 2, 4 ... s) before an error "
+                                     "naming the object.", ge=0)
+    download_timeout: float = setting(60.0, "Seconds one object-store download may take.", gt=0)
     num_workers: int = setting(0, "Data-loader worker processes per rank.", ge=0)
     shuffle: bool = setting(True, "Shuffle training pairs (seeded by train.seed).")
 

@@ -107,7 +107,7 @@ def evaluate_blocks(model, blocks: Iterable[Tuple[torch.Tensor, torch.Tensor]], 
     return results
 
 
-def read_blocks(shard_dir: str, n_ctx: int, split: str, batch_size: int, tokenizer_sha256: str,
+def read_blocks(shard_dir, n_ctx: int, split: str, batch_size: int, tokenizer_sha256: str,
                 vocab_size: int, max_sequences: int = 0):
     """Batches (input_ids, attention_mask) of the split in shard order, checked against the bundle."""
     from mmtrain.data.lm_dataset import build_lm_loader
@@ -129,11 +129,13 @@ def read_blocks(shard_dir: str, n_ctx: int, split: str, batch_size: int, tokeniz
 
 
 def source_ctx(shard_dir: str, model_n_ctx: int, lengths: Sequence[int], shard_ctx: Optional[int]) -> int:
-    """Which ``ctx<N>`` shards to read: ``shard_ctx`` if given, else the model's n_ctx."""
+    """Which ``ctx<N>`` shards to read: ``shard_ctx`` if given, else the model's n_ctx. (A URL is
+    not listed: its ``ctx<N>`` is looked for when read.)"""
+    from mmtrain.data.remote import is_remote
     from mmtrain.data.shards import existing_ctx
 
-    available = existing_ctx(shard_dir)
     n = shard_ctx or model_n_ctx
+    available = [n] if is_remote(shard_dir) else existing_ctx(shard_dir)
     if n not in available:
         raise DataError(f"no shards for n_ctx={n} in {shard_dir} (found: "
                         f"{', '.join(f'ctx{a}' for a in available) or 'none'}); prepare them with "
@@ -171,10 +173,16 @@ def eval_lm(bundle: str, shard_dir: str, lengths: Optional[Sequence[int]] = None
     n = source_ctx(shard_dir, model_n_ctx, lengths, shard_ctx)
     model = load_pretrained(bundle, device=device)
     tokenizer = load_bundle_tokenizer(bundle)
-    blocks = read_blocks(shard_dir, n, split, batch_size, tokenizer.sha256, model.vocab_size, max_sequences)
+    from mmtrain.data.remote import is_remote
+    from mmtrain.data.sources import check_sources, source
+
+    src = source(shard_dir)     # a URL: its cache, filled with meta.json and the index first
+    check_sources([src], n, tokenizer_hash=tokenizer.sha256, vocab_size=model.vocab_size, splits=(split,))
+    blocks = read_blocks([src], n, split, batch_size, tokenizer.sha256, model.vocab_size, max_sequences)
     results = evaluate_blocks(model, blocks, lengths, token_bytes(tokenizer), tokenizer.eos_id, progress,
-                              batch_count(shard_dir, n, split, batch_size, max_sequences))
-    return {"bundle": str(Path(bundle).resolve()), "data": str(Path(shard_dir).resolve()), "split": split,
+                              batch_count(str(src.local), n, split, batch_size, max_sequences))
+    data = shard_dir if is_remote(shard_dir) else str(Path(shard_dir).resolve())
+    return {"bundle": str(Path(bundle).resolve()), "data": data, "split": split,
             "shard_n_ctx": n, "model": section["model"]["kind"], "results": results}
 
 

@@ -75,6 +75,9 @@ def load_eval_split(bundle: str, data: str, split: str, query_field: str, docume
     section = read_bundle_config(bundle)
     tok = load_bundle_tokenizer(bundle)
     n_ctx = int(section["model"]["n_ctx"])
+    from mmtrain.data.sources import local_pairs
+
+    data = local_pairs(data, fetch=True)   # a URL of pair shards: their copy in the cache
     if os.path.isdir(data):
         check_pairs(data, tokenizer_sha256=tok.sha256, model_n_ctx=n_ctx, bundle=bundle)
         return load_split(data, split, max_pairs)
@@ -165,7 +168,7 @@ def register(subparsers) -> None:
         epilog="example:\n  mmtrain eval-retrieval bundles/mixer bundles/mixer-retrieval --data data/pairs/demo "
                "--n-candidates 32 64 --bm25 --json out.json")
     p.add_argument("bundle", nargs="+", help="exported bundle directories (compared in one table)")
-    p.add_argument("--data", required=True, help="pair shard dir (mmtrain prepare-pairs) or a JSONL file")
+    p.add_argument("--data", required=True, help="pair shard dir or URL (mmtrain prepare-pairs), or a JSONL file")
     p.add_argument("--query-field", default="query", help="JSONL: query key (default query)")
     p.add_argument("--document-field", default="document", help="JSONL: document key (default document)")
     p.add_argument("--split", choices=["test", "val", "all"], default="test",

@@ -38,6 +38,37 @@ class ContrastiveTask(Task):
 
     name = "retrieval"
 
+    def _pair_dir(self) -> str:
+        """Where the pairs are read: data.shard_dir, or the node's copy of it when it is a URL
+        (made by each node's local rank 0 while the others wait)."""
+        from mmtrain.data.errors import DataError
+        from mmtrain.data.remote import is_remote
+        from mmtrain.data.sources import local_leader, local_pairs
+        from mmtrain.train.trainer import barrier
+
+        d = self.trainer.cfg.data
+        if not is_remote(d.shard_dir):
+            return d.shard_dir
+        problem, kw = None, dict(retries=d.download_retry, timeout=d.download_timeout)
+        if local_leader():
+            try:
+                local_pairs(d.shard_dir, d.cache_dir, fetch=True, **kw)
+            except DataError as exc:
+                problem = exc
+        barrier()
+        if problem is not None:
+            raise ConfigError([f"data.shard_dir: {problem}"])
+        try:
+            return local_pairs(d.shard_dir, d.cache_dir, fetch=False, **kw)
+        except DataError as exc:
+            raise ConfigError([f"data.shard_dir: {exc}"]) from exc
+
+    def _pairs_location(self) -> str:
+        from mmtrain.data.remote import is_remote
+
+        loc = self.cfg.data.shard_dir
+        return loc if is_remote(loc) else os.path.abspath(loc)
+
     def setup(self) -> None:
         from mmtrain.data.errors import DataError
         from mmtrain.data.pairs import check_pairs, load_split
@@ -47,10 +78,11 @@ class ContrastiveTask(Task):
         t = self.trainer
         cfg = self.cfg = t.cfg
         r = cfg.retrieval
+        self.pair_dir = self._pair_dir()
         try:
             self.bundle_section = read_bundle_config(r.bundle)
             tokenizer = load_bundle_tokenizer(r.bundle)
-            self.meta = check_pairs(cfg.data.shard_dir, tokenizer_sha256=tokenizer.sha256,
+            self.meta = check_pairs(self.pair_dir, tokenizer_sha256=tokenizer.sha256,
                                     model_n_ctx=self.bundle_section["model"]["n_ctx"], bundle=r.bundle,
                                     verify_hashes=True)
         except BundleError as exc:
@@ -63,10 +95,10 @@ class ContrastiveTask(Task):
                                f"stores {stored}; prepare the pairs with `mmtrain prepare-pairs ... "
                                f"hard_negatives={r.hard_negatives}`"])
         try:
-            self.eval_split = load_split(cfg.data.shard_dir, r.eval_split, r.eval_max_pairs)
+            self.eval_split = load_split(self.pair_dir, r.eval_split, r.eval_max_pairs)
         except DataError as exc:
             raise ConfigError([f"retrieval.eval_split: {exc} (or set retrieval.eval_split=test)"]) from exc
-        self.train_sample = (load_split(cfg.data.shard_dir, "train", r.eval_train_pairs)
+        self.train_sample = (load_split(self.pair_dir, "train", r.eval_train_pairs)
                              if r.eval_train_pairs > 0 else None)
         pool_size = len(self.eval_split["pair_id"])
         self.eval_n = sorted({min(int(n), pool_size) for n in r.eval_n_candidates if pool_size >= 2})
@@ -110,7 +142,7 @@ class ContrastiveTask(Task):
         from mmtrain.data.pairs import build_pair_loader
 
         c = self.cfg
-        return build_pair_loader(c.data.shard_dir, "train", self.micro, shuffle=c.data.shuffle, seed=c.train.seed,
+        return build_pair_loader(self.pair_dir, "train", self.micro, shuffle=c.data.shuffle, seed=c.train.seed,
                                  num_workers=c.data.num_workers)
 
     # ---- one micro-batch ---------------------------------------------------------------------
@@ -226,7 +258,7 @@ class ContrastiveTask(Task):
         r = self.cfg.retrieval
         return {"pooling": r.pooling, "padding": "right", "normalize": True, "temperature": self.temperature(),
                 "learned_temperature": bool(r.learn_temperature), "symmetric": r.symmetric,
-                "base_bundle": os.path.abspath(r.bundle), "pairs": os.path.abspath(self.cfg.data.shard_dir),
+                "base_bundle": os.path.abspath(r.bundle), "pairs": self._pairs_location(),
                 "append_eos": self.meta.get("append_eos", True), "n_ctx": self.meta["n_ctx"]}
 
     def checkpoint_state(self) -> Dict[str, Any]:
@@ -246,7 +278,7 @@ class ContrastiveTask(Task):
         t, cfg = self.trainer, self.cfg
         kind = self.bundle_section["model"]["kind"]
         return (f"[mmtrain] run dir {t.run_dir} | retrieval from {cfg.retrieval.bundle} ({kind}, "
-                f"{t.model.num_params():,} params) | pairs {cfg.data.shard_dir} (n_ctx {self.meta['n_ctx']}) | "
+                f"{t.model.num_params():,} params) | pairs {self._pairs_location()} (n_ctx {self.meta['n_ctx']}) | "
                 f"world={t.dist.world_size} zero={cfg.engine.zero_stage} {cfg.engine.precision} | "
                 f"{self.micro} pairs x {t.gas} accum x {t.dist.world_size} ranks | {self.negatives} negatives per query"
                 + (f" | grad cache chunk {cfg.retrieval.grad_cache_chunk}" if self.grad_cache else ""))

@@ -14,12 +14,14 @@ On CUDA the configurations run in the calling process and memory is
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import pickle
 import platform
 import resource
 import socket
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -139,6 +141,81 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class LoopbackS3:
+    """An S3 HTTP API on 127.0.0.1 (moto's server mode, ``moto_server`` from ``moto[server]``) for
+    benchmarks that read shards from a bucket. Inside ``with``, ``S3_ENDPOINT_URL`` and dummy AWS
+    credentials are set in ``os.environ`` (so loader workers see them too) and restored on exit;
+    the server process is stopped then. It measures the client and cache path, not a network."""
+
+    def __init__(self, log_path: Path, port: int = 0):
+        self.port = port or free_port()
+        self.log_path = Path(log_path)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {"S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "mmtrain-bench",
+                    "AWS_SECRET_ACCESS_KEY": "mmtrain-bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+        self.proc: Optional[subprocess.Popen] = None
+        self._saved: Dict[str, Optional[str]] = {}
+
+    def __enter__(self) -> "LoopbackS3":
+        import urllib.request
+
+        exe = Path(sys.executable).with_name("moto_server")
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
+        if not exe.exists() and importlib.util.find_spec("moto") is None:
+            raise RuntimeError('no S3 server to read from: pip install "moto[server]" (or skip the bucket with '
+                               "--no-remote)")
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd + ["-H", "127.0.0.1", "-p", str(self.port)], stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__(None, None, None)
+                    raise RuntimeError(f"moto_server on port {self.port} did not start; its log: "
+                                       f"{self.log_path.read_text(errors='replace')[-2000:]}") from None
+                time.sleep(0.1)
+        self._saved = {key: os.environ.get(key) for key in self.env}
+        os.environ.update(self.env)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved = {}
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+        self._log.close()
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+    def bucket(self, name: str) -> str:
+        """Create bucket ``name`` (3-63 characters, S3's rules); returns ``s3://name``."""
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def upload_dir(self, local: Path, url: str) -> None:
+        """Copy the files under ``local`` to ``s3://bucket/prefix/<relative path>``."""
+        bucket, _, prefix = url[len("s3://"):].partition("/")
+        client = self.client()
+        for path in sorted(Path(local).rglob("*")):
+            if path.is_file():
+                key = "/".join(p for p in (prefix.strip("/"), path.relative_to(local).as_posix()) if p)
+                client.upload_file(str(path), bucket, key)
 
 
 def single_process_env() -> None:

@@ -252,61 +252,41 @@ def checkpoint_module(run_dir, tag=None) -> dict:
     return torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
 
 
-class S3Server:
-    """A real S3 HTTP API (moto's server mode) on 127.0.0.1; ``env`` points boto3 and
-    streaming at it (dummy credentials, ``S3_ENDPOINT_URL``)."""
+def _loopback_s3():
+    """benchmarks/_common.py's LoopbackS3 (the benchmarks and the tests start the same server)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mmtrain_bench_common", ROOT / "benchmarks" / "_common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LoopbackS3
+
+
+class S3Server(_loopback_s3()):
+    """A real S3 HTTP API (moto's server mode) on 127.0.0.1; while started, ``S3_ENDPOINT_URL`` and
+    dummy credentials in ``os.environ`` point boto3 and streaming (and subprocesses) at it.
+    :meth:`stop` and :meth:`start` take it down and bring it back on the same port (empty: moto
+    keeps nothing)."""
 
     def __init__(self, port: int, log_path: Path):
-        self.port, self.log_path = port, log_path
-        self.endpoint = f"http://127.0.0.1:{port}"
-        self.env = {"S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "mmtrain-test",
-                    "AWS_SECRET_ACCESS_KEY": "mmtrain-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
-        self.proc = None
+        super().__init__(log_path, port)
 
     def start(self) -> "S3Server":
-        import time
-        import urllib.request
-
-        exe = Path(sys.executable).with_name("moto_server")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd + ["-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
-                return self
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"moto_server exited: {self.log_path.read_text()[-2000:]}")
-                time.sleep(0.1)
-        raise RuntimeError("moto_server did not start in 30 s")
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+        self.__enter__()
+        return self
 
     def stop(self) -> None:
+        """The store goes down (the environment keeps pointing at it)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
 
-    def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-
-    def bucket(self, name: str) -> str:
-        self.client().create_bucket(Bucket=name)
-        return f"s3://{name}"
-
-    def upload_dir(self, local: Path, url: str) -> None:
-        """Copy a local directory tree to ``s3://bucket/prefix`` (as `aws s3 cp --recursive` would)."""
-        bucket, _, prefix = url[len("s3://"):].partition("/")
-        c = self.client()
-        for path in sorted(Path(local).rglob("*")):
-            if path.is_file():
-                key = "/".join(p for p in (prefix, path.relative_to(local).as_posix()) if p)
-                c.upload_file(str(path), bucket, key)
+    def close(self) -> None:
+        self.stop()
+        self.__exit__(None, None, None)
 
     def keys(self, url: str) -> list:
         bucket, _, prefix = url[len("s3://"):].partition("/")
@@ -323,4 +303,4 @@ def s3_server(tmp_path, monkeypatch):
     try:
         yield server
     finally:
-        server.stop()
+        server.close()

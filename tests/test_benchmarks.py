@@ -115,18 +115,28 @@ def test_zero_memory_quick_reports_every_stage_per_rank_with_expected_bytes(benc
         assert [int(r["zero_stage"]) for r in csv.DictReader(fh)] == [0, 1, 2, 3]
 
 
-def test_data_quick_compares_each_worker_setting_with_training_consumption(bench_runs):
+def test_data_quick_compares_each_worker_setting_and_source_with_training_consumption(bench_runs):
     stdout, out_dir = bench_runs["data"]
     header, rows = markdown_rows(stdout, "what")
-    assert header == ["what", "samples/s", "tokens/s", "first batch (s)", "ratio vs training"]
-    assert [r[0] for r in rows] == [f"streaming loader, num_workers {w}" for w in (0, 1, 2)] + [
-        "training consumption (default config)"]
-    train_tps = _number(rows[-1][2])
-    for row in rows[:3]:
-        samples, tokens = _number(row[1]), _number(row[2])
+    assert header == ["what", "source", "samples/s", "tokens/s", "first batch (s)", "ratio vs training"]
+    sources = ["local directory", "S3 bucket (loopback), cold cache", "S3 bucket (loopback), warm cache"]
+    assert [(r[0], r[1]) for r in rows] == [(f"streaming loader, num_workers {w}", src) for src in sources
+                                            for w in (0, 1, 2)] + [("training consumption (default config)", "—")]
+    train_tps = _number(rows[-1][3])
+    for row in rows[:-1]:
+        samples, tokens = _number(row[2]), _number(row[3])
         assert samples > 0 and tokens == pytest.approx(64 * samples, abs=64)
-        assert _number(row[4]) == pytest.approx(tokens / train_tps, rel=0.06)
-    assert (out_dir / "data.csv").is_file() and (out_dir / "data.md").is_file()
+        assert _number(row[4]) > 0 if "cold" in row[1] else _number(row[4]) >= 0
+        assert _number(row[5]) == pytest.approx(tokens / train_tps, rel=0.06)
+    with open(out_dir / "data.csv", newline="") as fh:
+        records = [r for r in csv.DictReader(fh) if r["source"].startswith("S3")]
+    # cold: an empty cache, every shard downloaded; warm: the same cache, complete, nothing downloaded
+    for r in records:
+        total = int(r["shards_total"])
+        cold = r["source"].endswith("cold cache")
+        assert total >= 1 and int(r["shards_in_cache_at_start"]) == (0 if cold else total), r
+        assert (1 <= int(r["shards_downloaded"]) <= total) if cold else int(r["shards_downloaded"]) == 0, r
+    assert (out_dir / "data.md").is_file()
 
 
 def test_bad_arguments_are_refused_before_any_work(capsys, monkeypatch):

@@ -7,10 +7,7 @@ processes that find the store through ``S3_ENDPOINT_URL`` in their environment.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import signal
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import pytest
 import torch
 
 from conftest import (TINY, finish, pretrain_in_process, read_metrics, run_pretrain, start_pretrain,
-                      train_losses, wait_for_step)
+                      train_losses)
 
 SECRET = "mmtrain-secret-7f3a9c1e5d"   # stands for a real credential: must never be written anywhere
 

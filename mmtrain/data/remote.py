@@ -19,6 +19,7 @@ in the cache is complete and was verified. A store that does not answer is retri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -127,6 +128,21 @@ def parse_bytes(text: Union[str, int]) -> int:
     if value <= 0:
         raise ValueError(f"{text!r}: must be more than 0 bytes")
     return value
+
+
+@contextlib.contextmanager
+def cache_lock(cache: Path):
+    """Hold the cache's lock file (blocking) while its small files are brought up to date: jobs on
+    one node that share a cache take turns; the shards themselves are guarded by streaming's own
+    per-dataset locks."""
+    import fcntl
+
+    fd = os.open(str(Path(cache) / ".mmtrain-cache.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _not_found(exc: BaseException) -> bool:

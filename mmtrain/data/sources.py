@@ -102,6 +102,13 @@ def sync(src: Source, n_ctx: int, splits: Sequence[str] = S.SPLITS, *, retries: 
     ``{"cached": shard files kept, "dropped": deleted, "missing": still to download}``."""
     assert src.url is not None
     R.claim_cache(src.local, src.url)
+    with R.cache_lock(src.local):
+        return _sync(src, n_ctx, splits, retries, timeout, verify)
+
+
+def _sync(src: Source, n_ctx: int, splits: Sequence[str], retries: int, timeout: float,
+          verify: bool) -> Dict[str, int]:
+    assert src.url is not None
     cdir_url = R.child(src.url, f"ctx{int(n_ctx)}")
     cdir = S.ctx_dir(src.local, n_ctx)
     meta_text = R.fetch_text(R.child(cdir_url, S.META_NAME), retries=retries, timeout=timeout)
@@ -260,17 +267,23 @@ def mirror_pairs(url: str, cache_dir: str = "", *, retries: int = R.DEFAULT_RETR
     downloaded (each shard checked against the size and sha1 its index records) into
     ``cache_dir`` (default: under ``~/.cache/mmtrain/pairs``). Files already there and intact
     are kept; a dataset prepared again at the URL replaces the copy. Returns the directory."""
-    from mmtrain.data import pairs as P
-
     url = R.check_url(url)
     cache = R.claim_cache(Path(cache_dir).expanduser() if cache_dir else R.default_cache_dir(url, "pairs"), url)
+    with R.cache_lock(cache):
+        _mirror_pairs(url, cache, retries, timeout)
+    return cache
+
+
+def _mirror_pairs(url: str, cache: Path, retries: int, timeout: float) -> None:
+    from mmtrain.data import pairs as P
+
     meta_text = R.fetch_text(R.child(url, P.META_NAME), retries=retries, timeout=timeout)
     if meta_text is None:
         raise DataError(f"{R.child(url, P.META_NAME)}: missing (no pair shards there, or an upload that did not "
                         f"finish). Create them with:\n  mmtrain prepare-pairs ... --out {url}")
     if not _same_file(cache / P.META_NAME, meta_text):
         for entry in cache.iterdir():
-            if entry.name != R.CACHE_MARKER:
+            if entry.name not in (R.CACHE_MARKER, ".mmtrain-cache.lock"):
                 _drop(entry)
     try:
         meta = json.loads(meta_text)
@@ -302,7 +315,6 @@ def mirror_pairs(url: str, cache_dir: str = "", *, retries: int = R.DEFAULT_RETR
                        expect=(raw.get("bytes"), (raw.get("hashes") or {}).get(S.SHARD_HASH)),
                        what=f" (shard of {url})")
     _write_text(cache / P.META_NAME, meta_text)
-    return cache
 
 
 def local_pairs(location: str, cache_dir: str = "", *, retries: int = R.DEFAULT_RETRIES,

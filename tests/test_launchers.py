@@ -22,8 +22,8 @@ from conftest import (ROOT, TINY, finish, free_port, start_pretrain, start_proce
                       wait_for_step)
 
 LAUNCHERS = ROOT / "launchers"
-SCRIPTS = sorted([*LAUNCHERS.glob("*.sh"), LAUNCHERS / "slurm_pretrain.sbatch"])
-RUNNABLE = ["pretrain.sh", "retrieval.sh", "tensorboard.sh", "slurm_pretrain.sbatch"]
+SCRIPTS = sorted([*LAUNCHERS.glob("*.sh"), LAUNCHERS / "slurm_pretrain.sbatch", LAUNCHERS / "prepare_parts.slurm"])
+RUNNABLE = ["pretrain.sh", "retrieval.sh", "tensorboard.sh", "slurm_pretrain.sbatch", "prepare_parts.slurm"]
 CONFIG = "configs/pretrain/mixer-d512-ctx512.yaml"
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 SLURM_JOB = {"SLURM_JOB_ID": "1234", "SLURM_JOB_NAME": "mmtrain", "SLURM_NNODES": "4",
@@ -117,6 +117,19 @@ def test_launcher_help(name, stubs):
     assert "--dry-run" in proc.stdout
     assert (f"launchers/{name}" in proc.stdout) or (name == "slurm_pretrain.sbatch" and
                                                      "sbatch launchers/slurm_pretrain.sbatch" in proc.stdout)
+
+
+def test_prepare_parts_submits_one_part_per_array_task_then_the_merge_after_all_of_them(stubs):
+    proc = subprocess.run(["bash", str(LAUNCHERS / "prepare_parts.slurm"), "--dry-run", "--input", "data/raw/*.jsonl",
+                           "--out", "s3://bucket/big", "--n-ctx", "512", "--tokenizer", "tok.model"], cwd=ROOT,
+                          env={**launcher_env(stubs), "MMTRAIN_PARTS": "4"}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    array, merge = [line for line in proc.stdout.splitlines() if line.startswith("sbatch ")]
+    assert "--array=0-3" in array and array.endswith("--out s3://bucket/big --n-ctx 512 --tokenizer tok.model")
+    assert "--dependency=afterok:JOBID" in merge and merge.endswith("--merge")
+    refused = subprocess.run(["bash", str(LAUNCHERS / "prepare_parts.slurm"), "--dry-run", "--part", "0/2"], cwd=ROOT,
+                             env=launcher_env(stubs), capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--part is set by this script" in refused.stderr
 
 
 def test_launchers_are_executable():

@@ -113,6 +113,21 @@ def test_credentials_in_the_url_are_refused(cache_root):
     assert SECRET not in str(info.value)
 
 
+def test_a_cache_dir_mmtrain_did_not_make_is_refused_not_cleared(bucket_shards, demo_shards, tmp_path, cache_root):
+    from mmtrain.data.errors import DataError
+    from mmtrain.data.sources import source
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"is not a cache mmtrain made for s3://mmdata/demo"):
+        build([source(bucket_shards, str(notes))])
+    assert [p.name for p in notes.iterdir()] == ["keep.txt"]
+    batches(build([source(bucket_shards, str(tmp_path / "mine"))]), limit=1)     # a new directory is claimed
+    with pytest.raises(DataError, match=r"the cache of s3://mmdata/demo, not of s3://mmdata/other"):
+        build([source("s3://mmdata/other", str(tmp_path / "mine"))])
+
+
 # ---- damage and outages -------------------------------------------------------------------------
 
 
@@ -197,9 +212,14 @@ def test_two_ranks_from_the_bucket_train_like_one_rank_from_local_shards_and_wri
     assert_close(train_losses(tmp_path / "remote"), train_losses(local.run_dir))
     config = (tmp_path / "remote" / "config.yaml").read_text()
     assert "shard_dir: s3://mmdata/demo" in config
+    from mmtrain import cli
+
+    assert cli.main(["export", str(tmp_path / "remote"), "--out", str(tmp_path / "bundle")]) == 0
     # the secret is in the environment of every rank, and in nothing the run wrote or printed
     assert SECRET not in proc.stdout + proc.stderr
-    for path in written_files(tmp_path / "remote", cache_root):
+    files = list(written_files(tmp_path / "remote", cache_root, tmp_path / "bundle"))
+    assert any(p.suffix == ".safetensors" for p in files) and any("tfevents" in p.name for p in files)
+    for path in files:
         assert SECRET.encode() not in path.read_bytes(), path
 
 

@@ -484,8 +484,13 @@ def prepare_pairs(cfg, progress: bool = True) -> Dict[str, Any]:
     mining and writing (drawn only on a terminal, by rank 0: :mod:`mmtrain.data.progress`).
 
     ``out`` is written only when it is new, empty or pair shards (:func:`check_out`), under
-    :func:`mmtrain.files.output_lock`, and replaced atomically; a full disk is an OutputError."""
+    :func:`mmtrain.files.output_lock`, and replaced atomically; a full disk is an OutputError.
+    A URL ``out`` is prepared into a staging directory and uploaded (:func:`prepare_pairs_remote`)."""
+    from mmtrain.data.remote import is_remote
+
     tok, n_ctx, _ = resolve_tokenizer(cfg.bundle, cfg.tokenizer, int(cfg.n_ctx))
+    if is_remote(cfg.out):
+        return prepare_pairs_remote(cfg, tok, n_ctx, progress)
     out = Path(cfg.out).resolve()
     check_out(out, bool(cfg.overwrite))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -493,6 +498,60 @@ def prepare_pairs(cfg, progress: bool = True) -> Dict[str, Any]:
         F.clean_stale(out)
         check_out(out, bool(cfg.overwrite))   # again, now that no other writer can change it
         return _prepare_pairs(cfg, tok, n_ctx, out, progress)
+
+
+def pair_relpaths(out: Path) -> List[str]:
+    """The files of pair shards in upload order: each split's shards then its index.json, the
+    tokenizer, the held-out texts, and meta.json last."""
+    rels: List[str] = []
+    for split in PAIR_SPLITS:
+        sdir = out / split
+        if not (sdir / "index.json").is_file():
+            continue
+        rels += sorted(p.relative_to(out).as_posix() for p in sdir.iterdir()
+                       if p.is_file() and p.name != "index.json" and not p.name.startswith("."))
+        rels.append(f"{split}/index.json")
+    return rels + [TOKENIZER_NAME, HELDOUT_NAME, META_NAME]
+
+
+def prepare_pairs_remote(cfg, tok, n_ctx: int, progress: bool = True) -> Dict[str, Any]:
+    """prepare-pairs with ``out`` a store URL. The store's meta.json is read first: pair shards of the
+    same recipe are up to date (nothing is sent); of another recipe they are replaced, as a local
+    ``out`` is; anything else there needs ``overwrite``. The shards are written into the staging
+    directory (:func:`mmtrain.data.writer.staging_dir`, reused when complete, so a run killed while
+    uploading is not tokenized again) and uploaded, meta.json last."""
+    from mmtrain.data import remote as R
+    from mmtrain.data.remote import delete_remote, upload_output
+    from mmtrain.data.writer import STAGING_OUT, staging_dir
+
+    try:
+        url = R.check_url(cfg.out)
+    except Exception as exc:   # noqa: BLE001 -- DataError; reported as a setting
+        raise F.OutputError(f"out: {exc}") from None
+    text = R.fetch_text(R.child(url, META_NAME))
+    old = None
+    if text is not None:
+        try:
+            old = json.loads(text)
+        except ValueError:
+            old = {}
+        if not isinstance(old, dict) or old.get("kind") != "pairs":
+            if not cfg.overwrite:
+                raise F.OutputError(f"--out {url} holds a {META_NAME} that is not of pair shards; pass --overwrite to "
+                                    "write pair shards there, or choose another URL")
+            old = None
+    recipe = _recipe(cfg, tok, n_ctx)
+    if old is not None and old.get("recipe") == recipe:
+        return {**old, "status": "up to date", "uploaded": 0}
+    if text is not None:   # replaced: the store's pair shards read as incomplete until the new meta.json
+        delete_remote(R.child(url, META_NAME))
+    root = staging_dir(url)
+    local = root / STAGING_OUT
+    local_cfg = cfg.copy()
+    local_cfg.out, local_cfg.overwrite = str(local), True   # the staging dir is ours
+    meta = prepare_pairs(local_cfg, progress=progress)
+    sent = upload_output(local, pair_relpaths(local), url, root / ".uploaded-pairs.json")
+    return {**meta, "status": "written", "uploaded": sent["uploaded"], "staging": str(local)}
 
 
 def _is_pair_shards(directory: Path) -> bool:
@@ -745,7 +804,8 @@ _FLAGS = [("--input", "input", dict(nargs="+", metavar="PATH", help="JSONL files
           ("--query-field", "query_field", dict(metavar="KEY")),
           ("--document-field", "document_field", dict(metavar="KEY")),
           ("--bundle", "bundle", dict(metavar="DIR", help="bundle whose tokenizer (and n_ctx) to use")),
-          ("--out", "out", dict(metavar="DIR")),
+          ("--out", "out", dict(metavar="DIR|URL", help="output directory, or a store URL (s3://bucket/prefix, "
+                                                        "file:///path, ...): staged locally, then uploaded")),
           ("--n-ctx", "n_ctx", dict(type=int, metavar="N")),
           ("--from-documents", "from_documents", dict(choices=["crop", "ict"],
                                                       help="build pairs from unlabeled documents")),
@@ -787,7 +847,9 @@ def format_summary(out: str, meta: Dict[str, Any]) -> str:
         dropped = (f"{c['read']} read, {c['duplicate_documents']} duplicate documents, {c['empty']} empty and "
                    f"{c['excluded']} held-out-overlapping pairs dropped")
     neg = f", {meta['hard_negatives']} BM25 hard negatives per training query" if meta.get("hard_negatives") else ""
-    return f"wrote {out}: {sizes} pairs (n_ctx {meta['n_ctx']}, right-padded; {dropped}{neg})"
+    sent = (f"; uploaded {meta['uploaded']} files (staging directory {meta['staging']})"
+            if meta.get("staging") else "")
+    return f"wrote {out}: {sizes} pairs (n_ctx {meta['n_ctx']}, right-padded; {dropped}{neg}){sent}"
 
 
 def register(subparsers) -> None:

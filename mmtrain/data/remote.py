@@ -28,7 +28,7 @@ import shutil
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 from mmtrain.data.errors import DataError
 
@@ -295,3 +295,91 @@ def upload(local_root: PathLike, relpaths: Iterable[str], url: str, *, retries: 
 
 def read_json(path: PathLike) -> Dict[str, Any]:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def list_remote(url: str, prefix: str = "", scratch: Optional[Path] = None) -> Optional[set]:
+    """Relative paths of the objects under ``url/prefix``; None when the store cannot list them."""
+    import tempfile
+    import urllib.parse
+
+    url = check_url(url)
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        root = Path(streaming_remote(url))
+        base = root / prefix
+        if not base.exists():
+            return set()
+        return {p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    from mmtrain.data.streaming_compat import CloudUploader
+
+    with tempfile.TemporaryDirectory(prefix="mmtrain-list-", dir=scratch) as local:
+        try:
+            uploader = CloudUploader.get((local, url), keep_local=True, exist_ok=True, retry=1)
+            keys = uploader.list_objects(prefix)
+        except Exception:   # noqa: BLE001 -- every store's client raises its own types
+            return None
+    base = parsed.path.strip("/")
+    cut = len(base) + 1 if base else 0
+    return {str(k)[cut:] for k in (keys or []) if not base or str(k).startswith(base + "/")}
+
+
+def delete_remote(url: str) -> bool:
+    """Delete one object (a meta.json about to be replaced, so the dataset reads as incomplete while
+    it is rewritten); False where mmtrain cannot delete in that store (s3:// and file:// only)."""
+    import urllib.parse
+
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        Path(streaming_remote(url)).unlink(missing_ok=True)
+        return True
+    if parsed.scheme != "s3":
+        return False
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None)
+    try:
+        client.delete_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))
+    except Exception as exc:   # noqa: BLE001
+        raise DataError(f"{url}: cannot delete it before overwriting{endpoint_note(url)} "
+                        f"({_describe(exc)})") from None
+    return True
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    from mmtrain.data.shards import write_json_atomic as write
+
+    write(path, obj)
+
+
+def upload_output(local: Path, relpaths: Sequence[str], url: str, record: Path) -> Dict[str, int]:
+    """Upload ``local/<rel>`` to ``url/<rel>`` in the order given (the completion marker last), skipping
+    what an earlier run uploaded: ``record`` (a JSON file beside the staging output) holds
+    rel -> [bytes, sha1] of every file sent, updated after each one, and a file the store no longer
+    lists is sent again. Returns ``{"uploaded": k, "skipped": m}``."""
+    try:
+        done = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        done = {}
+    common = os.path.commonpath([os.path.dirname(r) for r in relpaths]) if relpaths else ""
+    present = list_remote(url, common + "/" if common else "", scratch=record.parent)
+    todo = []
+    for rel in relpaths:
+        path = local / rel
+        entry = [path.stat().st_size, file_digest(path)]
+        if done.get(rel) == entry and (present is None or rel in present):
+            continue
+        todo.append((rel, entry))
+    import logging
+
+    # streaming's uploader warns on every start that the staging directory is not empty: it is meant to be
+    upload_log = logging.getLogger("streaming.base.storage.upload")
+    level = upload_log.level
+    upload_log.setLevel(logging.ERROR)
+    try:
+        for rel, entry in todo:
+            upload(local, [rel], url)
+            done[rel] = entry
+            write_json_atomic(record, done)
+    finally:
+        upload_log.setLevel(level)
+    return {"uploaded": len(todo), "skipped": len(relpaths) - len(todo)}

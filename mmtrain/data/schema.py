@@ -82,7 +82,9 @@ class PrepareConfig:
                                            ".parquet); `demo` = the built-in docstring corpus.", factory=True)
     text_field: str = setting("text", "JSONL key / Parquet column holding the document text.")
     delimiter: str = setting("", "Plain text: string separating documents inside a file; '' = one document per file.")
-    out: str = setting("data/demo", "Output root; one <out>/ctx<n_ctx>/ directory per context length.")
+    out: str = setting("data/demo", "Output root; one <out>/ctx<n_ctx>/ directory per context length. A store URL "
+                                    "(s3://bucket/prefix, gs://..., file:///path) is written into a local staging "
+                                    "directory, then uploaded, each meta.json last.")
     n_ctx: List[int] = setting(lambda: [128, 512], "Context lengths to write shards for.", factory=True, ge=2)
     tokenizer: str = setting("", "Existing SentencePiece .model to use; '' = train one into <out>/tokenizer.model.")
     tokenizer_spec: TokenizerSpec = field(default_factory=TokenizerSpec)
@@ -99,6 +101,11 @@ class PrepareConfig:
     exclude_pairs: List[str] = setting(list, "Pair directories (`mmtrain prepare-pairs`) whose held-out val and test "
                                         "pairs must not leak into pretraining: documents containing the text "
                                         "of any held-out query or document are dropped.", factory=True)
+    part: str = setting("", "Prepare only part I of N of the corpus (`I/N`, 0-based, e.g. 0/8): the documents "
+                           "whose text hashes to I, into <out>/ctx<n>/<split>/part-IIIII-of-NNNNN; needs "
+                           "`tokenizer` or <out>/tokenizer.model. '' = the whole corpus.")
+    merge: bool = setting(False, "Join the complete parts in `out` into one dataset per n_ctx (index.json per "
+                                 "split, meta.json last); reads no corpus.")
 
 
 @dataclass
@@ -110,7 +117,9 @@ class PairsConfig:
     document_field: str = setting("document", "JSONL key of the document text (e.g. story).")
     bundle: str = setting("", "Exported bundle whose tokenizer is used (and whose n_ctx bounds n_ctx).")
     tokenizer: str = setting("", "A SentencePiece .model to use instead of a bundle's.")
-    out: str = setting("data/pairs/demo", "Output directory: meta.json, tokenizer.model, train/ and test/ MDS shards.")
+    out: str = setting("data/pairs/demo", "Output directory: meta.json, tokenizer.model, train/ and test/ MDS shards; "
+                                          "or a store URL (s3://bucket/prefix, file:///path, ...): written into a "
+                                          "local staging directory, then uploaded, meta.json last.")
     overwrite: bool = setting(False, "Replace a non-empty `out` that holds no pair shards (a directory holding "
                                      "anything else is never replaced). Pair shards of another recipe are "
                                      "replaced without it.")
@@ -166,7 +175,30 @@ def validate_prepare(cfg: DictConfig) -> List[str]:
         p.append("input: give at least one corpus path (or `demo`)")
     if not cfg.n_ctx:
         p.append("n_ctx: give at least one context length")
+    if cfg.part:
+        from mmtrain.data.parts import parse_part
+
+        try:
+            parse_part(cfg.part)
+        except ValueError as exc:
+            p.append(f"part: {exc}")
+        if cfg.merge:
+            p.append("part / merge: give one of them (run every --part I/N first, then one --merge)")
+    p += _url_problems(cfg.out)
     return p
+
+
+def _url_problems(out: str) -> List[str]:
+    from mmtrain.data.errors import DataError
+    from mmtrain.data.remote import check_url, is_remote
+
+    if not is_remote(out):
+        return []
+    try:
+        check_url(out)
+    except DataError as exc:
+        return [f"out: {exc}"]
+    return []
 
 
 def validate_pairs(cfg: DictConfig) -> List[str]:
@@ -187,6 +219,7 @@ def validate_pairs(cfg: DictConfig) -> List[str]:
                  f"{cfg.crop_max_ratio}")
     if not cfg.query_field or not cfg.document_field:
         p.append("query_field / document_field: must not be empty")
+    p += _url_problems(cfg.out)
     return p
 
 

@@ -6,15 +6,21 @@ a replaced directory is swapped out in one atomic exchange and deleted after
 (:func:`mmtrain.files.publish_dir`). A failed run removes its temporary directories; a killed
 run leaves one that the next run deletes (its pid is gone).
 Nothing named ``ctx<N>`` is ever incomplete.
+
+With ``part`` (``mmtrain prepare --part I/N``, :mod:`mmtrain.data.parts`) only the part's documents
+are tokenized and each split goes to ``ctx<N>/<split>/part-IIIII-of-NNNNN``, with the part's record
+written last instead of meta.json. :func:`mmtrain.data.remote.upload_output` sends a finished output to an object store,
+resumably, the file that marks completion last.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from omegaconf import DictConfig
@@ -118,11 +124,33 @@ def _check_both_splits_get_documents(corpus: Corpus, seed: int, val_fraction: fl
                     f"plain-text `delimiter`, one document per line of a .jsonl), or change val_fraction.")
 
 
+def _selected(corpus: Corpus, part: Optional[Tuple[int, int]], indices: deque, bar) -> Iterator[str]:
+    """The documents to tokenize (all, or those of ``part``), their corpus positions appended to
+    ``indices`` in the same order (the encoder yields in order)."""
+    from mmtrain.data.parts import in_part
+
+    for index, doc in enumerate(corpus):
+        if part is not None:
+            bar.update(1)
+            if not in_part(doc, part):
+                continue
+        indices.append(index)
+        yield doc
+
+
 def write_shards(cfg: DictConfig, corpus: Corpus, tok: Tokenizer, n_ctx_list: List[int], out: Path,
-                 recipe: Dict[str, Any], progress: bool = True) -> Dict[int, Dict[str, Any]]:
-    """Tokenize the corpus once and write ``<out>/ctx<N>`` for every N in ``n_ctx_list``."""
+                 recipe: Dict[str, Any], progress: bool = True,
+                 part: Optional[Tuple[int, int]] = None) -> Dict[int, Dict[str, Any]]:
+    """Tokenize the corpus once and write ``<out>/ctx<N>`` for every N in ``n_ctx_list``; with
+    ``part`` = (I, N), only that part of each (:mod:`mmtrain.data.parts`). Returns n_ctx -> meta
+    (a part: its record)."""
+    from mmtrain.data import parts as P
+
     dtype = token_dtype(tok.vocab_size)
-    tmp_dirs = {n: out / f".ctx{n}.tmp-{os.getpid()}" for n in n_ctx_list}
+    if part is None:
+        tmp_dirs = {n: out / f".ctx{n}.tmp-{os.getpid()}" for n in n_ctx_list}
+    else:
+        tmp_dirs = {n: P.tmp_dir(out, n, part) for n in n_ctx_list}
     writers: Dict[Tuple[int, str], _SplitWriter] = {}
     docs = {split: {"documents": 0, "document_tokens": 0} for split in S.SPLITS}
     _check_both_splits_get_documents(corpus, int(cfg.seed), float(cfg.val_fraction))
@@ -133,18 +161,21 @@ def write_shards(cfg: DictConfig, corpus: Corpus, tok: Tokenizer, n_ctx_list: Li
             for split in S.SPLITS:
                 writers[n, split] = _SplitWriter(tmp / split, n, cfg.packing, tok, dtype)
         seed, val_fraction = int(cfg.seed), float(cfg.val_fraction)  # plain values: OmegaConf access is slow
+        indices: deque = deque()
         with progress_bar(progress, desc="tokenizing + packing", unit=" docs",
                           total=cfg.max_docs or None) as bar:
-            for index, ids in enumerate(encode_documents(corpus, tok, int(cfg.num_proc))):
+            for ids in encode_documents(_selected(corpus, part, indices, bar), tok, int(cfg.num_proc)):
+                index = indices.popleft()   # the document's position in the whole corpus
                 split = "val" if is_validation(index, seed, val_fraction) else "train"
                 docs[split]["documents"] += 1
                 docs[split]["document_tokens"] += len(ids) + 1
                 for n in n_ctx_list:
                     writers[n, split].add(ids)
-                bar.update(1)
+                if part is None:
+                    bar.update(1)
                 if index % 256 == 0:
                     bar.set_postfix(tokens=sum(d["document_tokens"] for d in docs.values()), refresh=False)
-        if docs["train"]["documents"] + docs["val"]["documents"] == 0:
+        if part is None and docs["train"]["documents"] + docs["val"]["documents"] == 0:
             raise DataError(f"the corpus is empty: no non-empty documents in {corpus.describe()}")
         results: Dict[int, Dict[str, Any]] = {}
         tok_path = str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else str((out / S.TOKENIZER_NAME).resolve())
@@ -155,7 +186,7 @@ def write_shards(cfg: DictConfig, corpus: Corpus, tok: Tokenizer, n_ctx_list: Li
                 for split in S.SPLITS:
                     finishing.set_postfix(ctx=n, split=split, refresh=False)
                     stats = writers[n, split].finish()
-                    if stats["samples"] == 0:
+                    if stats["samples"] == 0 and part is None:   # a part may hold none: the merge checks the sum
                         d = docs[split]
                         raise DataError(
                             f"the {split} split of n_ctx={n} would have no samples ({d['documents']} "
@@ -166,12 +197,20 @@ def write_shards(cfg: DictConfig, corpus: Corpus, tok: Tokenizer, n_ctx_list: Li
                     splits[split] = {k: stats[k] for k in ("documents", "document_tokens", "samples", "tokens",
                                                            "dropped_tokens", "pad_tokens", "bytes") if k in stats}
                     finishing.update(1)
-                (tmp / S.TOKENIZER_NAME).write_bytes(tok.serialized())
                 meta = _meta(n, cfg, tok, tok_path, dtype, splits, corpus, recipe)
+                if part is not None:
+                    meta = {"kind": "prepare-part", "part": {"index": part[0], "count": part[1]}, **meta}
+                    results[n] = meta
+                    continue
+                (tmp / S.TOKENIZER_NAME).write_bytes(tok.serialized())
                 S.write_json_atomic(tmp / S.META_NAME, meta)  # last: marks the directory complete
                 results[n] = meta
         for n, tmp in tmp_dirs.items():
-            S.replace_dir(tmp, S.ctx_dir(out, n))
+            if part is None:
+                S.replace_dir(tmp, S.ctx_dir(out, n))
+            else:
+                P.install(tmp, out, n, part, results[n], tok.serialized())
+                shutil.rmtree(tmp, ignore_errors=True)
         return results
     except BaseException:
         for w in writers.values():
@@ -179,3 +218,20 @@ def write_shards(cfg: DictConfig, corpus: Corpus, tok: Tokenizer, n_ctx_list: Li
         for tmp in tmp_dirs.values():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Uploading a finished output to an object store
+# ---------------------------------------------------------------------------------------------
+
+
+STAGING_OUT = "out"
+
+
+def staging_dir(url: str) -> Path:
+    """The local directory an output to ``url`` is written into before the upload (claimed as the
+    cache of that URL: :func:`mmtrain.data.remote.claim_cache`); the output is its ``out``, the
+    upload records sit beside it."""
+    from mmtrain.data import remote as R
+
+    return R.claim_cache(R.default_cache_dir(url, "prepare"), url)

@@ -75,7 +75,7 @@ def load_eval_split(bundle: str, data: str, split: str, query_field: str, docume
     section = read_bundle_config(bundle)
     tok = load_bundle_tokenizer(bundle)
     n_ctx = int(section["model"]["n_ctx"])
-    from mmtrain.data.sources import local_pairs
+    from mmtrain.data.pair_sources import local_pairs
 
     data = local_pairs(data, fetch=True)   # a URL of pair shards: their copy in the cache
     if os.path.isdir(data):

@@ -240,11 +240,30 @@ def find_tokenizer(checkpoint: Checkpoint, override: Optional[str] = None) -> Pa
     from mmtrain.data.tokenizer import load_tokenizer
 
     data, n_ctx = checkpoint.config["data"], checkpoint.config["model"]["n_ctx"]
-    candidates = [override] if override else [
-        data.get("tokenizer") or None,
-        os.path.join(data["shard_dir"], f"ctx{n_ctx}", B.TOKENIZER_NAME),
-        os.path.join(data["shard_dir"], B.TOKENIZER_NAME),
-    ]
+    candidates = [override] if override else [data.get("tokenizer") or None]
+    remote_copies = []
+    if not override:
+        from omegaconf import OmegaConf
+
+        from mmtrain.data.sources import sources_of
+
+        # the first (or only) dataset's tokenizer; a URL's is in its cache, or fetched into it
+        src = sources_of(OmegaConf.create({"streams": [], "cache_dir": "", **data}))[0]
+        candidates += [os.path.join(src.local, f"ctx{n_ctx}", B.TOKENIZER_NAME)]
+        if src.remote:
+            remote_copies.append((src, os.path.join(src.local, f"ctx{n_ctx}", B.TOKENIZER_NAME)))
+        else:
+            candidates.append(os.path.join(src.local, B.TOKENIZER_NAME))
+    for src, target in remote_copies:
+        if not os.path.isfile(target):
+            from mmtrain.data import remote as R
+            from mmtrain.data.errors import DataError
+
+            try:
+                R.claim_cache(src.local, src.url)
+                R.download(R.child(src.url, f"ctx{n_ctx}", B.TOKENIZER_NAME), target)
+            except DataError as exc:
+                raise ExportError(f"cannot fetch the tokenizer of {checkpoint.path}: {exc}") from None
     tried = []
     for candidate in filter(None, candidates):
         path = Path(candidate)

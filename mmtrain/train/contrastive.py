@@ -43,7 +43,8 @@ class ContrastiveTask(Task):
         (made by each node's local rank 0 while the others wait)."""
         from mmtrain.data.errors import DataError
         from mmtrain.data.remote import is_remote
-        from mmtrain.data.sources import local_leader, local_pairs
+        from mmtrain.data.pair_sources import local_pairs
+        from mmtrain.data.sources import local_leader
         from mmtrain.train.trainer import barrier
 
         d = self.trainer.cfg.data

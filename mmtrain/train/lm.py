@@ -269,7 +269,10 @@ class LMTask(Task):
         if self.tokenizer is None:
             from mmtrain.data.tokenizer import load_tokenizer
 
-            self.tokenizer = load_tokenizer(shard_tokenizer_path(self.sources[0].local, self.n_ctx))
+            from mmtrain.data.sources import sources_of
+
+            first = sources_of(self.cfg.data)[0]   # a URL's tokenizer is in its cache (fetched at setup)
+            self.tokenizer = load_tokenizer(shard_tokenizer_path(first.local, self.n_ctx))
         tok, n_tokens = self.tokenizer, self.cfg.logging.sample_tokens
         model = self.trainer.engine.module
         was_training = model.training

@@ -60,7 +60,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> Dict[str, Any]:
     from mmtrain.config import load_config
     from mmtrain.models import build_model
     from mmtrain.train import checkpoint as ckpt
-    from mmtrain.train import checkpoint_files
+    from mmtrain import checkpoint_files
     from mmtrain.train.engine import build_engine, init_distributed
     from mmtrain.train.schema import PretrainConfig
 

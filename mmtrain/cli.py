@@ -47,6 +47,9 @@ def _reference(args) -> int:
     schema = schemas()[args.schema]
     print(C.REFERENCE_HEADER)
     print("\n".join(C.reference(schema)))
+    print("\nrole: `train` changes what is trained (a resume that changes it is refused unless "
+          "checkpoint.allow_changes names it); `layout` how or where the same training runs (may change on "
+          "resume); `watch` how the run is watched or fed (may change on resume; not in the HParams dashboard)")
     return 0
 
 

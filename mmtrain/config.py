@@ -86,12 +86,24 @@ def _bound(x: Optional[float]) -> Optional[str]:
 MAX_SEED = 2**32 - 1
 
 
+#: What a setting does to a run, read by resume checks, the HParams dashboard and config-reference:
+#: ``train`` changes what is trained (a resume that changes it is refused unless
+#: checkpoint.allow_changes names it; a hyperparameter); ``layout`` says how or where the same
+#: training runs (may change on resume, checked or converted there; a hyperparameter);
+#: ``watch`` only changes how the run is watched or fed (may change on resume; not a hyperparameter).
+ROLES = ("train", "layout", "watch")
+
+
 def setting(default: Any, help: str, choices: Optional[Sequence[Any]] = None, factory: bool = False, *,
             ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
-            lt: Optional[float] = None):
-    """A schema field: its default, its help text, and its valid values (``choices``, or a numeric
-    range from the bounds ``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <)."""
+            lt: Optional[float] = None, role: Optional[str] = None):
+    """A schema field: its default, its help text, its valid values (``choices``, or a numeric
+    range from the bounds ``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <) and its :data:`ROLES` entry
+    (default: the section's ``ROLE`` class attribute, else ``train``)."""
     meta: dict = {"help": help}
+    if role is not None:
+        assert role in ROLES, role
+        meta["role"] = role
     if choices is not None:
         meta["choices"] = list(choices)
     if any(b is not None for b in (ge, gt, le, lt)):
@@ -467,13 +479,6 @@ def to_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def from_dict(schema_cls: type, data: dict):
-    """Rebuild a typed config from a plain dict (e.g. one stored in a checkpoint)."""
-    cfg = OmegaConf.structured(schema_cls)
-    OmegaConf.set_struct(cfg, True)
-    return OmegaConf.merge(cfg, data)
-
-
 # --------------------------------------------------------------------------------------------
 # Semantic validation (after types are right)
 # --------------------------------------------------------------------------------------------
@@ -487,23 +492,42 @@ def register_validator(schema_cls: type, fn) -> None:
     _VALIDATORS[schema_cls] = fn
 
 
-REFERENCE_HEADER = "| key | type | default | range | meaning |\n|---|---|---|---|---|"
+REFERENCE_HEADER = "| key | type | default | range | role | meaning |\n|---|---|---|---|---|---|"
 
 
-def reference(schema_cls: type, prefix: str = "") -> List[str]:
-    """Markdown rows documenting every field of a schema (key, type, default, valid range, help),
-    under :data:`REFERENCE_HEADER`."""
-    lines: List[str] = []
+def _role(schema_cls: type, f: dataclasses.Field, inherited: str) -> str:
+    return f.metadata.get("role") or getattr(schema_cls, "ROLE", None) or inherited
+
+
+def setting_roles(schema_cls: type, prefix: str = "", inherited: str = "train") -> dict:
+    """dotted key -> :data:`ROLES` entry for every setting of a schema (a list of sections is one
+    setting)."""
+    out: dict = {}
     for f in dataclasses.fields(schema_cls):
         dotted = f"{prefix}.{f.name}" if prefix else f.name
         sub = _dataclass_type(schema_cls, f)
         if sub is not None:
-            lines.extend(reference(sub, dotted))
+            out.update(setting_roles(sub, dotted, _role(schema_cls, f, inherited)))
+        else:
+            out[dotted] = _role(schema_cls, f, inherited)
+    return out
+
+
+def reference(schema_cls: type, prefix: str = "", inherited: str = "train") -> List[str]:
+    """Markdown rows documenting every field of a schema (key, type, default, valid range, role,
+    help), under :data:`REFERENCE_HEADER`."""
+    lines: List[str] = []
+    for f in dataclasses.fields(schema_cls):
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        role = _role(schema_cls, f, inherited)
+        sub = _dataclass_type(schema_cls, f)
+        if sub is not None:
+            lines.extend(reference(sub, dotted, role))
             continue
         item = _list_item_type(schema_cls, f)
         if item is not None:
-            lines.append(f"| `{dotted}` | List[{item.__name__}] | `[]` | | {f.metadata.get('help', '')} |")
-            lines.extend(reference(item, f"{dotted}[]"))
+            lines.append(f"| `{dotted}` | List[{item.__name__}] | `[]` | | {role} | {f.metadata.get('help', '')} |")
+            lines.extend(reference(item, f"{dotted}[]", role))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tname = getattr(f.type, "__name__", str(f.type)).replace("typing.", "")
@@ -513,5 +537,5 @@ def reference(schema_cls: type, prefix: str = "") -> List[str]:
         shown = "" if valid is None else (f"each {valid}" if tname.startswith("List") else str(valid))
         if choices and tname in ("int", "float"):
             shown = f"one of {', '.join(map(str, choices))}"
-        lines.append(f"| `{dotted}` | {tname} | `{default!r}` | {shown} | {f.metadata.get('help', '')}{extra} |")
+        lines.append(f"| `{dotted}` | {tname} | `{default!r}` | {shown} | {role} | {f.metadata.get('help', '')}{extra} |")
     return lines

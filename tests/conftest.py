@@ -142,16 +142,18 @@ def one_torch_thread():
 
 
 TRAIN_STEPS = 12
+# one run on 1 and on 2 processes (test_pretrain compares their losses, test_export their bundles); 8-row
+# panels: the packed mixing matrices (n_ctx 32) span 4 block rows, partitioned over the ranks
+ZERO3_PAIR = ["model.mixer_heads=2", "model.tie_embeddings=true", "model.mixer_block_size=8", "engine.zero_stage=3",
+              "data.num_workers=2"]
 # name: (overrides on top of tiny.yaml, launcher ("python" = in this process), processes)
 TRAINED_RUNS = {
     "mixer_expanded_zero0": (["model.mixer_expansion=2", "engine.zero_stage=0"], "python", 1),
     "mixer_zero1": (["engine.zero_stage=1"], "python", 1),
     "transformer_zero2": (["model.kind=transformer", "model.n_heads=4", "model.n_kv_heads=2",
                            "engine.zero_stage=2"], "python", 1),
-    "mixer_heads_tied_zero3": (["model.mixer_heads=2", "model.tie_embeddings=true", "engine.zero_stage=3"],
-                               "python", 1),
-    "mixer_heads_tied_zero3_2proc": (["model.mixer_heads=2", "model.tie_embeddings=true",
-                                      "engine.zero_stage=3"], "torchrun", 2),
+    "mixer_heads_tied_zero3": (ZERO3_PAIR, "python", 1),
+    "mixer_heads_tied_zero3_2proc": (ZERO3_PAIR, "torchrun", 2),
 }
 
 
@@ -160,6 +162,12 @@ def trained_runs(demo_shards, tmp_path_factory) -> dict:
     """{name: run_dir} of TRAINED_RUNS: 12 steps (lr 1e-2), checkpoints at steps 6 and 12 (one-rank
     runs in this process, the others launched)."""
     base = tmp_path_factory.mktemp("trained_runs")
+    train_runs(demo_shards, base)
+    return {name: base / name for name in TRAINED_RUNS}
+
+
+def train_runs(demo_shards: Path, base: Path) -> None:
+    """Train every one of TRAINED_RUNS into ``base / name``."""
     started, in_process = {}, {}
     for name, (overrides, launcher, nproc) in TRAINED_RUNS.items():
         run_dir = base / name
@@ -167,19 +175,20 @@ def trained_runs(demo_shards, tmp_path_factory) -> dict:
                 f"train.steps={TRAIN_STEPS}", "train.lr=1e-2", "train.eval_every=0", "checkpoint.every=6",
                 "engine.peak_flops=1e11", "data.num_workers=0", *overrides]
         if launcher == "python":   # one rank: the same run in this process, while launched ones start
-            in_process[name] = (run_dir, args)
+            in_process[name] = args
         else:
-            started[name] = (run_dir, start_pretrain(args, launcher, nproc))
-    runs = {}
-    for name, (run_dir, args) in in_process.items():
-        pretrain_in_process(args)
-        runs[name] = run_dir
-    for name, (run_dir, proc) in started.items():
+            started[name] = start_pretrain(args, launcher, nproc)
+    try:
+        for args in in_process.values():
+            pretrain_in_process(args)
+    except BaseException:
+        for proc in started.values():
+            proc.kill()
+        raise
+    for proc in started.values():
         output, _ = proc.communicate(timeout=600)
         if proc.returncode != 0:
             raise AssertionError(f"{' '.join(proc.args)} exited {proc.returncode}\n{output[-6000:]}")
-        runs[name] = run_dir
-    return runs
 
 
 @pytest.fixture(scope="session")
@@ -188,11 +197,9 @@ def exported_bundles(trained_runs, tmp_path_factory) -> dict:
     from mmtrain.export.exporter import export
 
     base = tmp_path_factory.mktemp("bundles")
-    bundles = {}
     for name, run_dir in trained_runs.items():
         export(str(run_dir), str(base / name))
-        bundles[name] = base / name
-    return bundles
+    return {name: base / name for name in trained_runs}
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,10 +270,10 @@ def _loopback_s3():
 
 
 class S3Server(_loopback_s3()):
-    """A real S3 HTTP API (moto's server mode) on 127.0.0.1; while started, ``S3_ENDPOINT_URL`` and
-    dummy credentials in ``os.environ`` point boto3 and streaming (and subprocesses) at it.
-    :meth:`stop` and :meth:`start` take it down and bring it back on the same port (empty: moto
-    keeps nothing)."""
+    """A real S3 HTTP API (moto's server mode) on 127.0.0.1. ``S3_ENDPOINT_URL`` and dummy
+    credentials in the test's ``os.environ`` (the :func:`s3_server` fixture sets them) point boto3
+    and streaming (and subprocesses) at it. :meth:`stop` and :meth:`start` take it down and bring
+    it back on the same port (empty: moto keeps nothing)."""
 
     def __init__(self, port: int, log_path: Path):
         super().__init__(log_path, port)
@@ -275,14 +282,26 @@ class S3Server(_loopback_s3()):
         if getattr(self, "_log", None) is not None:
             self._log.close()
         self.__enter__()
+        self._saved = {}   # the environment belongs to the test (monkeypatch restores it)
         return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
         """The store goes down (the environment keeps pointing at it)."""
-        if self.proc is not None and self.proc.poll() is None:
+        if self.running():
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+    def reset(self) -> None:
+        """Empty the store (moto's reset API): what a fresh server holds."""
+        import urllib.request
+
+        request = urllib.request.Request(self.endpoint + "/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200, response.status
 
     def close(self) -> None:
         self.stop()
@@ -294,13 +313,25 @@ class S3Server(_loopback_s3()):
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-@pytest.fixture()
-def s3_server(tmp_path, monkeypatch):
-    """A fresh moto S3 server for one test; the test's environment (and its subprocesses') talks to it."""
-    server = S3Server(free_port(), tmp_path / "moto.log").start()
-    for key, value in server.env.items():
-        monkeypatch.setenv(key, value)
+@pytest.fixture(scope="session")
+def s3_process(tmp_path_factory):
+    """The moto server process of the session (started by the first :func:`s3_server`)."""
+    server = S3Server(free_port(), tmp_path_factory.mktemp("moto") / "moto.log")
     try:
         yield server
     finally:
-        server.close()
+        if getattr(server, "_log", None) is not None:
+            server.close()
+
+
+@pytest.fixture()
+def s3_server(s3_process, monkeypatch):
+    """An empty moto S3 server for one test (the session's, reset; started again if a test stopped
+    it); the test's environment (and its subprocesses') talks to it."""
+    for key, value in s3_process.env.items():
+        monkeypatch.setenv(key, value)
+    if s3_process.running():
+        s3_process.reset()
+    else:
+        s3_process.start()
+    return s3_process

@@ -18,7 +18,7 @@ from conftest import TINY, pretrain_in_process
 from mmtrain.cli import main as cli_main
 from mmtrain.pretrain import main as pretrain_main
 from mmtrain.train import checkpoint as ckpt
-from mmtrain.train import checkpoint_files
+from mmtrain import checkpoint_files
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -224,7 +224,7 @@ def test_config_reference_shows_each_range(capsys):
 
     assert cli_main(["config-reference", "pretrain"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == "| key | type | default | range | meaning |"
+    assert out.splitlines()[0] == "| key | type | default | range | role | meaning |"
     rows = {line.split("|")[1].strip(" `"): [c.strip() for c in line.split("|")[2:-1]]
             for line in out.splitlines() if line.startswith("| `")}
     assert rows["logging.log_every"][2] == ">= 1"
@@ -234,6 +234,9 @@ def test_config_reference_shows_each_range(capsys):
     assert rows["engine.grad_clip"][2] == ">= 0"
     assert rows["train.eval_batches"][2] == ">= 1"
     assert rows["train.lr"][2] == "> 0"
+    # the role of each setting: what a resume may change and what the HParams dashboard shows
+    assert rows["train.lr"][3] == "train" and rows["engine.zero_stage"][3] == "layout"
+    assert rows["logging.log_every"][3] == "watch" and rows["data.verify_shards"][3] == "watch"
     assert rows["train.eval_n_ctx"][2] == "each >= 1"
     assert rows["engine.zero_stage"][2] == "one of 0, 1, 2, 3"
     assert rows["model.kind"][2] == ""   # not a number
@@ -324,3 +327,41 @@ def test_yaml_with_a_few_small_aliases_still_loads(tmp_path):
     assert cfg.train.eval_every == 10 and list(cfg.train.eval_n_ctx) == [16, 32]
     assert list(cfg.logging.sample_prompts) == ["Return the", "Return the"]
     assert cfg.checkpoint.every == 5 and cfg.checkpoint.keep_last == 2
+
+
+def test_resume_checks_and_hparams_read_each_settings_role():
+    import copy
+
+    from mmtrain.config import to_dict
+    from mmtrain.train.monitor import run_hparams
+    from mmtrain.train.trainer import resume_changes, resume_mutable
+
+    cfg = load_config(PretrainConfig, [], [])
+    saved = to_dict(cfg)
+    current = copy.deepcopy(saved)
+    current["train"]["lr"] = 1e-3                    # train: refused
+    current["engine"]["zero_stage"] = 2              # layout: may change
+    current["data"]["verify_shards"] = False         # watch: may change
+    current["logging"]["log_every"] = 1              # watch
+    forbidden, applied, unloadable = resume_changes(saved, current, (), resume_mutable(cfg))
+    assert [line.split(":")[0] for line in forbidden] == ["train.lr"] and not unloadable
+    assert [line.split(":")[0] for line in applied] == ["data.verify_shards", "engine.zero_stage", "logging.log_every"]
+    from mmtrain.config import setting_roles
+
+    watch = [k for k, role in setting_roles(PretrainConfig).items() if role == "watch"]
+    hparams = run_hparams(saved, watch=watch)
+    assert "train.lr" in hparams and "engine.zero_stage" in hparams
+    assert "data.verify_shards" not in hparams and "logging.log_every" not in hparams
+
+
+@pytest.mark.parametrize("key", ["train.eval_n_ctx=[16]", "train.eval_batches=2", "logging.sample_tokens=3",
+                                 "logging.sample_prompts=[a]"])
+def test_retrieval_configs_refuse_the_pretraining_only_keys(key):
+    with pytest.raises(ConfigError, match=f"unknown key '{key.split('=')[0]}'"):
+        load_config(RetrievalConfig, [], ["retrieval.bundle=b", key])
+    load_config(PretrainConfig, [], [key])   # pretraining reads them
+
+
+def test_retrieval_learning_rate_default_is_the_retrieval_studys():
+    assert load_config(RetrievalConfig, [], ["retrieval.bundle=b"]).train.lr == 1e-3
+    assert load_config(PretrainConfig, [], []).train.lr == 4e-3

@@ -90,6 +90,61 @@ def test_training_on_synthetic_embeddings_learns_to_retrieve(one_torch_thread):
     assert any("accuracy among 8" in line for line in lines)
 
 
+def test_the_scorer_shares_the_trainers_schedule_keys_and_non_finite_error(one_torch_thread):
+    """The train section's optimizer / schedule keys are the Trainer's (one definition: meaning,
+    range, choices), the LR follows the Trainer's schedule step by step, and a non-finite loss
+    raises the Trainer's NonFiniteLoss naming the step."""
+    import dataclasses
+
+    from mmtrain.eval.schema import FrozenTrainSection
+    from mmtrain.optim import OptimizerSettings, Schedule, lr_factor
+    from mmtrain.train.schema import PretrainConfig, TrainConfig
+    from mmtrain.train.trainer import NonFiniteLoss
+
+    def fields(cls):
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    shared, frozen, trainer = fields(OptimizerSettings), fields(FrozenTrainSection), fields(TrainConfig)
+    assert set(shared) >= {"steps", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "seed"}
+    for name, f in shared.items():
+        for section in (frozen, trainer):
+            meta = section[name].metadata
+            assert meta["help"].startswith(f.metadata["help"]), name
+            assert (meta.get("range"), meta.get("choices")) == (f.metadata.get("range"), f.metadata.get("choices"))
+    assert (frozen["lr"].default, frozen["warmup_steps"].default, frozen["schedule"].default) == (1e-4, 500, "linear")
+
+    g = torch.Generator().manual_seed(0)
+    tq, td = _synthetic(16, 128, g)
+    eq, ed = _synthetic(16, 32, g)
+    keys = ["train.steps=12", "train.lr=1e-2", "train.warmup_steps=3", "train.schedule=cosine",
+            "train.min_lr_ratio=0.2"]
+    cfg = load_config(FrozenRetrievalConfig, [], ["embeddings.bundle=unused", "model.n_candidates=8",
+                                                  "model.n_layers=1", "train.batch_size=16", "train.log_every=1",
+                                                  *keys])
+
+    class Scalars:
+        def __init__(self):
+            self.lr = {}
+
+        def add_scalar(self, tag, value, step):
+            if tag == "train/lr":
+                self.lr[step] = value
+
+    writer = Scalars()
+    train_scorer({"train.query": tq, "train.document": td, "test.query": eq, "test.document": ed}, cfg,
+                 writer=writer, log=lambda s: None)
+    pretrain = load_config(PretrainConfig, [], keys).train   # the same keys in the Trainer's section
+    assert sorted(writer.lr) == list(range(1, 13))
+    for step, lr in writer.lr.items():
+        assert lr == pytest.approx(1e-2 * lr_factor(step - 1, Schedule.of(pretrain)), rel=1e-12), step
+    assert writer.lr[4] == pytest.approx(1e-2) and writer.lr[12] > 0.2 * 1e-2
+
+    bad = {"train.query": torch.full_like(tq, float("nan")), "train.document": td, "test.query": eq,
+           "test.document": ed}
+    with pytest.raises(NonFiniteLoss, match=r"^non-finite training loss \(nan\) at step 1$"):
+        train_scorer(bad, cfg, log=lambda s: None)
+
+
 @pytest.fixture(scope="module")
 def pairs(exported_bundles, tmp_path_factory):
     """Demo pairs (first 300) tokenized for the session's tiny mixer bundle (n_ctx 32)."""
@@ -152,6 +207,24 @@ def test_frozen_retrieval_command_end_to_end(exported_bundles, pairs, tmp_path, 
     # a second run reuses the embeddings
     assert cli.main(_args(bundle, pairs, out, "--embed-only")) == 0
     assert "(reused;" in capsys.readouterr().out
+
+
+def test_a_non_finite_loss_exits_3_naming_the_step_and_saves_no_scorer(exported_bundles, pairs, tmp_path, capsys,
+                                                                       one_torch_thread):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    assert cli.main(_args(exported_bundles["mixer_zero1"], pairs, out, "--embed-only")) == 0
+    capsys.readouterr()
+    path = out / "embeddings" / "embeddings.safetensors"
+    tensors = load_file(str(path))
+    tensors["train.query"] = torch.full_like(tensors["train.query"], float("nan"))
+    save_file(tensors, str(path))   # the same source: reused, with NaN training queries
+    assert cli.main(_args(exported_bundles["mixer_zero1"], pairs, out)) == 3
+    err = capsys.readouterr().err
+    assert "mmtrain frozen-retrieval: non-finite training loss (nan) at step 1; stopping, no scorer saved" in err
+    assert "lower train.lr" in err
+    assert not (out / "scorer").exists()
 
 
 def test_mismatched_embeddings_missing_files_and_a_too_large_n_are_refused(exported_bundles, pairs, tmp_path,

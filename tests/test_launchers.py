@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ROOT, TINY, finish, free_port, start_pretrain, start_process, train_losses,
+from conftest import (ROOT, TINY, finish, free_port, pretrain_in_process, start_process, train_losses,
                       wait_for_step)
 
 LAUNCHERS = ROOT / "launchers"
@@ -266,8 +266,13 @@ def test_two_torchrun_nodes_with_zero3_train_like_one_process(demo_shards, stubs
                             "--rdzv_endpoint", invocation.split()[6], "--rdzv_id"]
     env = {"PATH": launcher_env(stubs)["PATH"]}
     nodes = [start_process(shm + command, env=env) for _ in range(2)]
-    reference = start_pretrain(args + [f"logging.run_dir={one_dir}"])
-    results = [finish(p) for p in [*nodes, reference]]
+    try:
+        pretrain_in_process(args + [f"logging.run_dir={one_dir}"])   # the one process, here while the nodes train
+    except BaseException:
+        for p in nodes:
+            p.kill()
+        raise
+    results = [finish(p) for p in nodes]
     for rc, output in results:
         assert rc == 0, output[-4000:]
     assert "world=2 zero=3" in results[0][1] + results[1][1]

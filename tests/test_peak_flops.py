@@ -167,7 +167,7 @@ def logged_peak(trainer) -> float:
     """The peak implied by the logged MFU: tokens/s x flops_per_token / MFU (world of one)."""
     records = [r for r in read_metrics(trainer.run_dir) if "mfu" in r]
     assert len(records) == 2
-    peaks = {r["tokens_per_s"] * trainer.task.flops_per_token / r["mfu"] for r in records}
+    peaks = {r["tokens_per_s"] * trainer.info.flops_per_token / r["mfu"] for r in records}
     return sum(peaks) / len(peaks)
 
 
@@ -177,15 +177,15 @@ def test_a_run_names_its_configured_peak_and_mfu_divides_by_it(demo_shards, tmp_
     assert line.endswith("| MFU peak 250.0 GFLOP/s (config: engine.peak_flops) per device")
     assert logged_peak(trainer) == pytest.approx(2.5e11, rel=1e-9)
     # the numerator is the model's own count, the same one on every device
-    assert trainer.task.flops_per_token == trainer.model.flops_per_token(32) > 0
+    assert trainer.info.flops_per_token == trainer.model.flops_per_token(32) > 0
 
 
 def test_a_cpu_run_without_a_configured_peak_names_the_measured_matmul(demo_shards, tmp_path, capsys):
     trainer = pretrain_in_process(run_args(demo_shards, tmp_path / "run", "engine.peak_flops=0"))
     line = banner(capsys.readouterr().out)
     assert re.search(r"\| MFU peak [\d,.]+ [GT]FLOP/s \(measured: fp32 matmul on cpu\) per device$", line), line
-    assert trainer.task.peak.source == "measured: fp32 matmul on cpu"
-    assert logged_peak(trainer) == pytest.approx(trainer.task.peak.value, rel=1e-9)
+    assert trainer.peak.source == "measured: fp32 matmul on cpu"
+    assert logged_peak(trainer) == pytest.approx(trainer.peak.value, rel=1e-9)
 
 
 def test_a_run_on_a_known_device_names_the_table(demo_shards, tmp_path, capsys, monkeypatch):

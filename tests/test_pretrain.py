@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import TINY, finish, pretrain_in_process, read_metrics, run_pretrain, start_pretrain, train_losses
+from conftest import (TINY, TRAIN_STEPS, finish, pretrain_in_process, read_metrics, run_pretrain, start_pretrain,
+                      train_losses)
 
 STEPS = 6
 
@@ -24,20 +25,24 @@ def tiny_args(shards, run_dir, *extra):
 
 @pytest.fixture(scope="module")
 def zero_runs(demo_shards, tmp_path_factory):
-    """The same tiny run (2 loader workers) under ZeRO 0-3; ZeRO 1 goes through `deepspeed`."""
+    """The same tiny run (2 loader workers) under ZeRO 0-3: ZeRO 1 launched through `deepspeed`,
+    the others in this process while it runs (a world of one trains the same either way)."""
     base = tmp_path_factory.mktemp("zero_runs")
-    started = {}
-    for stage in (0, 1, 2, 3):  # all at once (one BLAS thread each): the runs are independent
-        run_dir = base / f"zero{stage}"
-        launcher = "deepspeed" if stage == 1 else "python"
-        started[stage] = (run_dir, start_pretrain(tiny_args(demo_shards, run_dir, f"engine.zero_stage={stage}",
-                                                            "data.num_workers=2"), launcher=launcher))
+    args = {stage: tiny_args(demo_shards, base / f"zero{stage}", f"engine.zero_stage={stage}", "data.num_workers=2")
+            for stage in (0, 1, 2, 3)}
+    launched = start_pretrain(args[1], launcher="deepspeed")
     runs = {}
-    for stage, (run_dir, proc) in started.items():
-        code, output = finish(proc)
-        assert code == 0, f"{' '.join(proc.args)} exited {code}\n{output[-6000:]}"
-        runs[stage] = (run_dir, SimpleNamespace(stdout=output))
-    return runs
+    try:
+        for stage in (0, 2, 3):
+            pretrain_in_process(args[stage])
+            runs[stage] = (base / f"zero{stage}", None)
+    except BaseException:
+        launched.kill()
+        raise
+    code, output = finish(launched)
+    assert code == 0, f"{' '.join(launched.args)} exited {code}\n{output[-6000:]}"
+    runs[1] = (base / "zero1", SimpleNamespace(stdout=output))
+    return dict(sorted(runs.items()))
 
 
 def tb_scalars(run_dir: Path) -> dict:
@@ -108,16 +113,18 @@ def test_resume_continues_with_exactly_the_same_losses(zero_runs, demo_shards, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [3])   # ZeRO 0-3 on 2 ranks: also test_run_safety's resume-on-2-ranks chain
-def test_two_processes_match_one_process(zero_runs, demo_shards, tmp_path, stage):
-    reference = train_losses(zero_runs[stage][0])  # 1 process: micro 4 x accumulation 2
-    run_dir = tmp_path / "ws2"
-    run_pretrain(tiny_args(demo_shards, run_dir, f"engine.zero_stage={stage}", "data.num_workers=2"),
-                 launcher="torchrun", nproc=2)  # 2 processes: micro 4 x 2 ranks
-    losses = train_losses(run_dir)
-    for step in range(1, STEPS + 1):
+def test_two_processes_match_one_process(trained_runs, stage):
+    """torchrun, 2 processes (micro 4 x 2 ranks, 2 loader workers each, packed panels partitioned)
+    log the losses of one process (micro 4 x accumulation 2): the session's pair of trained runs."""
+    one = trained_runs[f"mixer_heads_tied_zero{stage}"]
+    two = trained_runs[f"mixer_heads_tied_zero{stage}_2proc"]
+    reference, losses = train_losses(one), train_losses(two)
+    assert sorted(losses) == sorted(reference) == list(range(1, TRAIN_STEPS + 1))
+    for step in reference:
         assert losses[step] == pytest.approx(reference[step], rel=1e-5), step
-    ds_config = json.loads((run_dir / "deepspeed_config.json").read_text())
-    assert ds_config["gradient_accumulation_steps"] == 1
+    assert json.loads((one / "deepspeed_config.json").read_text())["gradient_accumulation_steps"] == 2
+    ds_config = json.loads((two / "deepspeed_config.json").read_text())
+    assert ds_config["gradient_accumulation_steps"] == 1 and ds_config["zero_optimization"]["stage"] == stage
 
 
 def test_bf16_trains_with_zero_1(demo_shards, tmp_path):

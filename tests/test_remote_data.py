@@ -1,8 +1,9 @@
 """Shards streamed from an object store (a real S3 API: moto's server on 127.0.0.1) and from a
 plain directory used as a remote, and mixtures of datasets by weight.
 
-Every test talks to the store over HTTP, as a user's run does: the training runs are separate
-processes that find the store through ``S3_ENDPOINT_URL`` in their environment.
+Every test talks to the store over HTTP, as a user's run does: launched runs (2 ranks, a kill -9,
+a run that meets a dead store) find it through ``S3_ENDPOINT_URL`` in their environment, the
+runs in this process through the same variable in the test's.
 """
 
 from __future__ import annotations
@@ -190,6 +191,15 @@ def tiny(shards, run_dir, *extra):
             *extra]
 
 
+@pytest.fixture(scope="module")
+def local_losses(demo_shards, tmp_path_factory) -> dict:
+    """{step: loss} of :func:`tiny` on the local demo shards, trained once in this process: what
+    every run from the bucket must log."""
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    pretrain_in_process(tiny(demo_shards, run_dir))
+    return train_losses(run_dir)
+
+
 def assert_close(a: dict, b: dict, rel=1e-6):
     assert sorted(a) == sorted(b)
     for step in a:
@@ -204,12 +214,11 @@ def written_files(*roots):
 
 
 def test_two_ranks_from_the_bucket_train_like_one_rank_from_local_shards_and_write_no_secret(
-        s3_server, bucket_shards, demo_shards, tmp_path, cache_root, monkeypatch):
+        s3_server, bucket_shards, local_losses, tmp_path, cache_root, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)        # moto accepts any key
-    local = pretrain_in_process(tiny(demo_shards, tmp_path / "local"))
     proc = run_pretrain(tiny(bucket_shards, tmp_path / "remote", "data.num_workers=1"), launcher="torchrun",
                         nproc=2, env={"AWS_SECRET_ACCESS_KEY": SECRET})
-    assert_close(train_losses(tmp_path / "remote"), train_losses(local.run_dir))
+    assert_close(train_losses(tmp_path / "remote"), local_losses)
     config = (tmp_path / "remote" / "config.yaml").read_text()
     assert "shard_dir: s3://mmdata/demo" in config
     from mmtrain import cli
@@ -223,7 +232,7 @@ def test_two_ranks_from_the_bucket_train_like_one_rank_from_local_shards_and_wri
         assert SECRET.encode() not in path.read_bytes(), path
 
 
-def test_kill_9_then_resume_from_the_bucket_reuses_the_warm_cache(s3_server, bucket_shards, demo_shards,
+def test_kill_9_then_resume_from_the_bucket_reuses_the_warm_cache(s3_server, bucket_shards, local_losses,
                                                                    tmp_path, cache_root):
     run_dir = tmp_path / "run"
     proc = start_pretrain(tiny(bucket_shards, run_dir), env={"MMTRAIN_FAULT": "kill_at_step:5"})
@@ -232,27 +241,25 @@ def test_kill_9_then_resume_from_the_bucket_reuses_the_warm_cache(s3_server, buc
     cached = {p: (p.stat().st_ino, p.stat().st_mtime_ns)
               for p in (cache_root / "shards").rglob("shard.*.mds")}
     assert len(cached) == 1                            # the train shard (no evaluation before step 6)
-    run_pretrain(tiny(bucket_shards, run_dir))
+    pretrain_in_process(tiny(bucket_shards, run_dir))       # the relaunch (in this process)
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cached} == cached   # nothing downloaded again
-    reference = pretrain_in_process(tiny(demo_shards, tmp_path / "reference"))
-    assert_close(train_losses(run_dir), train_losses(reference.run_dir))
+    assert_close(train_losses(run_dir), local_losses)
 
 
 def test_a_run_whose_store_is_down_stops_with_a_clear_error_and_resumes_once_it_is_back(
-        s3_server, bucket_shards, demo_shards, tmp_path, cache_root):
+        s3_server, bucket_shards, demo_shards, local_losses, tmp_path, cache_root):
     run_dir = tmp_path / "run"
-    run_pretrain(tiny(bucket_shards, run_dir, "train.stop_at=2"))
+    pretrain_in_process(tiny(bucket_shards, run_dir, "train.stop_at=2"))
     s3_server.stop()
-    proc = run_pretrain(tiny(bucket_shards, run_dir), check=False)
+    proc = run_pretrain(tiny(bucket_shards, run_dir), check=False)   # launched: the exit code and stderr a user sees
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "s3://mmdata/demo/ctx32/meta.json: the store did not answer after 2 attempts" in proc.stderr
     assert "Traceback" not in proc.stderr
     s3_server.start()
     s3_server.bucket("mmdata")
     s3_server.upload_dir(demo_shards, bucket_shards)
-    run_pretrain(tiny(bucket_shards, run_dir))
-    reference = pretrain_in_process(tiny(demo_shards, tmp_path / "reference"))
-    assert_close(train_losses(run_dir), train_losses(reference.run_dir))
+    pretrain_in_process(tiny(bucket_shards, run_dir))
+    assert_close(train_losses(run_dir), local_losses)
 
 
 # ---- mixtures ------------------------------------------------------------------------------------
@@ -330,7 +337,7 @@ def test_a_mixture_trains_and_reports_each_stream(demo_shards, second_dataset, t
     assert {"eval/docs/loss_ctx32", "eval/more/loss_ctx32"} <= set(acc.Tags()["scalars"])
     config = (Path(trainer.run_dir) / "config.yaml").read_text()
     assert "proportion: 0.7" in config and "name: more" in config
-    hp = trainer.task.hparams()
+    hp = trainer.hparams()
     assert hp["data.streams.docs.proportion"] == 0.7 and hp["data.streams.more.shard_dir"] == str(second_dataset)
 
 

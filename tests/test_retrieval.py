@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, TINY, read_metrics, run_pretrain, script_env, split_config_args, train_in_process
+from conftest import ROOT, TINY, pretrain_in_process, read_metrics, script_env, split_config_args, train_in_process
 
 from mmtrain import cli
 from mmtrain.data.errors import DataError
@@ -54,9 +54,9 @@ def pipeline(demo_shards, tmp_path_factory):
     from mmtrain.export.exporter import export
 
     base = tmp_path_factory.mktemp("retrieval")
-    run_pretrain(["--config", TINY, f"data.shard_dir={demo_shards}", f"logging.run_dir={base / 'pre'}",
-                  "train.steps=30", "train.lr=1e-2", "train.eval_every=0", "checkpoint.every=0",
-                  "engine.peak_flops=1e11"])
+    pretrain_in_process(["--config", TINY, f"data.shard_dir={demo_shards}", f"logging.run_dir={base / 'pre'}",
+                         "train.steps=30", "train.lr=1e-2", "train.eval_every=0", "checkpoint.every=0",
+                         "engine.peak_flops=1e11"])
     export(str(base / "pre"), str(base / "base"))
     assert cli.main(["prepare-pairs", "--config", str(DEMO_PAIRS), "--bundle", str(base / "base"),
                      "--out", str(base / "pairs"), "n_ctx=0"]) == 0

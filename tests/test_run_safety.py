@@ -16,7 +16,24 @@ from mmtrain.train.trainer import NonFiniteLoss, Trainer
 
 def args(shards, run_dir, *extra):
     return ["--config", TINY, f"data.shard_dir={shards}", f"logging.run_dir={run_dir}", "train.steps=6",
-            "train.eval_every=0", "checkpoint.every=2", "checkpoint.keep_last=0", *extra]
+            "train.eval_every=0", "checkpoint.every=2", "checkpoint.keep_last=0", "engine.peak_flops=1e11", *extra]
+
+
+@pytest.fixture(scope="module")
+def four_steps(demo_shards, tmp_path_factory):
+    """A finished run of 4 steps (ZeRO 1, checkpoints at 2 and 4), trained once for the module."""
+    run_dir = tmp_path_factory.mktemp("four_steps") / "run"
+    pretrain_in_process(args(demo_shards, run_dir, "train.steps=4"))
+    return run_dir
+
+
+@pytest.fixture()
+def run_of_4_steps(four_steps, tmp_path):
+    """A copy of :func:`four_steps` at ``tmp_path / "run"`` for a test to resume or damage."""
+    import shutil
+
+    shutil.copytree(four_steps, tmp_path / "run", symlinks=True)
+    return tmp_path / "run"
 
 
 @pytest.mark.parametrize("override", ["train.lr=inf", "train.lr=nan", "train.warmup_steps=0 engine.grad_clip=-inf",
@@ -29,11 +46,15 @@ def test_non_finite_numbers_in_a_config_are_refused(override):
 class NanGradientAtStep4(LMTask):
     """Step 4's backward sees an infinite loss scale: its gradient, and the update, are non-finite."""
 
-    def loss(self, engine, inputs):
-        loss, terms = super().loss(engine, inputs)
-        if self.trainer.step == 3:
-            terms = [term * float("inf") for term in terms]
-        return loss, terms
+    def batch(self, raw, micro, step):
+        self.step = step   # optimizer steps done before this one
+        return super().batch(raw, micro, step)
+
+    def loss(self, engine, batch):
+        out = super().loss(engine, batch)
+        if self.step == 3:
+            out.terms = [term * float("inf") for term in out.terms]
+        return out
 
 
 def test_a_non_finite_step_is_never_saved_and_the_run_resumes_from_the_last_finite_checkpoint(demo_shards,
@@ -73,10 +94,9 @@ def test_weights_that_are_not_finite_are_never_saved(demo_shards, tmp_path):
     (b"\xff\xfe\x00garbage", "is unreadable"),
     (b"../../other/checkpoints/step_00000002", "names no checkpoint tag (37 characters), which is not"),
 ])
-def test_a_latest_that_names_no_complete_checkpoint_is_an_error_and_nothing_is_touched(demo_shards, tmp_path,
+def test_a_latest_that_names_no_complete_checkpoint_is_an_error_and_nothing_is_touched(demo_shards, run_of_4_steps,
                                                                                        latest, problem):
-    run_dir = tmp_path / "run"
-    pretrain_in_process(args(demo_shards, run_dir, "train.steps=4"))
+    run_dir = run_of_4_steps
     root = run_dir / "checkpoints"
     (root / "latest").write_bytes(latest)
     before = sorted(p.name for p in root.iterdir())
@@ -89,9 +109,8 @@ def test_a_latest_that_names_no_complete_checkpoint_is_an_error_and_nothing_is_t
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3, 4]
 
 
-def test_a_run_never_overwrites_newer_checkpoints(demo_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    pretrain_in_process(args(demo_shards, run_dir, "train.steps=4"))
+def test_a_run_never_overwrites_newer_checkpoints(demo_shards, run_of_4_steps):
+    run_dir = run_of_4_steps
     root = run_dir / "checkpoints"
     for extra, needle in ((["checkpoint.resume=none"], "newer than where this run would start (from step 0)"),
                           ([f"checkpoint.resume={root / 'step_00000002'}"], "(step_00000004) newer than")):
@@ -174,12 +193,12 @@ def test_generate_refuses_unusable_sampling_settings(exported_bundles, capsys, f
     assert needle in capsys.readouterr().err
 
 
-def test_a_checkpoint_missing_a_rank_file_or_from_another_layout_is_named_before_resuming(demo_shards, tmp_path):
+def test_a_checkpoint_missing_a_rank_file_or_from_another_layout_is_named_before_resuming(demo_shards, tmp_path,
+                                                                                          run_of_4_steps):
     import json
     import shutil
 
-    run_dir = tmp_path / "run"
-    pretrain_in_process(args(demo_shards, run_dir, "train.steps=4"))
+    run_dir = run_of_4_steps
     step4 = run_dir / "checkpoints" / "step_00000004"
     cases = [
         ("rng_rank000.pt", [], "lacks rng_rank000.pt: an incomplete or damaged checkpoint"),

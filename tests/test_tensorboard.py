@@ -54,7 +54,7 @@ def tb_runs(demo_shards, tmp_path_factory):
     shutil.rmtree(lm / "checkpoints" / "step_00000005")
     (lm / "checkpoints" / "latest").write_text("step_00000003")
     trainer = pretrain_in_process(args)
-    final_samples = mon.samples_markdown(trainer.task.generate_samples())   # the step-6 model
+    final_samples = mon.samples_markdown(trainer.task.generate_samples(trainer.engine.module))   # the step-6 model
     export(str(lm), str(base / "bundle"))
     assert cli.main(["prepare-pairs", "--config", str(DEMO_PAIRS), "--bundle", str(base / "bundle"),
                      "--out", str(base / "pairs"), "n_ctx=0", "max_pairs=500"]) == 0
@@ -239,7 +239,11 @@ def test_samples_and_retrieval_tables_are_served_as_text_at_every_evaluation(ser
 def test_run_hparams_flatten_the_config_to_scalars():
     config = {"model": {"kind": "mixer", "d_model": 32, "final_norm": False}, "train": {"lr": 1e-3, "stop_at": 4,
               "eval_n_ctx": [16]}, "logging": {"run_dir": "/x"}, "checkpoint": {"every": 3}, "data": {"num_workers": 2}}
-    assert mon.run_hparams(config, {"run.world_size": 2}) == {
+    from mmtrain.config import setting_roles
+    from mmtrain.train.schema import PretrainConfig
+
+    watch = [k for k, role in setting_roles(PretrainConfig).items() if role == "watch"]
+    assert mon.run_hparams(config, {"run.world_size": 2}, watch) == {
         "model.kind": "mixer", "model.d_model": 32, "model.final_norm": False, "train.lr": 1e-3,
         "run.world_size": 2}
     summary = mon.session_start_summary({"a.flag": True, "a.n": 3, "a.s": "x"})
@@ -262,8 +266,7 @@ def test_samples_only_for_models_that_generate_and_not_under_zero3(kind, zero_st
     cfg = load_config(PretrainConfig, [str(TINY)], [f"model.kind={kind}", f"engine.zero_stage={zero_stage}"])
     task = LMTask()
     task.cfg = cfg
-    task.trainer = SimpleNamespace(engine=SimpleNamespace(module=build_model(cfg.model, 64)))
-    refusal = task.sample_refusal()
+    refusal = task.sample_refusal(build_model(cfg.model, 64))
     assert (reason in refusal) if reason else refusal == ""
 
 
@@ -288,10 +291,9 @@ def test_generate_samples_restores_train_mode_and_uses_no_random_numbers(tmp_pat
     task = LMTask()
     task.cfg, task.n_ctx, task.tokenizer = cfg, 32, None
     model = build_model(cfg.model, 4096).train()
-    task.trainer = SimpleNamespace(engine=SimpleNamespace(module=model))
     state = torch.get_rng_state()
-    samples = task.generate_samples()
+    samples = task.generate_samples(model)
     assert model.training and torch.equal(state, torch.get_rng_state())
     assert [s[0] for s in samples] == ["Return the", "Create a"]
     assert all(s[2].startswith("5 tokens, greedy") or "stopped: eos" in s[2] for s in samples)
-    assert task.generate_samples() == samples   # greedy: the same text again
+    assert task.generate_samples(model) == samples   # greedy: the same text again

@@ -21,7 +21,7 @@ from mmtrain.models.mixer import CausalMixingMatrix, MaskedMixingMatrix
 from mmtrain.models.transformer import rotary_cos_sin
 from mmtrain.data.tokenizer import DEMO_TOKENIZER
 
-from conftest import TINY, read_metrics, run_pretrain
+from conftest import TINY, pretrain_in_process, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -389,10 +389,10 @@ def test_autoencoder_trains_exports_and_eval_lm_reports_its_reconstruction_loss(
     from mmtrain.export.exporter import export
 
     run_dir = tmp_path / "run"
-    run_pretrain(["--config", TINY, f"data.shard_dir={demo_shards}", f"logging.run_dir={run_dir}",
-                  "model.kind=mixer_autoencoder", "model.compression=2", "train.steps=8", "train.lr=1e-2",
-                  "train.eval_every=0", "train.eval_batches=2", "train.eval_n_ctx=[]", "checkpoint.every=8",
-                  "engine.zero_stage=0", "engine.peak_flops=1e11"])
+    pretrain_in_process(["--config", TINY, f"data.shard_dir={demo_shards}", f"logging.run_dir={run_dir}",
+                         "model.kind=mixer_autoencoder", "model.compression=2", "train.steps=8", "train.lr=1e-2",
+                         "train.eval_every=0", "train.eval_batches=2", "train.eval_n_ctx=[]", "checkpoint.every=8",
+                         "engine.zero_stage=0", "engine.peak_flops=1e11"])
     metrics = read_metrics(run_dir)
     losses = [r["loss"] for r in metrics if "loss" in r]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.2

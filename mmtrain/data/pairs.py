@@ -164,7 +164,7 @@ def resolve_tokenizer(bundle: str, tokenizer: str, n_ctx: int):
 
     model_n_ctx = None
     if bundle:
-        from mmtrain.export.bundle import BundleError, load_bundle_tokenizer, read_bundle_config
+        from mmtrain.data.bundle_config import BundleError, load_bundle_tokenizer, read_bundle_config
 
         try:
             section = read_bundle_config(bundle)

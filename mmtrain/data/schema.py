@@ -35,7 +35,7 @@ class DataConfig:
     shard_dir: str = setting(DEFAULT_SHARD_DIR, "Directory or URL written by `mmtrain prepare`; training reads "
                                      "<shard_dir>/ctx<n_ctx>/{train,val} and its meta.json. A URL (s3://bucket/prefix, "
                                      "gs://, oci://, hf://, azure://, file:///nfs/path) is streamed into a local "
-                                     "cache (docs/data.md).")
+                                     "cache (docs/data.md).", role="layout")
     streams: List[StreamSpec] = setting(list, "A mixture instead of shard_dir: datasets (directories or URLs) "
                                         "with a proportion, repeat or choose each, mapped onto streaming's "
                                         "Streams; all must share tokenizer and n_ctx. Example: "
@@ -43,27 +43,27 @@ class DataConfig:
                                         "{name: code, shard_dir: data/code, proportion: 0.2}].", factory=True)
     cache_dir: str = setting("", "Local cache of a shard_dir URL (per node); '' = a directory of its own under "
                                  "~/.cache/mmtrain/shards ($MMTRAIN_CACHE). Reused across runs: shards "
-                                 "already there and verified are not downloaded again.")
+                                 "already there and verified are not downloaded again.", role="watch")
     cache_limit: str = setting("", "Most bytes the cache of a URL may hold, e.g. `20gb`; the shards used least "
-                                   "recently are evicted (streaming's cache_limit); '' = no limit.")
+                                   "recently are evicted (streaming's cache_limit); '' = no limit.", role="watch")
     predownload: int = setting(0, "Samples each data-loader worker downloads ahead of use; 0 = streaming's "
-                                  "default (8 x micro_batch_size).", ge=0)
+                                  "default (8 x micro_batch_size).", ge=0, role="watch")
     download_retry: int = setting(3, "Retries of an object-store download (exponential backoff: 1, 2, 4 ... s, "
-                                     "at most 30 s) before the run stops with an error naming the object.", ge=0)
-    download_timeout: float = setting(60.0, "Seconds one object-store download may take.", gt=0)
+                                     "at most 30 s) before the run stops with an error naming the object.", ge=0, role="watch")
+    download_timeout: float = setting(60.0, "Seconds one object-store download may take.", gt=0, role="watch")
     tokenizer: str = setting("", "SentencePiece .model the shards were made with; '' = the one recorded in "
                             "the shards' meta.json. A hash mismatch with the shards is an error.")
     auto_prepare: bool = setting(True, "If the shards are missing and `prepare_input` is `demo`, prepare them "
-                                  "on first use (cached afterwards).")
-    prepare_input: str = setting("demo", "Corpus used by auto_prepare: `demo` (built-in Python-docstring corpus).")
-    num_workers: int = setting(2, "Data-loader worker processes per rank (e.g. 2).", ge=0)
+                                  "on first use (cached afterwards).", role="watch")
+    prepare_input: str = setting("demo", "Corpus used by auto_prepare: `demo` (built-in Python-docstring corpus).", role="watch")
+    num_workers: int = setting(2, "Data-loader worker processes per rank (e.g. 2).", ge=0, role="watch")
     shuffle: bool = setting(True, "Shuffle training samples (seeded by train.seed).")
     num_canonical_nodes: int = setting(0, "streaming's canonical node count, which fixes the sample order; "
                                      "0 = the number of physical nodes (the order then changes with the "
                                      "node count). Set it (e.g. to the largest node count you will use) "
                                      "to keep one data order when a job is resumed on a different number of nodes.", ge=0)
     verify_shards: bool = setting(True, "Check every shard file's sha1 against its index.json before training "
-                                        "(a corrupt shard is named before any step; about 1 s per GB read).")
+                                        "(a corrupt shard is named before any step; about 1 s per GB read).", role="watch")
 
 
 @dataclass
@@ -158,13 +158,13 @@ class PairsConfig:
 class PairDataConfig:
     shard_dir: str = setting("data/pairs/demo", "Directory or URL (s3://bucket/prefix, file:///...) written by "
                                                 "`mmtrain prepare-pairs`; a URL is copied whole into a local cache "
-                                                "(every shard's sha1 checked) before training.")
+                                                "(every shard's sha1 checked) before training.", role="layout")
     cache_dir: str = setting("", "Local copy of a shard_dir URL; '' = a directory of its own under "
-                                 "~/.cache/mmtrain/pairs ($MMTRAIN_CACHE).")
+                                 "~/.cache/mmtrain/pairs ($MMTRAIN_CACHE).", role="watch")
     download_retry: int = setting(3, "Retries of an object-store download (backoff 1, 2, 4 ... s) before an error "
-                                     "naming the object.", ge=0)
-    download_timeout: float = setting(60.0, "Seconds one object-store download may take.", gt=0)
-    num_workers: int = setting(0, "Data-loader worker processes per rank.", ge=0)
+                                     "naming the object.", ge=0, role="watch")
+    download_timeout: float = setting(60.0, "Seconds one object-store download may take.", gt=0, role="watch")
+    num_workers: int = setting(0, "Data-loader worker processes per rank.", ge=0, role="watch")
     shuffle: bool = setting(True, "Shuffle training pairs (seeded by train.seed).")
 
 

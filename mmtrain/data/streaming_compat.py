@@ -49,8 +49,6 @@ def _import_streaming():
 streaming = _import_streaming()
 MDSWriter, StreamingDataLoader, StreamingDataset = (streaming.MDSWriter, streaming.StreamingDataLoader,
                                                    streaming.StreamingDataset)
-# Careful: unlinks the shm blocks of live datasets too (see mmtrain.data.lm_dataset); mmtrain never calls it.
-clean_stale_shared_memory = streaming.base.util.clean_stale_shared_memory
 
 STREAMING_VERSION = streaming.__version__
 Stream = streaming.Stream
@@ -69,5 +67,5 @@ def read_samples(split_dir):
         for i in range(reader.samples):
             yield reader.get_item(i)
 
-__all__ = ["CloudDownloader", "CloudUploader", "Stream", "MDSWriter", "StreamingDataLoader", "StreamingDataset", "clean_stale_shared_memory",
+__all__ = ["CloudDownloader", "CloudUploader", "Stream", "MDSWriter", "StreamingDataLoader", "StreamingDataset",
            "read_samples", "STREAMING_VERSION"]

@@ -117,11 +117,6 @@ def load_tokenizer(path: Union[str, Path]) -> Tokenizer:
         raise ValueError(f"{path}: not a SentencePiece model ({exc})") from None
 
 
-def file_sha256(path: Union[str, Path]) -> str:
-    """The tokenizer hash of a model file (sha256 of its serialized proto)."""
-    return load_tokenizer(path).sha256
-
-
 def _training_sentences(documents: Iterable[str], max_chars: int) -> Iterator[str]:
     """Non-empty lines of the documents (a line is one SentencePiece training sentence)."""
     n_chars = 0

@@ -29,7 +29,7 @@ from mmtrain.data import shards as S
 from mmtrain.data.corpus import Corpus
 from mmtrain.data.errors import DataError
 from mmtrain.data.packing import encode_documents, is_validation, make_packer, token_dtype
-from mmtrain.data.progress import progress_bar  # noqa: F401  (also imported from here)
+from mmtrain.data.progress import progress_bar
 from mmtrain.data.tokenizer import Tokenizer
 
 SHARD_SIZE_LIMIT = 1 << 26  # bytes per MDS shard file (64 MiB)

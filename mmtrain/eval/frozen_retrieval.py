@@ -11,9 +11,13 @@ method, arXiv 2409.01482).
 2. **Scorer.** :class:`~mmtrain.models.frozen_scorer.FrozenEmbeddingScorer`, a bidirectional
    mixer over ``[q, c_1 .. c_{N-1}]`` trained with cross-entropy over the candidates, on candidate
    sets sampled afresh every step (:func:`~mmtrain.models.frozen_scorer.sample_candidates`).
-   Plain PyTorch with ``torch.optim.AdamW``, linear warmup then decay (not the engine loop of
-   :class:`mmtrain.train.trainer.Trainer`: a minutes-long run of a small model over precomputed embeddings needs no
-   DeepSpeed engine, sharding or resume); TensorBoard scalars
+   Plain PyTorch with ``torch.optim.AdamW`` over all its parameters and the Trainer's LR schedule
+   (:func:`mmtrain.optim.lr_factor`); the ``train`` keys of both come from
+   :class:`mmtrain.optim.OptimizerSettings`, and a non-finite loss raises the Trainer's
+   :class:`~mmtrain.optim.NonFiniteLoss` (exit 3). It is not a task of
+   :class:`mmtrain.train.trainer.Trainer`: that loop would wrap a DeepSpeed engine, a run
+   directory, checkpoints and resume around a minutes-long run over precomputed embeddings whose
+   only output is ``<out_dir>/scorer/``. TensorBoard scalars
    ``train/loss``, ``train/lr``, ``train/accuracy``, ``eval/accuracy``, ``eval/loss`` and
    ``eval/cosine_accuracy`` in ``<out_dir>/tensorboard``.
 3. **Evaluation** on the test split: one fixed candidate set per test query (``train.eval_seed``);
@@ -25,7 +29,7 @@ method, arXiv 2409.01482).
 
 Usage: ``mmtrain frozen-retrieval --config configs/frozen_retrieval/demo.yaml [key=value ...]
 [--json out.json] [--embed-only] [--quiet]``. Exit codes: 0 done, 2 configuration / input error,
-3 non-finite loss.
+3 non-finite loss or weights (:data:`mmtrain.optim.EXIT_NONFINITE`; no scorer is saved).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from mmtrain import files as F
+from mmtrain.optim import EXIT_NONFINITE, NonFiniteLoss, Schedule, lr_factor
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 EMBEDDINGS_META = "embeddings.json"
@@ -266,12 +271,13 @@ def train_scorer(embeddings: Dict[str, Any], cfg, device: str = "cpu", writer=No
 
     Returns ``(model, result)``; result: accuracy, cosine_accuracy, initial_accuracy, chance,
     eval_loss, train_loss, steps, test_queries, n_candidates, history (one dict per evaluation).
+    Raises :class:`~mmtrain.optim.NonFiniteLoss` on a non-finite training loss (naming the step)
+    or non-finite weights at the end.
     """
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    from mmtrain.train.engine import lr_factor
     from mmtrain.models.frozen_scorer import (FrozenEmbeddingScorer, check_pool, sample_candidates,
                                                 strict_top1)
 
@@ -285,8 +291,7 @@ def train_scorer(embeddings: Dict[str, Any], cfg, device: str = "cpu", writer=No
     torch.manual_seed(int(t.seed))
     model = FrozenEmbeddingScorer(tq.shape[1], n_cand, m.n_layers, m.ffn_mult, m.norm_eps).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    schedule = argparse.Namespace(warmup_steps=t.warmup_steps, schedule=t.schedule, steps=steps,
-                                  min_lr_ratio=t.min_lr_ratio)
+    schedule = Schedule.of(t, steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule))
 
     ec, el = sample_candidates(np.arange(len(eq)), len(ed), n_cand, np.random.default_rng(int(t.eval_seed)))
@@ -319,7 +324,7 @@ def train_scorer(embeddings: Dict[str, Any], cfg, device: str = "cpu", writer=No
         logits = model(tq[torch.as_tensor(idx, device=device)], td[cand])
         loss = F.cross_entropy(logits, labels)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {float(loss)} at step {step}; lower train.lr")
+            raise NonFiniteLoss(f"non-finite training loss ({float(loss.detach())}) at step {step}")
         lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -337,6 +342,8 @@ def train_scorer(embeddings: Dict[str, Any], cfg, device: str = "cpu", writer=No
             log(f"step {step:>6}/{steps} | loss {loss_value:.4f} | batch accuracy {100 * acc:.1f}% | lr {lr:.2e}")
         if step != steps and t.eval_every > 0 and step % t.eval_every == 0:
             run_eval(step)
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise NonFiniteLoss(f"non-finite weights after step {steps}; not saved")
     final = run_eval(steps)
     result = {"n_candidates": n_cand, "test_queries": len(eq), "steps": steps, "accuracy": final["accuracy"],
               "cosine_accuracy": cosine, "chance": 1.0 / (n_cand - 1), "initial_accuracy": initial["accuracy"],
@@ -521,9 +528,10 @@ def _main(args) -> int:
     except FrozenRetrievalError as exc:
         print(f"mmtrain frozen-retrieval: error: {exc}", file=sys.stderr)
         return 2
-    except FloatingPointError as exc:
-        print(f"mmtrain frozen-retrieval: {exc}", file=sys.stderr)
-        return 3
+    except NonFiniteLoss as exc:
+        print(f"mmtrain frozen-retrieval: {exc}; stopping, no scorer saved (lower train.lr, or raise "
+              "train.warmup_steps, and run again)", file=sys.stderr)
+        return EXIT_NONFINITE
     return 0
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from mmtrain.train import monitor
+from mmtrain.eval import tags
 
 EVENT_GLOB = "events.out.tfevents.*"
 
@@ -61,11 +61,11 @@ class Run:
 
     def eval_tag(self) -> Optional[str]:
         """``eval/loss_ctx<n_ctx>`` (the run's training length), else the longest eval length logged."""
-        if self.n_ctx is not None and monitor.eval_tag(self.n_ctx) in self.scalars:
-            return monitor.eval_tag(self.n_ctx)
-        tags = sorted((t for t in self.scalars if t.startswith("eval/loss_ctx")),
-                      key=lambda t: int(t.rsplit("ctx", 1)[1]))
-        return tags[-1] if tags else None
+        if self.n_ctx is not None and tags.eval_tag(self.n_ctx) in self.scalars:
+            return tags.eval_tag(self.n_ctx)
+        logged = sorted((t for t in self.scalars if t.startswith("eval/loss_ctx")),
+                        key=lambda t: int(t.rsplit("ctx", 1)[1]))
+        return logged[-1] if logged else None
 
 
 def event_files(run_dir: Path) -> List[Path]:
@@ -157,17 +157,17 @@ def _median(series: Optional[Series]) -> Optional[float]:
 
 def summarize(run: Run) -> Dict[str, Any]:
     s = run.scalars
-    train = s.get(monitor.TRAIN_LOSS)
+    train = s.get(tags.TRAIN_LOSS)
     tag = run.eval_tag()
-    tokens = s.get(monitor.TOKENS_SEEN)
+    tokens = s.get(tags.TOKENS_SEEN)
     return {
         "run": str(run.path), "label": run.label, "n_ctx": run.n_ctx,
         "last_step": max(max(x.steps) for x in s.values() if x.steps),
         "train_loss": train.last if train else None,
         "eval_tag": tag, "eval_loss": s[tag].last if tag else None,
         "tokens_seen": int(tokens.last) if tokens and tokens.values else None,
-        "tokens_per_s": _median(s.get(monitor.TOKENS_PER_S)),
-        "mfu": _median(s.get(monitor.MFU)),
+        "tokens_per_s": _median(s.get(tags.TOKENS_PER_S)),
+        "mfu": _median(s.get(tags.MFU)),
         "wall_s": max(max(x.seconds) for x in s.values() if x.seconds),
     }
 
@@ -209,8 +209,8 @@ def plot_curves(runs: Sequence[Run], out: Path, title: str = "") -> None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
         colour = colours[i % len(colours)]
-        tokens = run.scalars.get(monitor.TOKENS_SEEN)
-        curves = [("train", run.scalars.get(monitor.TRAIN_LOSS), "-", None)]
+        tokens = run.scalars.get(tags.TOKENS_SEEN)
+        curves = [("train", run.scalars.get(tags.TRAIN_LOSS), "-", None)]
         tag = run.eval_tag()
         if tag:
             curves.append(("eval", run.scalars[tag], "--", "o"))

@@ -26,14 +26,19 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
-from mmtrain.export.bundle import BundleError
+from mmtrain.config import register_validator
 from mmtrain.data.errors import DataError
+from mmtrain.data.schema import DataConfig, validate_data
+from mmtrain.export.bundle import BundleError
+from mmtrain.models.schema import ModelConfig, validate_model
 
 DISTANCES = ("l1", "cosine")
 INITS = ("unit", "embedding")
@@ -180,6 +185,27 @@ def parse_layers(values: Optional[Sequence[str]], num_blocks: int) -> List[int]:
     return sorted(set(layers))
 
 
+@dataclass
+class UntrainedModelConfig:
+    """A pretrain config as an untrained model reads it: its ``model`` and ``data`` sections are
+    checked as pretraining checks them; the training sections are accepted as they are, unchecked,
+    since nothing here trains (the pretrain schema itself belongs to the training package above)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: Any = None
+    engine: Any = None
+    logging: Any = None
+    checkpoint: Any = None
+
+
+def validate_untrained(cfg: DictConfig) -> List[str]:
+    """The model and data checks of a pretrain config (load_config has checked each value's range)."""
+    return validate_model(cfg.model, ranges=False) + validate_data(cfg.data)
+
+
+register_validator(UntrainedModelConfig, validate_untrained)
+
+
 def untrained_model(config_files: Sequence[str], overrides: Sequence[str], vocab_size: int, seed: int,
                     embedding_std: Optional[float] = None):
     """The model of a pretrain config, freshly initialised with ``torch.manual_seed(seed)``.
@@ -190,10 +216,9 @@ def untrained_model(config_files: Sequence[str], overrides: Sequence[str], vocab
     does the same through the model's own init.
     """
     from mmtrain.config import load_config
-    from mmtrain.train.schema import PretrainConfig
     from mmtrain.models import build_model
 
-    cfg = load_config(PretrainConfig, config_files, overrides)
+    cfg = load_config(UntrainedModelConfig, config_files, overrides)
     torch.manual_seed(seed)
     model = build_model(cfg.model, vocab_size)
     if embedding_std is not None:
@@ -312,9 +337,8 @@ def _run(args) -> int:
             source = f"{model.kind} bundle {args.bundle} (trained)"
         else:
             from mmtrain.config import load_config
-            from mmtrain.train.schema import PretrainConfig
 
-            cfg = load_config(PretrainConfig, args.config, args.overrides or [])
+            cfg = load_config(UntrainedModelConfig, args.config, args.overrides or [])
             tokenizer = load_tokenizer(config_tokenizer_path(cfg, args.tokenizer))
             model, _ = untrained_model(args.config, args.overrides or [], tokenizer.vocab_size, args.seed,
                                        args.embedding_std)

@@ -9,6 +9,7 @@ from typing import List
 from omegaconf import DictConfig
 
 from mmtrain.config import register_validator, seed_setting, setting
+from mmtrain.optim import OptimizerSettings, tuned
 
 
 @dataclass
@@ -36,18 +37,21 @@ class FrozenScorerSection:
 
 
 @dataclass
-class FrozenTrainSection:
+class FrozenTrainSection(OptimizerSettings):
+    """The scorer's training: the optimizer and LR-schedule keys of the Trainer's ``train`` section
+    (:class:`mmtrain.optim.OptimizerSettings`: meaning and ranges there) with the paper's defaults,
+    and the keys of this loop."""
+
+    steps: int = tuned("steps", 0, "When > 0 it is used instead of `epochs`.")
+    lr: float = tuned("lr", 1e-4, "Paper: 1e-4.")
+    min_lr_ratio: float = tuned("min_lr_ratio", 0.0)
+    warmup_steps: int = tuned("warmup_steps", 500, "Paper: 500.")
+    schedule: str = tuned("schedule", "linear")
+    weight_decay: float = tuned("weight_decay", 0.0, "Applied to every parameter of the scorer.")
     batch_size: int = setting(128, "Queries (candidate sets) per optimizer step (paper: 128).", ge=1)
-    lr: float = setting(1e-4, "Peak AdamW learning rate (paper: 1e-4).", gt=0)
-    warmup_steps: int = setting(500, "Linear warmup steps from 0 to lr (paper: 500).", ge=0)
-    schedule: str = setting("linear", "Decay after warmup.", choices=["linear", "cosine", "constant"])
-    min_lr_ratio: float = setting(0.0, "Final learning rate as a fraction of lr.", ge=0, le=1)
-    weight_decay: float = setting(0.0, "AdamW weight decay.", ge=0)
     grad_clip: float = setting(1.0, "Global gradient-norm clip; 0 = off.", ge=0)
-    steps: int = setting(0, "Optimizer steps; when > 0 it is used instead of `epochs`.", ge=0)
     epochs: float = setting(100.0, "Passes over the training queries (paper: 100-200), each with fresh candidate "
                               "sets; steps = ceil(epochs * train pairs / batch_size). Used when steps is 0.", ge=0)
-    seed: int = seed_setting(0, "Seed of the scorer's init and of the training candidate sets.")
     eval_every: int = setting(0, "Evaluate on the test split every N steps (always at step 0 and at the end); 0 = "
                             "only then.", ge=0)
     eval_seed: int = seed_setting(0, "Seed of the fixed test candidate sets (the same for the scorer and the cosine "

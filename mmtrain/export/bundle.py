@@ -25,12 +25,13 @@ Loading trusts nothing in the directory: :func:`load_pretrained` validates confi
 model schema (types, ranges, kinds), compares the tensor shapes the config implies (a model built on
 the ``meta`` device, which allocates nothing) with those in the safetensors headers, and checks
 every weight file's size and sha256 against config.json before it builds the model or reads a weight.
+Reading config.json and the tokenizer is :mod:`mmtrain.data.bundle_config` (pair shards made for a
+bundle need only that).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -41,29 +42,21 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from mmtrain.data.bundle_config import (CONFIG_NAME, DIGESTS_KEY, DTYPE_NAMES, DTYPES, FORMAT_VERSION, REEXPORT,
+                                        BundleError, PathLike, bundle_file, describe_value, is_int, read_json,
+                                        read_bundle_config)
+from mmtrain.data.bundle_config import load_bundle_tokenizer  # noqa: F401  (part of the bundle API)
 from mmtrain.files import sha256_file
 from mmtrain.models import CausalLM, build_model
 from mmtrain.models.layers import init_gather
 from mmtrain.models.mixer import CausalMixingMatrix, MaskedMixingMatrix
 
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_NAME = "tokenizer.model"
 CARD_NAME = "model_card.md"
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
-DIGESTS_KEY = "digests"              # mmtrain section: {weight file: {"bytes": n, "sha256": hex}}
 MAX_HEADER_BYTES = 100 * 1024**2     # safetensors' own limit on a header
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-PathLike = Union[str, Path]
-
-
-class BundleError(ValueError):
-    """A bundle directory that cannot be loaded: the message names the file and what is wrong."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,23 +165,12 @@ def file_digest(path: PathLike) -> Dict[str, Any]:
     return {"bytes": size, "sha256": digest}
 
 
-def bundle_file(directory: PathLike, name: str, what: str) -> Path:
-    """``directory / name`` for a file a bundle's own JSON names; BundleError unless it resolves
-    (symlinks followed) inside the bundle directory: a bundle never makes mmtrain open other files."""
-    root = Path(directory).resolve()
-    path = (root / str(name)).resolve()
-    if not str(name) or os.path.isabs(str(name)) or (path != root and root not in path.parents):
-        raise BundleError(f"{Path(directory)}: {what} {str(name)!r} is not a file inside the bundle directory; "
-                          "refusing to read it (re-export the bundle with `mmtrain export`)")
-    return path
-
-
 def weight_files(directory: PathLike) -> List[str]:
     """The files a bundle's weights are read from: ``[model.safetensors]``, or the shard index and
     the shards it names. BundleError for a missing file or one outside the bundle directory."""
     directory = Path(directory)
     if (directory / INDEX_NAME).is_file():
-        index = _read_json(directory / INDEX_NAME)
+        index = read_json(directory / INDEX_NAME)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise BundleError(f"{directory / INDEX_NAME}: no 'weight_map' of tensor names to file names "
@@ -271,7 +253,7 @@ def describe_tensor(name: str) -> str:
 
 
 def tensor_table(state: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, Any]]:
-    return {name: {"shape": list(t.shape), "dtype": _DTYPE_NAMES.get(t.dtype, str(t.dtype)),
+    return {name: {"shape": list(t.shape), "dtype": DTYPE_NAMES.get(t.dtype, str(t.dtype)),
                    "description": describe_tensor(name)} for name, t in state.items()}
 
 
@@ -295,7 +277,7 @@ def bundle_config(model: CausalLM, state: Dict[str, torch.Tensor], dtype: torch.
         "mmtrain_version": __version__,
         "model": dict(model.config_dict),
         "num_params": model.num_params(),
-        "dtype": _DTYPE_NAMES[dtype],
+        "dtype": DTYPE_NAMES[dtype],
         "weight_files": weight_files,
         DIGESTS_KEY: digests,
         "tied_weights": tied_names(model),
@@ -312,9 +294,9 @@ def bundle_config(model: CausalLM, state: Dict[str, torch.Tensor], dtype: torch.
     config: Dict[str, Any] = {}
     if model.kind == "transformer":
         config.update(architectures=["LlamaForCausalLM"], model_type="llama", **model.hf_config_dict(),
-                      torch_dtype=_DTYPE_NAMES[dtype], pad_token_id=tokenizer.pad_id,
+                      torch_dtype=DTYPE_NAMES[dtype], pad_token_id=tokenizer.pad_id,
                       bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    config.update(hf_config_keys(model.config_dict, tokenizer, _DTYPE_NAMES[dtype]))
+    config.update(hf_config_keys(model.config_dict, tokenizer, DTYPE_NAMES[dtype]))
     config["mmtrain"] = section
     return config
 
@@ -368,111 +350,6 @@ _SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32
 _SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 #: Kinds whose weights hold at least one n_ctx x n_ctx token-mixing matrix per block.
 _MIXING_KINDS = ("mixer", "hybrid", "bidirectional_mixer", "mixer_autoencoder")
-_HEX = set("0123456789abcdef")
-_SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
-
-
-def _found(value: Any) -> str:
-    """A config value for an error message: its JSON type and a short rendering."""
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
-    text = json.dumps(value) if isinstance(value, (bool, int, float, str, type(None))) else ""
-    if len(text) > 40:
-        text = text[:37] + "..."
-    return f"{kind} ({text})" if text else kind
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_sha256(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
-
-
-def model_config_problems(model: Any, prefix: str = "mmtrain.model") -> List[str]:
-    """Every way the model section of a bundle's config.json breaks the model schema
-    (:class:`mmtrain.models.schema.ModelConfig`): unknown keys, wrong JSON types, unknown kinds and
-    choices, values out of range. Empty when :func:`mmtrain.models.build_model` can build it."""
-    from omegaconf import OmegaConf
-
-    from mmtrain.models import MODELS
-    from mmtrain.models.schema import ModelConfig, validate_model
-
-    if not isinstance(model, dict):
-        return [f"{prefix}: expected an object with the model config, found {_found(model)}"]
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    problems = [f"{prefix}.{key}: unknown key (model keys: {', '.join(fields)})"
-                for key in model if key not in fields]
-    typed: Dict[str, Any] = {}   # the keys whose type (and choice) is right, for the range checks
-    for key, value in model.items():
-        field = fields.get(key)
-        if field is None:
-            continue
-        expected = field.type if isinstance(field.type, type) else _SCALAR_TYPES.get(field.type)
-        if expected not in (bool, int, float, str):
-            continue   # not a scalar setting: validate_model checks it
-        if expected is bool:
-            ok = isinstance(value, bool)
-        elif expected is int:
-            ok = _is_int(value)
-        elif expected is float:
-            ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-        else:
-            ok = isinstance(value, str)
-        if not ok:
-            what = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[expected]
-            problems.append(f"{prefix}.{key}: expected {what}, found {_found(value)}")
-            continue
-        choices = list(MODELS) if key == "kind" else field.metadata.get("choices")
-        if choices and value not in choices:
-            problems.append(f"{prefix}.{key}: {json.dumps(value)[:40]} is not one of {', '.join(map(repr, choices))}")
-            continue
-        typed[key] = value
-    if "kind" not in model:
-        problems.append(f"{prefix}.kind: missing (one of {', '.join(map(repr, MODELS))})")
-    vocab = model.get("vocab_size")
-    if _is_int(vocab) and vocab < 1:
-        problems.append(f"{prefix}.vocab_size: must be >= 1 in a bundle, found {vocab}")
-    # The range checks compare numbers: they see the well-typed keys, defaults for the others.
-    defaults = dataclasses.asdict(ModelConfig())
-    return problems + validate_model(OmegaConf.create({**defaults, **typed}), prefix=prefix)
-
-
-def section_problems(section: Dict[str, Any]) -> List[str]:
-    """Schema problems of a bundle's "mmtrain" section: the model config and the keys loading
-    reads (dtype, tokenizer, weight files, digests)."""
-    problems = model_config_problems(section.get("model"))
-    dtype = section.get("dtype", "float32")
-    if dtype not in (_DTYPE_NAMES[t] for t in DTYPES.values()):
-        problems.append(f"mmtrain.dtype: expected one of {', '.join(_DTYPE_NAMES[t] for t in DTYPES.values())}, "
-                        f"found {_found(dtype)}")
-    tokenizer = section.get("tokenizer")
-    if not isinstance(tokenizer, dict):
-        problems.append(f"mmtrain.tokenizer: expected an object with 'file' and 'sha256', found {_found(tokenizer)}")
-    else:
-        if not isinstance(tokenizer.get("file"), str):
-            problems.append(f"mmtrain.tokenizer.file: expected a file name, found {_found(tokenizer.get('file'))}")
-        if not _is_sha256(tokenizer.get("sha256")):
-            problems.append("mmtrain.tokenizer.sha256: expected 64 lowercase hex digits, found "
-                            f"{_found(tokenizer.get('sha256'))}")
-    files = section.get("weight_files", [])
-    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-        problems.append(f"mmtrain.weight_files: expected a list of file names, found {_found(files)}")
-    digests = section.get(DIGESTS_KEY)
-    if digests is not None:
-        if not isinstance(digests, dict):
-            problems.append(f"mmtrain.{DIGESTS_KEY}: expected an object {{file: {{bytes, sha256}}}}, "
-                            f"found {_found(digests)}")
-        else:
-            for name, record in digests.items():
-                if not (isinstance(record, dict) and _is_int(record.get("bytes")) and record["bytes"] >= 0
-                        and _is_sha256(record.get("sha256"))):
-                    problems.append(f"mmtrain.{DIGESTS_KEY}.{name}: expected {{\"bytes\": n >= 0, \"sha256\": "
-                                    "64 hex digits}")
-    return problems
-
-
 def read_safetensors_header(path: PathLike) -> Dict[str, Tuple[str, List[int]]]:
     """``{tensor: (dtype, shape)}`` from a safetensors file's header, read without touching the
     data: 8 bytes of header length (little endian), then that much JSON. BundleError unless every
@@ -496,7 +373,8 @@ def read_safetensors_header(path: PathLike) -> Dict[str, Tuple[str, List[int]]]:
         raise BundleError(f"{path}: safetensors header is not valid JSON ({exc.msg} at byte {8 + exc.pos}); "
                           "the file is damaged: re-export the bundle") from None
     if not isinstance(header, dict):
-        raise BundleError(f"{path}: safetensors header is {_found(header)}, not an object; re-export the bundle")
+        raise BundleError(f"{path}: safetensors header is {describe_value(header)}, not an object; "
+                          "re-export the bundle")
     data_bytes = size - 8 - length
     tensors, problems = {}, []
     for name, entry in header.items():
@@ -506,8 +384,8 @@ def read_safetensors_header(path: PathLike) -> Dict[str, Tuple[str, List[int]]]:
         shape = entry.get("shape") if isinstance(entry, dict) else None
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if (dtype not in _SAFETENSORS_ITEMSIZE or not isinstance(shape, list)
-                or not all(_is_int(d) and d >= 0 for d in shape) or not isinstance(offsets, list)
-                or len(offsets) != 2 or not all(_is_int(o) for o in offsets)):
+                or not all(is_int(d) and d >= 0 for d in shape) or not isinstance(offsets, list)
+                or len(offsets) != 2 or not all(is_int(o) for o in offsets)):
             problems.append(f"tensor {name!r}: malformed header entry")
             continue
         nbytes = math.prod(shape) * _SAFETENSORS_ITEMSIZE[dtype]
@@ -628,8 +506,6 @@ def digest_problems(directory: PathLike, section: Dict[str, Any], files: List[st
     return problems
 
 
-REEXPORT = ("re-export the bundle from its checkpoint (`mmtrain export RUN --out BUNDLE --overwrite`) or "
-            "restore it from a good copy")
 _WARNED_UNVERIFIED: set = set()
 
 
@@ -656,46 +532,6 @@ def verify_weights(directory: PathLike, section: Dict[str, Any], files: List[str
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> Any:
-    """A JSON file's value; BundleError naming the file and where it breaks (never its text)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise BundleError(f"{path}: unreadable ({exc.strerror or type(exc).__name__})") from None
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise BundleError(f"{path}: not UTF-8 text (byte {exc.start}); not a file written by "
-                          "`mmtrain export`") from None
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
-                          "restore it or re-export the bundle") from None
-    except RecursionError:
-        raise BundleError(f"{path}: JSON nested too deeply; not a file written by `mmtrain export`") from None
-
-
-def read_bundle_config(path: PathLike) -> Dict[str, Any]:
-    """The "mmtrain" section of ``<path>/config.json``; BundleError when it is not a bundle."""
-    path = Path(path)
-    config_path = path / CONFIG_NAME
-    if not config_path.is_file():
-        what = "does not exist" if not path.exists() else f"has no {CONFIG_NAME}"
-        raise BundleError(f"{path} {what}: not a bundle written by `mmtrain export`")
-    config = _read_json(config_path)
-    section = config.get("mmtrain") if isinstance(config, dict) else None
-    if not isinstance(section, dict) or "model" not in section:
-        raise BundleError(f"{config_path}: no 'mmtrain' section with the model config (not written by "
-                          "`mmtrain export`)")
-    version = section.get("format_version")
-    if not _is_int(version) or version > FORMAT_VERSION:
-        raise BundleError(f"{config_path}: bundle format_version {_found(version)}; this mmtrain reads "
-                          f"versions up to {FORMAT_VERSION} (upgrade mmtrain)")
-    problems = section_problems(section)
-    if problems:
-        raise BundleError(f"{config_path}: not a valid bundle config ({REEXPORT}):\n  - " + "\n  - ".join(problems))
-    return section
 
 
 def load_pretrained(path: PathLike, device: Any = "cpu", dtype: Optional[torch.dtype] = None,
@@ -778,18 +614,3 @@ def _in_model_layout(model: CausalLM, stored: Dict[str, torch.Tensor], path: Pat
 def _shape(tensor: torch.Tensor) -> List[int]:
     """The full shape, also of a ZeRO-3 partitioned parameter (whose local tensor is empty)."""
     return list(getattr(tensor, "ds_shape", tensor.shape))
-
-
-def load_bundle_tokenizer(path: PathLike):
-    """The bundle's tokenizer; BundleError if it is missing or not the one config.json records."""
-    from mmtrain.data.tokenizer import load_tokenizer
-
-    section = read_bundle_config(path)
-    tok_path = bundle_file(path, section["tokenizer"]["file"], "config.json tokenizer file")
-    if not tok_path.is_file():
-        raise BundleError(f"{tok_path}: tokenizer missing from the bundle")
-    tokenizer = load_tokenizer(tok_path)
-    if tokenizer.sha256 != section["tokenizer"]["sha256"]:
-        raise BundleError(f"{tok_path}: sha256 {tokenizer.sha256[:12]}… is not the tokenizer config.json "
-                          f"records ({section['tokenizer']['sha256'][:12]}…)")
-    return tokenizer

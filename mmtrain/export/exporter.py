@@ -35,7 +35,7 @@ from mmtrain.data.progress import add_quiet_argument, progress_bar
 from mmtrain.export import bundle as B
 from mmtrain.export import hf as HF
 from mmtrain.export.hf import EMBEDDER_KINDS, write_sentence_transformers
-from mmtrain.train import checkpoint as ckpt
+from mmtrain import checkpoint_files as ckpt
 
 MODEL_STATES = "mp_rank_00_model_states.pt"          # ZeRO 0-2: the full module (+ client state)
 ZERO3_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
@@ -62,7 +62,13 @@ class Checkpoint:
 
     @property
     def config(self) -> Dict[str, Any]:
-        return self.states["config"]
+        """The run's config, with what the task recorded for export (``export``: a retrieval run's
+        model section, tokenizer and embedder) in the places export reads them."""
+        config, extra = self.states["config"], self.states.get("export") or {}
+        if not extra:
+            return config
+        return {**config, "model": extra["model"], "embedder": extra.get("embedder"),
+                "data": {**config.get("data", {}), "tokenizer": extra["tokenizer"]}}
 
     @property
     def run_dir(self) -> Optional[Path]:
@@ -221,8 +227,10 @@ def build_checkpoint_model(checkpoint: Checkpoint):
     from mmtrain.models import build_model
 
     model = build_model(checkpoint.config["model"], checkpoint.states["vocab_size"])
-    state = fp32_state_dict(checkpoint)
-    state.pop("logit_scale", None)   # a retrieval run's learned temperature: kept in the embedder settings
+    from mmtrain.models.embedding import lm_state_dict
+
+    # a retrieval run trained an Embedder: its LM's weights (the learned temperature is in the embedder settings)
+    state = lm_state_dict(fp32_state_dict(checkpoint))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -2,7 +2,7 @@
 
 Models are plain PyTorch modules sharing the :class:`~mmtrain.models.layers.CausalLM`
 interface; none of them imports deepspeed. To add a variant, subclass ``CausalLM`` (set its
-``kind``) and add it to :data:`MODELS` (or call :func:`register_model`).
+``kind``) and add it to :data:`MODELS`.
 """
 
 from __future__ import annotations
@@ -25,11 +25,6 @@ MODELS: Dict[str, Type[CausalLM]] = {
 }
 
 
-def register_model(kind: str, cls: Type[CausalLM]) -> None:
-    """Make ``model.kind: <kind>`` build ``cls``."""
-    MODELS[kind] = cls
-
-
 def build_model(model_cfg: Any, vocab_size: Optional[int] = None) -> CausalLM:
     """Build the model described by ``model_cfg`` (DictConfig / ModelConfig / dict).
 
@@ -45,4 +40,4 @@ def build_model(model_cfg: Any, vocab_size: Optional[int] = None) -> CausalLM:
 
 __all__ = ["MODELS", "BidirectionalMixerLM", "CausalLM", "CausalLMOutput", "HybridLM", "LlamaLM",
            "MaskedMixerLM", "MixerAutoencoderLM", "build_model",
-           "causal_lm_loss", "register_model", "resolve_model_config"]
+           "causal_lm_loss", "resolve_model_config"]

@@ -5,8 +5,8 @@
   a model stores as ``model.config_dict`` and what export code needs to rebuild the model.
 - :func:`causal_lm_loss`: shifted next-token cross-entropy with ``-100`` ignored.
 - :class:`CausalLM`: the base class fixing the model interface (``forward``, ``hidden_states``,
-  ``num_params``, ``flops_per_token``, incremental decoding with ``init_cache`` / ``forward_step``,
-  embeddings with ``forward(input_ids, lengths=...)``). Loading a bundle is
+  ``num_params``, ``flops_per_token``, incremental decoding with ``init_cache`` / ``forward_step``;
+  embeddings: :class:`mmtrain.models.embedding.Embedder`). Loading a bundle is
   :func:`mmtrain.export.bundle.load_pretrained`.
 - :class:`DecodingCache`: what incremental decoding keeps between calls (per-layer tensors).
 
@@ -29,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mmtrain.config import ConfigError
-from mmtrain.models.embedding import embed
 from mmtrain.models.schema import ModelConfig, validate_model
 
 IGNORE_INDEX = -100
@@ -231,18 +230,14 @@ class CausalLM(nn.Module):
         return block(*args)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, *, lengths: Optional[torch.Tensor] = None,
-                pooling: str = "mean"):
+                attention_mask: Optional[torch.Tensor] = None) -> "CausalLMOutput":
         """input_ids [B, L] (L <= n_ctx) -> :class:`CausalLMOutput` (logits [B, L, V]; loss when
         labels [B, L] are given).
 
         ``attention_mask`` [B, L] only removes positions from the loss: the models are causal,
-        so right padding never changes the outputs at real tokens. With ``lengths`` [B] (real
-        tokens of right-padded rows) the model is an embedder: it returns the L2-normalised
-        ``pooling`` of the final hidden states, [B, d] fp32 (:mod:`mmtrain.models.embedding`).
+        so right padding never changes the outputs at real tokens. Embeddings:
+        :class:`mmtrain.models.embedding.Embedder`.
         """
-        if lengths is not None:
-            return embed(self, input_ids, lengths, pooling)
         logits = self.lm_head(self.hidden_states(input_ids))
         loss = None if labels is None else self.compute_loss(logits, labels, attention_mask)
         return CausalLMOutput(logits=logits, loss=loss)

@@ -148,11 +148,6 @@ class MaskedMixingMatrix(nn.Module):
         return torch.matmul(self.masked_weight(n_out, n_in, start), u) + self.bias[..., start:n_out, None]
 
 
-def causal_mask(n_ctx: int) -> torch.Tensor:
-    """[n_ctx, n_ctx] lower-triangular ones: output i sees inputs j <= i (diagonal kept)."""
-    return torch.tril(torch.ones(n_ctx, n_ctx))
-
-
 LAYOUTS = ("packed", "dense")
 DENSE_PANEL_MAX = 256    # up to this n_ctx a packed matrix is one panel: the dense matrix itself
 

@@ -81,7 +81,7 @@ class ModelConfig:
                                 "partitions of `dense`), one GEMM per block row. `dense`: the full n_ctx x n_ctx "
                                 "matrix with a mask (the layout of earlier versions). Bundles always store the "
                                 "dense masked matrix; each layout loads the other's weights.",
-                                choices=["packed", "dense"])
+                                choices=["packed", "dense"], role="layout")
     activation_checkpointing: bool = setting(False, "Recompute each block's activations in the backward pass "
                                                "(torch.utils.checkpoint, non-reentrant): less memory, ~1/3 "
                                                "more compute.")

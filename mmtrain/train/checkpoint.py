@@ -25,7 +25,7 @@ refuses a checkpoint missing a file of its manifest or failing :func:`verify`, a
 written by another number of ranks or at another ZeRO partitioning must first be converted
 (:func:`to_universal`).
 
-Integrity (:mod:`mmtrain.train.checkpoint_files`): :func:`verify` checks every file's size and sha256 against the manifest (one chunked
+Integrity (:mod:`mmtrain.checkpoint_files`): :func:`verify` checks every file's size and sha256 against the manifest (one chunked
 read per file; the ranks of a run split the files between them), before anything is loaded.
 Checkpoint files are pickles (DeepSpeed's format). :func:`verify` also unpickles every ``.pt``
 file with ``torch.load(weights_only=True)`` and :func:`allowed_globals` (the few DeepSpeed types
@@ -42,7 +42,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
@@ -52,30 +51,19 @@ import torch
 import torch.distributed as dist
 
 from mmtrain.models.mixer import mixing_layout
-from mmtrain.train.checkpoint_files import (DIGEST, MANIFEST, RESUME_INFO, TAG_RE, CheckpointError,  # noqa: F401
-                                            complete_digests, digest_files, digest_own_files, file_digest,
-                                            gather_digests, list_tags, read_manifest, read_pt, tag_for, verify,
-                                            weights_only_loads)
+from mmtrain.checkpoint_files import (CHECKPOINT_SUBDIR, DIGEST, INCOMPLETE_SUFFIX, LATEST,  # noqa: F401
+                                     MANIFEST, RESUME_INFO, TAG_RE, CheckpointError, check_latest,
+                                     complete_digests, digest_files, digest_own_files, file_digest,
+                                     gather_digests, list_tags, read_latest, read_manifest, read_pt, tag_for,
+                                     verify, weights_only_loads)
 from mmtrain.models.mixing_ops import block_for_size
 from mmtrain.train import faults
 
-CHECKPOINT_SUBDIR = "checkpoints"
-LATEST = "latest"
-INCOMPLETE_SUFFIX = ".incomplete"
 UNIVERSAL = "universal"      # subdirectory of universal conversions (resume on another layout)
 
 
 def checkpoint_root(run_dir: str) -> str:
     return os.path.join(run_dir, CHECKPOINT_SUBDIR)
-
-
-def read_latest(ckpt_root: str) -> Optional[str]:
-    """The tag ``latest`` points at, or None when there is no trustworthy one (:func:`check_latest`
-    without the error)."""
-    try:
-        return check_latest(ckpt_root)
-    except CheckpointError:
-        return None
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -227,36 +215,6 @@ def prune(root: str, keep_last: int) -> None:
     for tag in tags[:-keep_last]:
         if tag != latest:
             shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
-
-
-def check_latest(ckpt_root: str) -> Optional[str]:
-    """The tag ``latest`` names, checked: None when there is no ``latest`` file; CheckpointError when
-    it is unreadable or names anything but a complete checkpoint directory of ``ckpt_root``. A
-    ``latest`` that is a symbolic link is refused unread, and its text is never shown unless it is a
-    checkpoint tag's shape (it may be another file's: a planted hard link)."""
-    path = os.path.join(ckpt_root, LATEST)
-    target = f"a complete checkpoint directory of {ckpt_root}"
-    if os.path.islink(path):
-        problem = f"is a symbolic link (not followed: mmtrain writes `latest` as a plain file naming {target})"
-    elif not os.path.isfile(path):
-        return None
-    else:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, "r", encoding="utf-8") as fh:
-                tag = fh.read(4096).strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            problem = f"is unreadable ({type(exc).__name__}), not {target}"
-        else:
-            if tag in list_tags(ckpt_root):
-                return tag
-            shown = repr(tag) if re.fullmatch(r"[\w.-]{1,64}", tag) else f"no checkpoint tag ({len(tag)} characters)"
-            problem = f"names {shown}, which is not {target}"
-    complete = list_tags(ckpt_root)
-    raise CheckpointError(
-        f"{path} {problem}. Complete checkpoints there: "
-        f"{', '.join(complete) or 'none'}. Pick one with checkpoint.resume={os.path.join(ckpt_root, complete[-1]) if complete else '<dir>'}"
-        f" (or checkpoint.resume=none with a new logging.run_dir to start over); nothing was changed")
 
 
 def resolve_resume(resume: str, run_dir: str) -> Optional[Tuple[str, str]]:

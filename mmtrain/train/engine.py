@@ -3,7 +3,8 @@
 * :func:`init_distributed` — nccl on GPU, gloo on CPU; a plain ``python script.py`` process gets
   single-process defaults for RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
 * :func:`deepspeed_config` — the DeepSpeed JSON derived from the typed config (nowhere else).
-* :func:`build_engine` — AdamW with decay/no-decay groups, warmup + decay schedule,
+* :func:`build_engine` — AdamW with decay/no-decay groups, warmup + decay schedule
+  (:func:`mmtrain.optim.lr_factor`, shared with frozen-retrieval's scorer),
   ``deepspeed.initialize``.
 * :func:`peak_flops` — the peak FLOP/s MFU divides by, with its source: ``engine.peak_flops``,
   the data-sheet table :data:`DEVICE_PEAKS`, or a measured matmul.
@@ -11,7 +12,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import socket
@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mmtrain.config import ConfigError
+from mmtrain.optim import Schedule, lr_factor
 
 
 @dataclass
@@ -130,17 +131,19 @@ def deepspeed_config(cfg, world_size: int, micro_batch: Optional[int] = None,
 def param_groups(model: torch.nn.Module, weight_decay: float, mixing_weight_decay: bool = True,
                  base_lr: float = 0.0) -> List[Dict]:
     """AdamW groups: decay on matrices; none on norms, biases, embeddings (and tied heads), nor on
-    the masked token-mixing matrices when ``mixing_weight_decay`` is false. A parameter with an
-    ``lr_scale`` attribute gets a group of its own, without decay, at ``base_lr * lr_scale``."""
+    the masked token-mixing matrices when ``mixing_weight_decay`` is false. The parameters a model
+    lists in ``scaled_parameters()`` (an embedder's logit scale) get a group each, without decay,
+    at ``base_lr * scale``."""
     exempt = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    scales = {id(p): s for p, s in (model.scaled_parameters() if hasattr(model, "scaled_parameters") else [])}
     if not mixing_weight_decay:
         exempt |= {id(m.mixing_parameter) for m in model.modules() if getattr(m, "is_token_mixing", False)}
     decay, no_decay, scaled = [], [], []
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if getattr(param, "lr_scale", None) is not None:
-            scaled.append({"params": [param], "weight_decay": 0.0, "lr": base_lr * float(param.lr_scale)})
+        if id(param) in scales:
+            scaled.append({"params": [param], "weight_decay": 0.0, "lr": base_lr * float(scales[id(param)])})
         elif len(getattr(param, "ds_shape", param.shape)) < 2 or id(param) in exempt:  # ds_shape: ZeRO-3 partitioned
             no_decay.append(param)
         else:
@@ -149,21 +152,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float, mixing_weight_deca
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ] + scaled
-
-
-def lr_factor(step: int, train_cfg) -> float:
-    """Multiplier of the peak LR at optimizer step ``step`` (0-based): linear warmup, then decay."""
-    warmup = train_cfg.warmup_steps
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if train_cfg.schedule == "constant":
-        return 1.0
-    total = max(train_cfg.steps - warmup, 1)
-    progress = min(max(step - warmup, 0) / total, 1.0)
-    floor = train_cfg.min_lr_ratio
-    if train_cfg.schedule == "linear":
-        return floor + (1.0 - floor) * (1.0 - progress)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_engine(cfg, model: torch.nn.Module, world_size: int,
@@ -182,8 +170,10 @@ def build_engine(cfg, model: torch.nn.Module, world_size: int,
     if cfg.engine.torch_adam:
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
 
+    schedule = Schedule.of(t)
+
     def scheduler_factory(opt):
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, t))
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, schedule))
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,

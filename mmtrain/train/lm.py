@@ -1,4 +1,4 @@
-"""LM pretraining as a :class:`~mmtrain.train.trainer.Task`: next-token loss over packed shards,
+"""LM pretraining as a :class:`~mmtrain.train.task.Task`: next-token loss over packed shards,
 validation loss at every evaluation context length, throughput and MFU in the step report."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 
 from mmtrain.config import ConfigError
 from mmtrain.train import monitor as mon
-from mmtrain.train.trainer import Task, all_reduce_sum, barrier
+from mmtrain.train.task import Batch, Evaluation, RunContext, StepOutput, Task, TaskInfo
+from mmtrain.train.trainer import all_reduce_sum, barrier
 
 
 def ensure_shards(cfg, is_main: bool) -> Dict:
@@ -79,51 +80,48 @@ class LMTask(Task):
 
     name = "pretrain"
 
-    def setup(self) -> None:
-        t = self.trainer
-        self.cfg, self.n_ctx = t.cfg, t.cfg.model.n_ctx
-        self.sources, self.meta = ensure_shards(t.cfg, t.is_main)
+    def setup(self, ctx: RunContext) -> TaskInfo:
+        self.ctx, cfg = ctx, ctx.cfg
+        self.cfg, self.n_ctx = cfg, cfg.model.n_ctx
+        self.sources, self.meta = ensure_shards(cfg, ctx.is_main)
         self.mixture = len(self.sources) > 1
         self.vocab_size = int(self.meta["vocab_size"])
-        self.tokenizer_hash = self.meta["tokenizer_sha256"]
         self.val_loaders = None           # one per source, built at the first evaluation
         self.tokenizer = None             # loaded at the first evaluation that logs samples
-        self.sampling_noted = False       # the reason samples are skipped was printed
-        self._fingerprint = None          # data_fingerprint, read once
+        weights = lambda s: "".join(f" {k} {v:g}" for k, v in s.weights().items())   # noqa: E731
+        data = " + ".join(f"{s.name or 'data'} {s.describe()}{weights(s)}" for s in self.sources)
+        hparams = {}
+        if self.mixture:   # each stream's location and weights (lists are not HParams values)
+            for s in self.sources:
+                hparams[f"data.streams.{s.name}.shard_dir"] = s.location
+                hparams.update({f"data.streams.{s.name}.{k}": v for k, v in s.weights().items()})
+        self.info = TaskInfo(run_name=f"{cfg.model.kind}-ctx{self.n_ctx}", tokenizer_hash=self.meta["tokenizer_sha256"],
+                             vocab_size=self.vocab_size, describe=f"data {data} | {cfg.model.kind} n_ctx={self.n_ctx}",
+                             micro_batch=cfg.train.micro_batch_size, micro_steps=ctx.gas, data=self._data_fingerprint(),
+                             hparams=hparams)
+        return self.info
 
-    def run_name(self) -> str:
-        return f"{self.cfg.model.kind}-ctx{self.n_ctx}"
-
-    def data_fingerprint(self) -> Dict:
+    def _data_fingerprint(self) -> Dict:
         """Besides tokenizer and vocabulary: the recipe that prepared the shards (meta.json) and a
-        digest of their indexes (:func:`mmtrain.data.shards.index_digest`); read once per run."""
-        if self._fingerprint is None:
-            from mmtrain.data.shards import index_digest
+        digest of their indexes (:func:`mmtrain.data.shards.index_digest`)."""
+        from mmtrain.data.shards import index_digest, read_meta
 
-            from mmtrain.data.shards import read_meta
-
-            if self.mixture:   # every stream's recipe and index, with its weights
-                parts = [{"name": s.name, **s.weights(), "prepare": read_meta(s.local, self.n_ctx).get("prepare") or {},
-                          "digest": index_digest(s.local, self.n_ctx)} for s in self.sources]
-                digest = hashlib.sha256(json.dumps([{k: v for k, v in p.items() if k != "prepare"} for p in parts],
-                                                   sort_keys=True).encode()).hexdigest()
-                prepare = {"streams": [{"name": p["name"], **p["prepare"]} for p in parts]}
-            else:
-                digest, prepare = index_digest(self.sources[0].local, self.n_ctx), self.meta.get("prepare") or {}
-            self._fingerprint = {**super().data_fingerprint(), "prepare": prepare, "digest": digest}
-        return self._fingerprint
+        if self.mixture:   # every stream's recipe and index, with its weights
+            parts = [{"name": s.name, **s.weights(), "prepare": read_meta(s.local, self.n_ctx).get("prepare") or {},
+                      "digest": index_digest(s.local, self.n_ctx)} for s in self.sources]
+            digest = hashlib.sha256(json.dumps([{k: v for k, v in p.items() if k != "prepare"} for p in parts],
+                                               sort_keys=True).encode()).hexdigest()
+            prepare = {"streams": [{"name": p["name"], **p["prepare"]} for p in parts]}
+        else:
+            digest, prepare = index_digest(self.sources[0].local, self.n_ctx), self.meta.get("prepare") or {}
+        return {"prepare": prepare, "digest": digest}
 
     def build_model(self) -> torch.nn.Module:
         from mmtrain.models import build_model
-        from mmtrain.train.engine import peak_flops
 
         model = build_model(self.cfg.model, self.vocab_size)
         self.label_shift = model.label_shift  # targets of out.loss: labels[:, shift:] (0 = autoencoder)
-        self.flops_per_token = model.flops_per_token(self.n_ctx)
-        # MFU's denominator: engine.peak_flops, else the device's data-sheet figure, else a measured
-        # matmul; the banner names which. The numerator (flops_per_token) is the same on every device.
-        self.peak = peak_flops(self.trainer.device, self.cfg.engine.precision, self.cfg.engine.peak_flops)
-        self.peak_flops = self.peak.value
+        self.info.flops_per_token = model.flops_per_token(self.n_ctx)   # MFU's numerator, the same on every device
         return model
 
     def _loader(self, split: str, shuffle: bool, num_workers: int, sources=None):
@@ -139,23 +137,26 @@ class LMTask(Task):
     def train_loader(self):
         return self._loader("train", shuffle=self.cfg.data.shuffle, num_workers=self.cfg.data.num_workers)
 
-    def micro_batch(self, batch, micro: int = 0):
-        check_token_ids(batch["input_ids"], self.vocab_size, self.data_name())
-        input_ids = batch["input_ids"].to(self.trainer.device, non_blocking=True).long()
+    def _inputs(self, raw):
+        """(input_ids, labels) on the device; padding is -100 in the labels."""
+        check_token_ids(raw["input_ids"], self.vocab_size, self.data_name())
+        device = self.ctx.device
+        input_ids = raw["input_ids"].to(device, non_blocking=True).long()
         labels = input_ids.clone()
-        mask = batch.get("attention_mask")
+        mask = raw.get("attention_mask")
         if mask is not None:
-            labels[mask.to(self.trainer.device) == 0] = -100
+            labels[mask.to(device) == 0] = -100
         return input_ids, labels
 
-    def counts(self, inputs):
-        _, labels = inputs
-        return (labels[:, self.label_shift:] != -100).sum().double(), (labels != -100).sum().double()
+    def batch(self, raw, micro: int, step: int) -> Batch:
+        input_ids, labels = self._inputs(raw)
+        return Batch((input_ids, labels), (labels[:, self.label_shift:] != -100).sum().double(),
+                     (labels != -100).sum().double())
 
-    def loss(self, engine, inputs):
-        input_ids, labels = inputs
+    def loss(self, engine, batch: Batch) -> StepOutput:
+        input_ids, labels = batch.inputs
         out = engine(input_ids, labels=labels)
-        return out.loss, [out.loss]
+        return StepOutput(out.loss, [out.loss])
 
     # ---- evaluation --------------------------------------------------------------------------
 
@@ -167,7 +168,7 @@ class LMTask(Task):
         return ", ".join(s.location for s in self.sources)
 
     @torch.no_grad()
-    def eval_sums(self) -> torch.Tensor:
+    def eval_sums(self, engine) -> torch.Tensor:
         """[sources, lengths, 2]: (loss x targets, targets) of the first eval_batches validation
         micro-batches of every source, summed over ranks. Shorter lengths L cut every n_ctx block
         into n_ctx // L consecutive blocks of L tokens."""
@@ -175,7 +176,7 @@ class LMTask(Task):
 
         if self.val_loaders is None:
             self.val_loaders = [self._loader("val", shuffle=False, num_workers=0, sources=[s]) for s in self.sources]
-        engine, device = self.trainer.engine, self.trainer.device
+        device = self.ctx.device
         engine.eval()
         lengths = self.eval_lengths()
         sums = torch.zeros(len(self.sources), len(lengths), 2, dtype=torch.float64, device=device)
@@ -183,7 +184,7 @@ class LMTask(Task):
             for i, batch in enumerate(loader):
                 if i >= self.cfg.train.eval_batches:
                     break
-                input_ids, labels = self.micro_batch(batch)
+                input_ids, labels = self._inputs(batch)
                 for j, n in enumerate(lengths):
                     ids, lab = cut_blocks(input_ids, n), cut_blocks(labels, n)
                     targets = (lab[:, self.label_shift:] != -100).sum().double()
@@ -192,14 +193,13 @@ class LMTask(Task):
         engine.train()
         return sums
 
-    def eval_losses(self) -> Dict[int, float]:
+    def eval_losses(self, engine) -> Dict[int, float]:
         """Mean validation loss per context length (over every source's evaluated tokens)."""
-        total = self.eval_sums().sum(0).tolist()
+        total = self.eval_sums(engine).sum(0).tolist()
         return {n: s / max(t, 1.0) for n, (s, t) in zip(self.eval_lengths(), total)}
 
-    def evaluate(self) -> Dict[str, float]:
-        m, step = self.trainer.monitor, self.trainer.step
-        sums = self.eval_sums()
+    def evaluate(self, engine, step: int) -> Evaluation:
+        sums = self.eval_sums(engine)
         lengths = self.eval_lengths()
         losses = {n: s / max(t, 1.0) for n, (s, t) in zip(lengths, sums.sum(0).tolist())}
         scalars = {mon.eval_tag(n): v for n, v in losses.items()}
@@ -210,30 +210,19 @@ class LMTask(Task):
                 for n, (s, t) in zip(lengths, rows):
                     scalars[mon.eval_tag(n, src.name)] = record[f"eval_loss_ctx{n}/{src.name}"] = s / max(t, 1.0)
                 per_stream.append(f"{src.name} {rows[-1][0] / max(rows[-1][1], 1.0):.4f}")
-        m.scalars(step, scalars)
-        m.record({"step": step, **record})
-        m.info("eval   " + " | ".join(f"ctx{n} {v:.4f}" for n, v in losses.items())
-               + (f" | ctx{self.n_ctx} per stream: " + ", ".join(per_stream) if per_stream else ""))
-        self.log_samples()
-        return {f"eval_loss_ctx{n}": v for n, v in losses.items()}
-
-    def hparams(self) -> Dict:
-        """The config's hyperparameters, and for a mixture each stream's location and weights
-        (``data.streams.<name>.<key>``: lists are not HParams values)."""
-        out = super().hparams()
-        if self.mixture:
-            for s in self.sources:
-                out[f"data.streams.{s.name}.shard_dir"] = s.location
-                out.update({f"data.streams.{s.name}.{k}": v for k, v in s.weights().items()})
-        return out
+        line = ("eval   " + " | ".join(f"ctx{n} {v:.4f}" for n, v in losses.items())
+                + (f" | ctx{self.n_ctx} per stream: " + ", ".join(per_stream) if per_stream else ""))
+        ev = Evaluation(record, scalars, line)
+        self.add_samples(ev, engine.module)
+        return ev
 
     # ---- generated samples (TensorBoard text) ---------------------------------------------------
 
-    def sample_refusal(self) -> str:
+    def sample_refusal(self, model) -> str:
         """Why evaluations log no generated samples ('' when they do)."""
         from mmtrain.eval.generate import generation_refusal
 
-        refusal = generation_refusal(self.trainer.engine.module)
+        refusal = generation_refusal(model)
         if refusal:
             return refusal
         if self.cfg.engine.zero_stage == 3:
@@ -242,23 +231,21 @@ class LMTask(Task):
             return "engine.zero_stage 3 partitions the parameters across ranks; rank 0 cannot decode alone"
         return ""
 
-    def log_samples(self) -> None:
+    def add_samples(self, ev: Evaluation, model) -> None:
         """Rank 0: greedy continuations of ``logging.sample_prompts`` as TensorBoard text
-        (:data:`~mmtrain.train.monitor.SAMPLES`) at this step; skipped, with one line saying why,
-        for models that cannot generate and under ZeRO-3."""
-        t, lg = self.trainer, self.cfg.logging
-        if not t.is_main or lg.sample_tokens <= 0 or not lg.sample_prompts:
+        (:data:`~mmtrain.train.monitor.SAMPLES`); skipped, with a note saying why, for models that
+        cannot generate and under ZeRO-3."""
+        lg = self.cfg.logging
+        if not self.ctx.is_main or lg.sample_tokens <= 0 or not lg.sample_prompts:
             return
-        refusal = self.sample_refusal()
+        refusal = self.sample_refusal(model)
         if refusal:
-            if not self.sampling_noted:
-                t.monitor.info(f"[mmtrain] no generated samples in TensorBoard: {refusal}")
-                self.sampling_noted = True
+            ev.notes.append(f"[mmtrain] no generated samples in TensorBoard: {refusal}")
             return
-        t.monitor.text(mon.SAMPLES, mon.samples_markdown(self.generate_samples()), t.step)
+        ev.texts[mon.SAMPLES] = mon.samples_markdown(self.generate_samples(model))
 
     @torch.no_grad()
-    def generate_samples(self) -> List[Tuple[str, str, str]]:
+    def generate_samples(self, model) -> List[Tuple[str, str, str]]:
         """(prompt, continuation, note) for every ``logging.sample_prompts`` prompt: the model as it
         is now continues it greedily by up to ``logging.sample_tokens`` tokens (the prompt starts a
         document, as in the shards; stops at EOS or n_ctx). The model is in eval mode meanwhile and
@@ -274,7 +261,6 @@ class LMTask(Task):
             first = sources_of(self.cfg.data)[0]   # a URL's tokenizer is in its cache (fetched at setup)
             self.tokenizer = load_tokenizer(shard_tokenizer_path(first.local, self.n_ctx))
         tok, n_tokens = self.tokenizer, self.cfg.logging.sample_tokens
-        model = self.trainer.engine.module
         was_training = model.training
         model.eval()
         samples = []
@@ -296,34 +282,3 @@ class LMTask(Task):
         finally:
             model.train(was_training)
         return samples
-
-    # ---- reporting ---------------------------------------------------------------------------
-
-    def banner(self) -> str:
-        t, cfg = self.trainer, self.cfg
-        weights = lambda s: "".join(f" {k} {v:g}" for k, v in s.weights().items())   # noqa: E731
-        data = " + ".join(f"{s.name or 'data'} {s.describe()}{weights(s)}" for s in self.sources)
-        return (f"[mmtrain] run dir {t.run_dir} | data {data} | {cfg.model.kind} n_ctx={self.n_ctx} "
-                f"params={t.model.num_params():,}{self._stored()} | world={t.dist.world_size} "
-                f"zero={cfg.engine.zero_stage} {cfg.engine.precision} | global batch "
-                f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {t.gas} x {t.dist.world_size} | "
-                f"MFU peak {self.peak.describe()} per device")
-
-    def _stored(self) -> str:
-        """`` (N stored)`` when the parameters hold fewer values than the paper's count (packed mixing)."""
-        stored = self.trainer.model.stored_params()
-        return f" ({stored:,} stored)" if stored != self.trainer.model.num_params() else ""
-
-    def step_report(self, stats: Dict[str, float], seconds: float):
-        t = self.trainer
-        tps = stats["tokens"] / seconds
-        mfu = tps * self.flops_per_token / (self.peak_flops * t.dist.world_size)
-        gn = "n/a" if stats["grad_norm"] is None else f"{stats['grad_norm']:.3f}"
-        record = {"loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-                  "tokens_seen": t.tokens_seen, "tokens_per_s": tps, "mfu": mfu, "step_time_s": seconds}
-        scalars = {mon.TRAIN_LOSS: stats["loss"], mon.LR: stats["lr"], mon.GRAD_NORM: stats["grad_norm"],
-                   mon.TOKENS_SEEN: t.tokens_seen, mon.TOKENS_PER_S: tps, mon.MFU: mfu}
-        line = (f"step {t.step:>6}/{self.cfg.train.steps} | loss {stats['loss']:.4f} | lr {stats['lr']:.2e} | "
-                f"grad {gn} | {tps:,.0f} tok/s | mfu {100 * mfu:.1f}% | {seconds:.2f} s/step")
-        postfix = {"loss": f"{stats['loss']:.4f}", "tok/s": f"{tps:,.0f}"}
-        return record, scalars, line, postfix, {"loss": stats["loss"], "tokens_per_s": tps, "mfu": mfu}

@@ -25,33 +25,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-# Names of the scalars written to TensorBoard (tests and `mmtrain report` read these).
-TRAIN_LOSS = "train/loss"
-LR = "train/lr"
-GRAD_NORM = "train/grad_norm"
-TOKENS_SEEN = "train/tokens_seen"
-TOKENS_PER_S = "perf/tokens_per_s"
-MFU = "perf/mfu"
-STEP_TIME = "perf/step_time_s"
-MEMORY = "perf/peak_memory_gb"
-
-
-# Text written to TensorBoard at every evaluation.
-SAMPLES = "eval/samples"            # LM pretraining: greedy continuations of logging.sample_prompts
-RETRIEVAL_TABLE = "eval/retrieval"  # retrieval training: the metrics of the evaluation as a table
-
-# Config keys left out of the hyperparameters: how a run is watched, saved, checked or fed, not
-# what it trains (prefixes; most may also change when the run resumes).
-HPARAM_SKIP = ("logging.", "checkpoint.", "train.stop_at", "train.eval_every", "train.eval_batches",
-               "data.num_workers", "data.auto_prepare", "data.prepare_input", "data.verify_shards",
-               "engine.peak_flops", "data.cache_", "data.predownload", "data.download_")
+# The TensorBoard tags, defined beside `mmtrain report` (which reads them) and written from here.
+from mmtrain.eval.tags import (GRAD_NORM, LR, MEMORY, MFU, RETRIEVAL_TABLE, SAMPLES, STEP_TIME,  # noqa: F401
+                               TOKENS_PER_S, TOKENS_SEEN, TRAIN_LOSS, eval_tag)
 
 HParam = Union[bool, int, float, str]
-
-
-def eval_tag(n_ctx: int, stream: str = "") -> str:
-    """The TensorBoard tag of the validation loss at ``n_ctx`` (of one stream of a mixture)."""
-    return f"eval/{stream}/loss_ctx{n_ctx}" if stream else f"eval/loss_ctx{n_ctx}"
 
 
 def flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
@@ -64,13 +42,15 @@ def flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def run_hparams(config: Dict[str, Any], extra: Optional[Dict[str, Any]] = None) -> Dict[str, HParam]:
+def run_hparams(config: Dict[str, Any], extra: Optional[Dict[str, Any]] = None,
+                watch: Iterable[str] = ()) -> Dict[str, HParam]:
     """The hyperparameters of a run for the HParams dashboard: the resolved config flattened to
     dotted keys, its bool / int / float / str values only (lists and empty sections are left out),
-    without the keys of :data:`HPARAM_SKIP`; then ``extra`` (e.g. ``run.world_size``)."""
+    without the ``watch`` keys (settings whose role is to watch the run, not to train it:
+    :func:`mmtrain.config.setting_roles`); then ``extra`` (e.g. ``run.world_size``)."""
     out: Dict[str, HParam] = {}
     for key, value in {**flatten(config), **(extra or {})}.items():
-        if any(key == p or key.startswith(p) for p in HPARAM_SKIP):
+        if any(key == p or key.startswith(p + ".") for p in watch):
             continue
         if isinstance(value, (bool, int, float, str)):
             out[key] = value

@@ -9,55 +9,71 @@ from typing import List
 
 from omegaconf import DictConfig
 
-from mmtrain.config import register_validator, seed_setting, setting
+from mmtrain.config import MAX_SEED, register_validator, setting
 from mmtrain.data.schema import DataConfig, PairDataConfig, validate_data
 from mmtrain.models.schema import ModelConfig, validate_model
+from mmtrain.optim import OptimizerSettings, tuned
 
 
 @dataclass
-class TrainConfig:
-    steps: int = setting(300, "Optimizer steps to run (one step = one global batch); 0 only for pretraining "
-                              "with a train.max_tokens budget.", ge=0)
+class LoopConfig(OptimizerSettings):
+    """The ``train`` keys every engine-trained config has: the optimizer and LR-schedule keys every
+    training loop shares (:class:`mmtrain.optim.OptimizerSettings`, defaults and ranges there) and
+    the Trainer's own."""
+
+    steps: int = tuned("steps", note="One step = one global batch; 0 only for pretraining with a "
+                                     "train.max_tokens budget.")
+    weight_decay: float = tuned("weight_decay", note="Not applied to norms, biases, embeddings, token-mixing "
+                                                   "biases.")
+    seed: int = tuned("seed", note="Also seeds dropout.")
+    # (min_lr_ratio, warmup_steps, schedule: as OptimizerSettings defines them)
     stop_at: int = setting(0, "Stop (with a checkpoint) after this step although the LR schedule runs to "
-                         "`steps`; 0 = run to the end. For staged runs: resume later with a larger stop_at.", ge=0)
+                         "`steps`; 0 = run to the end. For staged runs: resume later with a larger stop_at.", ge=0, role="watch")
     max_tokens: int = setting(0, "Token budget; when > 0 training stops once this many tokens were seen "
                             "(whichever of steps / max_tokens comes first).", ge=0)
     global_batch_size: int = setting(16, "Sequences per optimizer step over all ranks "
                                     "(= micro_batch_size * grad_accum * world_size).", ge=1)
     micro_batch_size: int = setting(8, "Sequences per forward/backward on one rank.", ge=1)
-    lr: float = setting(4e-3, "Peak learning rate (e.g. 5e-4). The default suits the quick-start size (d 256, 4 "
-                         "layers): of 5e-4 ... 8e-3 it was among the best for both families "
-                         "(benchmarks/learning.py); larger models want less.", gt=0)
-    min_lr_ratio: float = setting(0.1, "Final learning rate as a fraction of lr.", ge=0, le=1)
-    warmup_steps: int = setting(20, "Linear warmup steps from 0 to lr.", ge=0)
-    schedule: str = setting("cosine", "Decay after warmup.", choices=["cosine", "linear", "constant"])
-    weight_decay: float = setting(0.1, "AdamW weight decay (not applied to norms, biases, embeddings, "
-                                  "token-mixing biases).", ge=0)
     mixing_weight_decay: bool = setting(True, "Apply weight_decay to the masked token-mixing matrices too; "
                                          "false exempts them like norms and biases.")
     beta1: float = setting(0.9, "AdamW beta1.", ge=0, lt=1)
     beta2: float = setting(0.95, "AdamW beta2.", ge=0, lt=1)
     adam_eps: float = setting(1e-8, "AdamW epsilon.", gt=0)
-    seed: int = seed_setting(0, "Seed for init, data order and dropout.")
-    eval_every: int = setting(100, "Evaluate on the validation shards every N steps (0 = only at the end).", ge=0)
-    eval_batches: int = setting(8, "Pretraining: validation micro-batches per evaluation and context length. "
-                                   "At least 1: an evaluation always runs at the end of a run.", ge=1)
+    eval_every: int = setting(100, "Evaluate every N steps (0 = only at the end).", ge=0, role="watch")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Pretraining's ``train`` section: the loop's keys and the LM evaluation's."""
+
+    lr: float = tuned("lr", note="E.g. 5e-4. The default suits the quick-start size (d 256, 4 layers): of "
+                                 "5e-4 ... 8e-3 it was among the best for both families "
+                                 "(benchmarks/learning.py); larger models want less.")
+    eval_batches: int = setting(8, "Validation micro-batches per evaluation and context length. "
+                                   "At least 1: an evaluation always runs at the end of a run.", ge=1, role="watch")
     eval_n_ctx: List[int] = setting(list, "Extra (shorter) context lengths to evaluate mixers at, e.g. [32, 64]; "
-                                     "the training n_ctx is always evaluated.", factory=True, ge=1)
+                                     "the training n_ctx is always evaluated.", factory=True, ge=1, role="watch")
+
+
+@dataclass
+class RetrievalTrainConfig(LoopConfig):
+    """Retrieval's ``train`` section: the loop's keys (its evaluation is in ``retrieval.eval_*``)."""
+
+    lr: float = tuned("lr", 1e-3, note="The retrieval study's choice (docs/retrieval.md) for both families.")
 
 
 @dataclass
 class EngineConfig:
-    zero_stage: int = setting(1, "DeepSpeed ZeRO stage.", choices=[0, 1, 2, 3])
+    zero_stage: int = setting(1, "DeepSpeed ZeRO stage.", choices=[0, 1, 2, 3], role="layout")
     precision: str = setting("fp32", "Training precision (bf16 needs zero_stage >= 1).",
                         choices=["fp32", "bf16", "fp16"])
     grad_clip: float = setting(1.0, "Global gradient-norm clip; 0 = off.", ge=0)
-    offload_optimizer: bool = setting(False, "ZeRO-Offload the optimizer state to CPU (stage >= 1).")
-    offload_params: bool = setting(False, "ZeRO-Offload parameters to CPU (stage 3).")
-    device: str = setting("auto", "`auto` = CUDA when available, else CPU.", choices=["auto", "cpu", "cuda"])
+    offload_optimizer: bool = setting(False, "ZeRO-Offload the optimizer state to CPU (stage >= 1).", role="layout")
+    offload_params: bool = setting(False, "ZeRO-Offload parameters to CPU (stage 3).", role="layout")
+    device: str = setting("auto", "`auto` = CUDA when available, else CPU.", choices=["auto", "cpu", "cuda"], role="layout")
     peak_flops: float = setting(0.0, "Peak FLOP/s per device used for MFU; 0 = the device's dense data-sheet "
                                      "figure for the precision (H100, H200, A100, L4), else a matmul measured "
-                                     "at start. The run's banner names the source.", ge=0)
+                                     "at start. The run's banner names the source.", ge=0, role="watch")
     torch_adam: bool = setting(True, "Use torch.optim.AdamW (builds nothing). false = DeepSpeed's fused/CPU "
                                 "Adam (JIT-built on first use).")
     compile: bool = setting(False, "Experimental: torch.compile the model through DeepSpeed (engine.compile()) "
@@ -65,21 +81,31 @@ class EngineConfig:
 
 
 @dataclass
-class LoggingConfig:
+class RunLoggingConfig:
+    """The ``logging`` keys every engine-trained config has."""
+
+    ROLE = "watch"
     runs_root: str = setting("runs", "Parent directory of run directories.")
     name: str = setting("", "Run name; '' = <kind>-ctx<n_ctx>-<timestamp>.")
     run_dir: str = setting("", "Explicit run directory (overrides runs_root/name).")
     log_every: int = setting(10, "Log a line and TensorBoard scalars every N steps.", ge=1)
     progress_bar: bool = setting(True, "Show a tqdm progress bar on rank 0.")
-    sample_prompts: List[str] = setting(lambda: ["Return the", "Create a"], "Pretraining: prompts the model "
+
+
+@dataclass
+class LoggingConfig(RunLoggingConfig):
+    """Pretraining's ``logging`` section: the run's, and generated samples."""
+
+    sample_prompts: List[str] = setting(lambda: ["Return the", "Create a"], "Prompts the model "
                                         "continues greedily at every evaluation, logged as TensorBoard text "
                                         "(eval/samples); not for models that cannot generate, nor under ZeRO 3.",
                                         factory=True)
-    sample_tokens: int = setting(32, "Pretraining: tokens generated per sample prompt; 0 = no samples.", ge=0)
+    sample_tokens: int = setting(32, "Tokens generated per sample prompt; 0 = no samples.", ge=0)
 
 
 @dataclass
 class CheckpointConfig:
+    ROLE = "watch"
     every: int = setting(100, "Save a checkpoint every N steps (and always at the end); 0 = only at the end.", ge=0)
     keep_last: int = setting(3, "Keep the newest K checkpoints; 0 = keep all.", ge=0)
     resume: str = setting("auto", "`auto` = continue from <run_dir>/checkpoints/latest when present; "
@@ -112,14 +138,14 @@ class RetrievalSection:
     gather_negatives: bool = setting(True, "All-gather embeddings across ranks (with gradient) so every "
                                       "rank's documents are negatives for every query.")
     eval_n_candidates: List[int] = setting(lambda: [32], "N values of the top-1-among-N evaluation (capped "
-                                                    "at the test pool size).", factory=True, ge=2)
+                                                    "at the test pool size).", factory=True, ge=2, role="watch")
     eval_split: str = setting("val", "Split evaluated during training: `val` (carved from the training pairs by "
                                 "prepare-pairs; choose settings and checkpoints on it) or `test`.",
-                         choices=["val", "test"])
+                         choices=["val", "test"], role="watch")
     eval_train_pairs: int = setting(256, "Also report recall on the first N training pairs (metrics train_*), to "
-                                    "tell learning from memorising; 0 = off.", ge=0)
-    eval_max_pairs: int = setting(0, "Evaluate on the first N pairs of eval_split only; 0 = all.", ge=0)
-    eval_seed: int = seed_setting(0, "Seed of the negatives drawn for top-1 among N.")
+                                    "tell learning from memorising; 0 = off.", ge=0, role="watch")
+    eval_max_pairs: int = setting(0, "Evaluate on the first N pairs of eval_split only; 0 = all.", ge=0, role="watch")
+    eval_seed: int = setting(0, "Seed of the negatives drawn for top-1 among N.", ge=0, le=MAX_SEED, role="watch")
 
 
 @dataclass
@@ -136,9 +162,9 @@ class PretrainConfig:
 class RetrievalConfig:
     retrieval: RetrievalSection = field(default_factory=RetrievalSection)
     data: PairDataConfig = field(default_factory=PairDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: RetrievalTrainConfig = field(default_factory=RetrievalTrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    logging: RunLoggingConfig = field(default_factory=RunLoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 

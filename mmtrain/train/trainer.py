@@ -37,26 +37,26 @@ import torch.distributed as dist
 
 from mmtrain.config import ConfigError, load_config, to_dict, to_yaml
 from mmtrain.data.errors import DataError
+from mmtrain.optim import EXIT_NONFINITE, NonFiniteLoss  # noqa: F401 (re-exported)
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train import faults
 from mmtrain.train import monitor as mon
+from mmtrain.train.task import RunContext, Task
 
 EXIT_CONFIG = 2
-EXIT_NONFINITE = 3
 EXIT_PREEMPTED = faults.EXIT_PREEMPTED  # 75: stopped by SIGTERM / SIGUSR1 with a checkpoint written
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+def resume_mutable(cfg) -> Tuple[str, ...]:
+    """The settings of ``cfg``'s schema that may change when a run resumes: their role
+    (:data:`mmtrain.config.ROLES`) is ``watch`` (how the run is watched or fed) or ``layout`` (how or
+    where the same training runs: ZeRO stage and offload are checked and converted by the resume,
+    moved shards keep their tokenizer and index digest, both compared)."""
+    from omegaconf import OmegaConf
 
+    from mmtrain.config import setting_roles
 
-# Keys that may change when a run resumes (prefixes): they change how the run is watched, not what it trains.
-RESUME_MUTABLE = ("train.stop_at", "train.eval_every", "train.eval_batches", "train.eval_n_ctx", "logging.",
-                  "checkpoint.", "data.num_workers", "engine.peak_flops", "engine.device", "retrieval.eval_",
-                  "engine.zero_stage", "engine.offload_",   # a layout: checked (and converted) by check_loadable
-                  "model.mixer_layout",                     # converted by _convert_for_resume
-                  "data.cache_", "data.predownload", "data.download_",   # where and how shards are fetched
-                  "data.shard_dir")   # moved shards: the tokenizer hash is still checked; printed as a warning
+    return tuple(k for k, role in setting_roles(OmegaConf.get_type(cfg)).items() if role != "train")
 
 
 # Keys no checkpoint.allow_changes makes resumable: the checkpoint's tensors would not fit. Model
@@ -78,26 +78,28 @@ def _matches(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == p or key.startswith(p if p.endswith((".", "_")) else p + ".") for p in prefixes)
 
 
-def config_changes(saved: Dict[str, Any], current: Dict[str, Any], allowed=()) -> Tuple[List[str], List[str]]:
+def config_changes(saved: Dict[str, Any], current: Dict[str, Any], allowed=(),
+                   mutable=()) -> Tuple[List[str], List[str]]:
     """(forbidden, applied) differences between a checkpoint's config and a resumed run's, one
     ``key: old -> new`` line each; keys absent from the checkpoint (older versions) are not compared."""
-    forbidden, applied, _ = resume_changes(saved, current, allowed)
+    forbidden, applied, _ = resume_changes(saved, current, allowed, mutable)
     return forbidden, applied
 
 
-def resume_changes(saved: Dict[str, Any], current: Dict[str, Any],
-                   allowed=()) -> Tuple[List[str], List[str], List[str]]:
+def resume_changes(saved: Dict[str, Any], current: Dict[str, Any], allowed=(),
+                   mutable=()) -> Tuple[List[str], List[str], List[str]]:
     """(forbidden, applied, unloadable) differences between a checkpoint's config (and data
     fingerprint, as ``shards.*`` keys) and a resumed run's, one ``key: old -> new`` line each.
-    Unloadable: changes the checkpoint cannot be loaded into (:data:`UNLOADABLE`), whatever
-    ``allowed`` says. Keys absent from the checkpoint (older versions) are not compared."""
+    ``mutable``: the keys that may change (:func:`resume_mutable`). Unloadable: changes the
+    checkpoint cannot be loaded into (:data:`UNLOADABLE`), whatever ``allowed`` says. Keys absent
+    from the checkpoint (older versions) are not compared."""
     old, new = mon.flatten(saved), mon.flatten(current)
     forbidden, applied, unloadable = [], [], []
     for key in sorted(k for k in new if k in old and old[k] != new[k]):
         line = f"{key}: {_short(old[key])} -> {_short(new[key])}"
-        if _matches(key, UNLOADABLE) and not _matches(key, (*MODEL_NOT_SHAPES, *RESUME_MUTABLE)):
+        if _matches(key, UNLOADABLE) and not _matches(key, (*MODEL_NOT_SHAPES, *mutable)):
             unloadable.append(line)
-        elif _matches(key, (*RESUME_MUTABLE, *allowed)):
+        elif _matches(key, (*mutable, *allowed)):
             applied.append(line)
         else:
             forbidden.append(line)
@@ -180,94 +182,6 @@ def resolve_run_dir(logging_cfg, default_name: str) -> str:
     return from_main(os.path.abspath(path))
 
 
-# ---- what a kind of training supplies ---------------------------------------------------------
-
-
-class Task:
-    """The hooks a kind of training gives the :class:`Trainer` (``self.trainer`` is set first).
-
-    Required: :meth:`setup`, :meth:`run_name`, :meth:`build_model`, :meth:`train_loader`,
-    :meth:`micro_batch`, :meth:`counts`, :meth:`loss`, :meth:`evaluate`, :meth:`banner`,
-    :meth:`step_report`; ``tokenizer_hash`` and ``vocab_size`` (set in ``setup``).
-    """
-
-    name = "train"          #: program name in messages
-    trainer: "Trainer"
-    tokenizer_hash: str = ""
-    vocab_size: int = 0
-
-    def setup(self) -> None:
-        """Check the task's inputs (ConfigError naming the key), before the run directory exists."""
-        raise NotImplementedError
-
-    def run_name(self) -> str:
-        """Default run name (a timestamp is appended)."""
-        raise NotImplementedError
-
-    def build_model(self) -> torch.nn.Module:
-        """The model to train (built under ``deepspeed.zero.Init`` at ZeRO-3)."""
-        raise NotImplementedError
-
-    def engine_micro_steps(self) -> Tuple[int, int]:
-        """(what DeepSpeed's micro-batch holds, engine micro-steps per optimizer step)."""
-        t = self.trainer.cfg.train
-        return t.micro_batch_size, self.trainer.gas
-
-    def train_loader(self):
-        """The training loader (its ``state_dict`` is checkpointed for exact resume)."""
-        raise NotImplementedError
-
-    def micro_batch(self, batch: Dict[str, torch.Tensor], micro: int) -> Any:
-        """One loader batch -> the inputs of :meth:`loss`, on the device (``micro``: index in the step)."""
-        raise NotImplementedError
-
-    def counts(self, inputs) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(targets, tokens) of one micro-batch as device scalars. The step's loss is the sum over
-        the global batch of ``loss x targets`` divided by its targets; tokens feed tokens_seen."""
-        raise NotImplementedError
-
-    def loss(self, engine, inputs) -> Tuple[torch.Tensor, Iterable[torch.Tensor]]:
-        """(the micro-batch's mean loss, the terms to back-propagate: one per engine micro-step)."""
-        raise NotImplementedError
-
-    def evaluate(self) -> Dict[str, float]:
-        """Evaluate and log (TensorBoard, metrics.jsonl, console); the metrics for the summary."""
-        raise NotImplementedError
-
-    def before_loop(self) -> Dict[str, float]:
-        """Work before the first step (e.g. evaluate the starting model); its summary."""
-        return {}
-
-    def hparams(self) -> Dict[str, Any]:
-        """The run's hyperparameters for TensorBoard's HParams dashboard (:func:`mon.run_hparams`)."""
-        t = self.trainer
-        return mon.run_hparams(to_dict(t.cfg), {"model.vocab_size": self.vocab_size, "run.world_size":
-                                                t.dist.world_size, "run.num_params": t.model.num_params()})
-
-    def checkpoint_state(self) -> Dict[str, Any]:
-        """What a checkpoint records besides step, tokens, loader, tokenizer, vocab and world size
-        (``config`` there is what `mmtrain export` reads)."""
-        return {"config": to_dict(self.trainer.cfg)}
-
-    def resume_config(self, saved: Dict[str, Any]) -> Dict[str, Any]:
-        """The checkpoint's config as this task's config would be (for comparing on resume)."""
-        return saved
-
-    def data_fingerprint(self) -> Dict[str, Any]:
-        """What identifies the training data, recorded in every checkpoint and compared on resume
-        before anything loads (``shards.<key>`` in messages): tokenizer and vocabulary here; a task
-        adds what tells its data apart (LM shards: their recipe and an index ``digest``; a changed
-        ``digest`` is an error unless ``checkpoint.allow_changes=[shards]``)."""
-        return {"tokenizer_sha256": self.tokenizer_hash, "vocab_size": int(self.vocab_size)}
-
-    def banner(self) -> str:
-        raise NotImplementedError
-
-    def step_report(self, stats: Dict[str, float], seconds: float):
-        """One step's (metrics.jsonl fields, TensorBoard scalars, log line, progress postfix, summary)."""
-        raise NotImplementedError
-
-
 # ---- the loop ---------------------------------------------------------------------------------
 
 
@@ -278,7 +192,6 @@ class Trainer:
         from mmtrain.train.engine import build_engine, deepspeed_config, grad_accum_steps, init_distributed
 
         self.cfg, self.task = cfg, task
-        task.trainer = self
         self.dist = init_distributed(cfg.engine.device)
         self.is_main, self.device = self.dist.is_main, self.dist.device
         if self.device.type == "cpu" and cfg.engine.precision == "fp16":
@@ -286,13 +199,14 @@ class Trainer:
                                "use fp32 (or bf16 on a CPU with native bf16)"])
         self.gas = grad_accum_steps(cfg.train, self.dist.world_size)  # fails early on a bad batch split
         seed_everything(cfg.train.seed)
-        task.setup()
-        self.run_dir = resolve_run_dir(cfg.logging, task.run_name())
+        self.info = task.setup(RunContext(cfg, self.dist.rank, self.dist.world_size, self.device, self.is_main,
+                                          self.gas))
+        self.run_dir = resolve_run_dir(cfg.logging, self.info.run_name)
         self._check_run_dir()
         try:
             where = self._resume_point()   # before any work: an untrustworthy `latest` changes nothing
             self._check_resume_config(where)   # before any weights load: what would not fit, or differs
-            self.ds_config = deepspeed_config(cfg, self.dist.world_size, *task.engine_micro_steps())
+            self.ds_config = deepspeed_config(cfg, self.dist.world_size, self.info.micro_batch, self.info.micro_steps)
             self.model = self._build_model()
             if where is not None:
                 where = self._convert_for_resume(where)
@@ -316,6 +230,7 @@ class Trainer:
         self.stop_request = faults.StopRequest().install()  # SIGTERM / SIGUSR1: stop at a step boundary
         self.stopped_by: Optional[str] = None
         self.last_saved_step = -1
+        self._notes_printed: set = set()
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -443,18 +358,19 @@ class Trainer:
             saved_config = None
         if not isinstance(saved_config, dict):
             return [], [], False, None   # the client state is compared once loaded
-        saved, current = self.task.resume_config(saved_config), to_dict(self.cfg)
+        saved, current = saved_config, to_dict(self.cfg)
         info, notes = ckpt.read_resume_info(root, tag), []
         if info is None:
             notes.append(f"{where} records no fingerprint of the data it trained on (written by an earlier "
                          "mmtrain): the shards in data.shard_dir cannot be compared with its own; resuming")
         else:
-            saved_data, data = dict(info.get("data") or {}), self.task.data_fingerprint()
+            saved_data, data = dict(info.get("data") or {}), self.data_fingerprint()
             if saved_data.get("digest") == data.get("digest"):   # the same shards: how they were made is moot
                 saved_data.pop("prepare", None)
                 data.pop("prepare", None)
             saved, current = {**saved, "shards": saved_data}, {**current, "shards": data}
-        forbidden, applied, unloadable = resume_changes(saved, current, list(self.cfg.checkpoint.allow_changes))
+        forbidden, applied, unloadable = resume_changes(saved, current, list(self.cfg.checkpoint.allow_changes),
+                                                        resume_mutable(self.cfg))
         old_precision, precision = mon.flatten(saved).get("engine.precision"), self.cfg.engine.precision
         converts = ({old_precision, precision} <= set(PRECISION_CONVERTS) and self.cfg.engine.zero_stage >= 1)
         if old_precision not in (None, precision) and not converts:
@@ -531,13 +447,13 @@ class Trainer:
     def _check_client_state(self, state: Dict[str, Any], root: str, tag: str) -> None:
         """The resume checks of a checkpoint written before the files :meth:`_check_resume_config`
         reads, on its client state (after loading)."""
-        if state.get("tokenizer_hash") and state["tokenizer_hash"] != self.task.tokenizer_hash:
+        if state.get("tokenizer_hash") and state["tokenizer_hash"] != self.info.tokenizer_hash:
             raise ConfigError([f"checkpoint {root}/{tag} was trained with tokenizer "
-                               f"{state['tokenizer_hash'][:12]}, the data uses {self.task.tokenizer_hash[:12]}"])
+                               f"{state['tokenizer_hash'][:12]}, the data uses {self.info.tokenizer_hash[:12]}"])
         if self.resume_checked:
             return
-        forbidden, applied = config_changes(self.task.resume_config(state.get("config", {})), to_dict(self.cfg),
-                                            list(self.cfg.checkpoint.allow_changes))
+        forbidden, applied = config_changes(state.get("config", {}), to_dict(self.cfg),
+                                            list(self.cfg.checkpoint.allow_changes), resume_mutable(self.cfg))
         if forbidden:
             raise ConfigError([f"resuming {root}/{tag} with a config that changes what it trains: {line} (resume "
                                "with the checkpoint's value, allow it with checkpoint.allow_changes=[KEY], or "
@@ -561,16 +477,18 @@ class Trainer:
         task, engine, world = self.task, self.engine, self.dist.world_size
         engine.train()
         lr = self._current_lr()
-        inputs = [task.micro_batch(next(batches), micro) for micro in range(self.gas)]
-        counts = [task.counts(x) for x in inputs]
-        global_targets = all_reduce_sum(torch.stack([t for t, _ in counts]).sum()).clamp(min=1.0)
+        inputs = [task.batch(next(batches), micro, self.step) for micro in range(self.gas)]
+        global_targets = all_reduce_sum(torch.stack([b.targets for b in inputs]).sum()).clamp(min=1.0)
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)   # loss x targets, tokens
         grad_norm = None
         zero0 = engine.zero_optimization_stage() == 0
-        for x, (targets, tokens) in zip(inputs, counts):
+        metrics: Dict[str, float] = {}
+        for x in inputs:
+            targets, tokens = x.targets, x.tokens
             weight = targets * (self.gas * world) / global_targets
-            loss, terms = task.loss(engine, x)
-            for term in terms:
+            out = task.loss(engine, x)
+            loss, metrics = out.loss, out.metrics
+            for term in out.terms:
                 engine.backward(term * weight.to(term.dtype))
                 if zero0 and engine.is_gradient_accumulation_boundary():
                     grad_norm = self._grad_norm()  # ZeRO 0 does not report it; pre-clip, like ZeRO >= 1
@@ -587,7 +505,7 @@ class Trainer:
         # fp16's loss scaler skips an overflowing step itself; anywhere else the update is broken
         if grad_norm is not None and not math.isfinite(grad_norm) and self.cfg.engine.precision != "fp16":
             raise NonFiniteLoss(f"non-finite gradient norm ({grad_norm}) at step {self.step + 1}")
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "metrics": metrics}
 
     def weights_finite(self) -> bool:
         """Whether every weight of the model is finite, on every rank (one fused reduction; at
@@ -615,10 +533,11 @@ class Trainer:
         if not self.weights_finite():
             raise NonFiniteLoss(f"non-finite weights after step {self.step}; not saved")
         self.last_saved_step = self.step
-        data = self.task.data_fingerprint()
+        data = self.data_fingerprint()
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.train_loader.state_dict(),
-                 "tokenizer_hash": self.task.tokenizer_hash, "vocab_size": self.task.vocab_size,
-                 "world_size": self.dist.world_size, "data_fingerprint": data, **self.task.checkpoint_state()}
+                 "tokenizer_hash": self.info.tokenizer_hash, "vocab_size": self.info.vocab_size,
+                 "world_size": self.dist.world_size, "data_fingerprint": data, "config": to_dict(self.cfg),
+                 **self.task.state_dict()}
         try:
             return ckpt.save(self.engine, self.run_dir, self.step, state, self.cfg.checkpoint.keep_last,
                              self.resolved_yaml, self.dist.rank, resume_info={"data": data})
@@ -677,12 +596,94 @@ class Trainer:
 
         return iterate_forever(self.train_loader)
 
+    # ---- reports -----------------------------------------------------------------------------
+
+    def data_fingerprint(self) -> Dict[str, Any]:
+        """What identifies the training data, recorded in every checkpoint and compared on resume
+        before anything loads (``shards.<key>`` in messages): tokenizer, vocabulary, and what the
+        task adds (LM shards: their recipe and an index ``digest``)."""
+        return {"tokenizer_sha256": self.info.tokenizer_hash, "vocab_size": int(self.info.vocab_size),
+                **self.info.data}
+
+    def banner(self) -> str:
+        cfg, model = self.cfg, self.model
+        stored = model.stored_params() if hasattr(model, "stored_params") else None
+        params = f"params={model.num_params():,}" + (f" ({stored:,} stored)" if stored not in (None, model.num_params())
+                                                     else "")
+        line = (f"[mmtrain] run dir {self.run_dir} | {self.info.describe} {params} | world={self.dist.world_size} "
+                f"zero={cfg.engine.zero_stage} {cfg.engine.precision} | global batch {cfg.train.global_batch_size} = "
+                f"{cfg.train.micro_batch_size} x {self.gas} x {self.dist.world_size}")
+        if self.info.flops_per_token:
+            line += f" | MFU peak {self.peak.describe()} per device"
+        return line
+
+    @property
+    def peak(self):
+        """The MFU denominator: engine.peak_flops, else the device's data-sheet figure, else a
+        measured matmul (the banner names which); measured once."""
+        if getattr(self, "_peak", None) is None:
+            from mmtrain.train.engine import peak_flops
+
+            self._peak = peak_flops(self.device, self.cfg.engine.precision, self.cfg.engine.peak_flops)
+        return self._peak
+
+    def hparams(self) -> Dict[str, Any]:
+        """The run's hyperparameters for TensorBoard's HParams dashboard (:func:`mon.run_hparams`)."""
+        from omegaconf import OmegaConf
+
+        from mmtrain.config import setting_roles
+
+        watch = [k for k, role in setting_roles(OmegaConf.get_type(self.cfg)).items() if role == "watch"]
+        return {**mon.run_hparams(to_dict(self.cfg), {"model.vocab_size": self.info.vocab_size,
+                                                      "run.world_size": self.dist.world_size,
+                                                      "run.num_params": self.model.num_params()}, watch),
+                **self.info.hparams}
+
+    def step_report(self, stats: Dict[str, Any], seconds: float):
+        """One step's (metrics.jsonl fields, TensorBoard scalars, log line, progress postfix, summary)."""
+        tps = stats["tokens"] / seconds
+        gn = "n/a" if stats["grad_norm"] is None else f"{stats['grad_norm']:.3f}"
+        record = {"loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                  "tokens_seen": self.tokens_seen, "tokens_per_s": tps}
+        scalars = {mon.TRAIN_LOSS: stats["loss"], mon.LR: stats["lr"], mon.GRAD_NORM: stats["grad_norm"],
+                   mon.TOKENS_SEEN: self.tokens_seen, mon.TOKENS_PER_S: tps}
+        summary = {"loss": stats["loss"], "tokens_per_s": tps}
+        parts = [f"step {self.step:>6}/{self.cfg.train.steps}", f"loss {stats['loss']:.4f}", f"lr {stats['lr']:.2e}",
+                 f"grad {gn}", f"{tps:,.0f} tok/s"]
+        if self.info.flops_per_token:
+            mfu = tps * self.info.flops_per_token / (self.peak.value * self.dist.world_size)
+            record["mfu"] = scalars[mon.MFU] = summary["mfu"] = mfu
+            parts.append(f"mfu {100 * mfu:.1f}%")
+        for key, value in stats["metrics"].items():
+            record[key] = value
+            scalars[self.info.step_tags.get(key, f"train/{key}")] = value
+            parts.append(f"{key} {value:.4g}")
+        record["step_time_s"] = seconds
+        parts.append(f"{seconds:.2f} s/step")
+        postfix = {"loss": f"{stats['loss']:.4f}", "tok/s": f"{tps:,.0f}"}
+        return record, scalars, " | ".join(parts), postfix, summary
+
+    def evaluate(self) -> Dict[str, float]:
+        """The task's evaluation, logged: TensorBoard scalars and texts, metrics.jsonl, the console."""
+        m, step = self.monitor, self.step
+        ev = self.task.evaluate(self.engine, step)
+        for note in ev.notes:
+            if note not in self._notes_printed:
+                self._notes_printed.add(note)
+                m.info(note)
+        m.scalars(step, ev.scalars)
+        m.record({"step": step, **ev.metrics})
+        for tag, markdown in ev.texts.items():
+            m.text(tag, markdown, step)
+        m.info(ev.line)
+        return dict(ev.metrics)
+
     def run(self) -> Dict[str, float]:
-        cfg, m, task = self.cfg, self.monitor, self.task
-        m.info(task.banner())
+        cfg, m = self.cfg, self.monitor
+        m.info(self.banner())
         m.text("config", "```\n" + self.resolved_yaml + "\n```")
-        m.hparams_start(task.hparams())
-        last = task.before_loop()
+        m.hparams_start(self.hparams())
+        last = self.evaluate() if self.info.evaluate_at_start and self.step == 0 else {}
         batches = self._batches()
         eval_every, ckpt_every = cfg.train.eval_every, cfg.checkpoint.every
         while not self.done():
@@ -691,7 +692,7 @@ class Trainer:
             self.step += 1
             faults.inject("step", self.step, self.dist.rank)  # test hook (MMTRAIN_FAULT); no-op otherwise
             self.tokens_seen += int(stats["tokens"])
-            record, scalars, line, postfix, summary = task.step_report(stats, timer.seconds)
+            record, scalars, line, postfix, summary = self.step_report(stats, timer.seconds)
             last = dict(summary)   # the summary printed at the end: this step, and its evaluation if any
             m.record({"step": self.step, **record})
             m.advance(1, postfix)
@@ -700,7 +701,7 @@ class Trainer:
                                       mon.MEMORY: mon.peak_memory_gb(self.device)})
                 m.info(line)
             if (eval_every > 0 and self.step % eval_every == 0) or self.done():
-                last.update(task.evaluate())
+                last.update(self.evaluate())
             if (ckpt_every > 0 and self.step % ckpt_every == 0) or self.done():
                 m.info(f"saved {self.save()}")
             m.flush()

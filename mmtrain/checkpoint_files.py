@@ -24,6 +24,9 @@ import torch.distributed as dist
 
 from mmtrain.files import sha256_file
 
+CHECKPOINT_SUBDIR = "checkpoints"   # <run_dir>/checkpoints/<tag>/
+LATEST = "latest"                   # <run_dir>/checkpoints/latest: the tag to resume from
+INCOMPLETE_SUFFIX = ".incomplete"   # a checkpoint being written: <tag>.incomplete/
 MANIFEST = "manifest.json"   # world size, ZeRO stage and every file of a checkpoint, written last
 RESUME_INFO = "resume_info.json"   # the data a checkpoint trained on, read before a resume loads anything
 TAG_RE = re.compile(r"^step_(\d{8,})$")
@@ -293,3 +296,42 @@ def verify(root: str, tag: str, rank: int = 0, world_size: int = 1, fix: str = "
             problems[name] = (f"{paths[name]} " + scan) if (scan := _scan_pt(paths[name])) else None
         if problems.get(name):
             raise _damaged(root, tag, problems[name], fix)
+
+
+def read_latest(ckpt_root: str) -> Optional[str]:
+    """The tag ``latest`` points at, or None when there is no trustworthy one (:func:`check_latest`
+    without the error)."""
+    try:
+        return check_latest(ckpt_root)
+    except CheckpointError:
+        return None
+
+
+def check_latest(ckpt_root: str) -> Optional[str]:
+    """The tag ``latest`` names, checked: None when there is no ``latest`` file; CheckpointError when
+    it is unreadable or names anything but a complete checkpoint directory of ``ckpt_root``. A
+    ``latest`` that is a symbolic link is refused unread, and its text is never shown unless it is a
+    checkpoint tag's shape (it may be another file's: a planted hard link)."""
+    path = os.path.join(ckpt_root, LATEST)
+    target = f"a complete checkpoint directory of {ckpt_root}"
+    if os.path.islink(path):
+        problem = f"is a symbolic link (not followed: mmtrain writes `latest` as a plain file naming {target})"
+    elif not os.path.isfile(path):
+        return None
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "r", encoding="utf-8") as fh:
+                tag = fh.read(4096).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            problem = f"is unreadable ({type(exc).__name__}), not {target}"
+        else:
+            if tag in list_tags(ckpt_root):
+                return tag
+            shown = repr(tag) if re.fullmatch(r"[\w.-]{1,64}", tag) else f"no checkpoint tag ({len(tag)} characters)"
+            problem = f"names {shown}, which is not {target}"
+    complete = list_tags(ckpt_root)
+    raise CheckpointError(
+        f"{path} {problem}. Complete checkpoints there: "
+        f"{', '.join(complete) or 'none'}. Pick one with checkpoint.resume={os.path.join(ckpt_root, complete[-1]) if complete else '<dir>'}"
+        f" (or checkpoint.resume=none with a new logging.run_dir to start over); nothing was changed")

@@ -74,7 +74,6 @@ class LMDataset(StreamingDataset):
                  retries: int = R.DEFAULT_RETRIES, timeout: float = R.DEFAULT_TIMEOUT,
                  **streaming_kwargs: Any):
         srcs = as_sources(shard_dir)
-        self.sources = srcs
         self.meta = meta if meta is not None else S.read_meta(srcs[0].local, n_ctx)
         self.n_ctx = int(n_ctx)
         self.padded = self.meta["packing"] == "pad"

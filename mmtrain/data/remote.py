@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 from mmtrain.data.errors import DataError
+from mmtrain.data.shards import file_digest, write_json_atomic
 
 #: URL schemes read as remote data (what streaming's downloaders support, plus file://).
 SCHEMES = ("s3", "gs", "oci", "hf", "azure", "azure-dl", "dbfs", "sftp", "file")
@@ -46,7 +47,7 @@ PathLike = Union[str, Path]
 def is_remote(location: Any) -> bool:
     """True for a URL of an object store (or file://), False for a local path."""
     scheme = urllib.parse.urlparse(str(location)).scheme
-    return scheme in SCHEMES or (scheme == "dbfs")
+    return scheme in SCHEMES
 
 
 def check_url(url: str) -> str:
@@ -173,14 +174,6 @@ def backoff(attempt: int) -> float:
     return min(MAX_BACKOFF, 2.0 ** (attempt - 1))
 
 
-def file_digest(path: PathLike, algo: str = "sha1") -> str:
-    digest = hashlib.new(algo)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(url: str, local: PathLike, *, retries: int = DEFAULT_RETRIES, timeout: float = DEFAULT_TIMEOUT,
              expect: Optional[Tuple[Optional[int], Optional[str]]] = None, what: str = "") -> bool:
     """Download one object to ``local`` (atomically: a temporary sibling renamed into place).
@@ -293,10 +286,6 @@ def upload(local_root: PathLike, relpaths: Iterable[str], url: str, *, retries: 
                             "already uploaded are not sent again")
 
 
-def read_json(path: PathLike) -> Dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
 def list_remote(url: str, prefix: str = "", scratch: Optional[Path] = None) -> Optional[set]:
     """Relative paths of the objects under ``url/prefix``; None when the store cannot list them."""
     import tempfile
@@ -343,12 +332,6 @@ def delete_remote(url: str) -> bool:
         raise DataError(f"{url}: cannot delete it before overwriting{endpoint_note(url)} "
                         f"({_describe(exc)})") from None
     return True
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    from mmtrain.data.shards import write_json_atomic as write
-
-    write(path, obj)
 
 
 def upload_output(local: Path, relpaths: Sequence[str], url: str, record: Path) -> Dict[str, int]:

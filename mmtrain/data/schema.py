@@ -14,6 +14,17 @@ from mmtrain.config import register_validator, seed_setting, setting
 DEFAULT_SHARD_DIR = "data/demo"
 
 
+def download_retry_setting():
+    """``download_retry`` of a data section that may read a store URL."""
+    return setting(3, "Retries of an object-store download (exponential backoff: 1, 2, 4 ... s, at most 30 s) "
+                      "before the run stops with an error naming the object.", ge=0, role="watch")
+
+
+def download_timeout_setting():
+    """``download_timeout`` of a data section that may read a store URL."""
+    return setting(60.0, "Seconds one object-store download may take.", gt=0, role="watch")
+
+
 @dataclass
 class StreamSpec:
     name: str = setting("", "Name of the stream in metrics and TensorBoard (eval/<name>/loss_ctx<N>); '' = "
@@ -48,9 +59,8 @@ class DataConfig:
                                    "recently are evicted (streaming's cache_limit); '' = no limit.", role="watch")
     predownload: int = setting(0, "Samples each data-loader worker downloads ahead of use; 0 = streaming's "
                                   "default (8 x micro_batch_size).", ge=0, role="watch")
-    download_retry: int = setting(3, "Retries of an object-store download (exponential backoff: 1, 2, 4 ... s, "
-                                     "at most 30 s) before the run stops with an error naming the object.", ge=0, role="watch")
-    download_timeout: float = setting(60.0, "Seconds one object-store download may take.", gt=0, role="watch")
+    download_retry: int = download_retry_setting()
+    download_timeout: float = download_timeout_setting()
     tokenizer: str = setting("", "SentencePiece .model the shards were made with; '' = the one recorded in "
                             "the shards' meta.json. A hash mismatch with the shards is an error.")
     auto_prepare: bool = setting(True, "If the shards are missing and `prepare_input` is `demo`, prepare them "
@@ -161,9 +171,8 @@ class PairDataConfig:
                                                 "(every shard's sha1 checked) before training.", role="layout")
     cache_dir: str = setting("", "Local copy of a shard_dir URL; '' = a directory of its own under "
                                  "~/.cache/mmtrain/pairs ($MMTRAIN_CACHE).", role="watch")
-    download_retry: int = setting(3, "Retries of an object-store download (backoff 1, 2, 4 ... s) before an error "
-                                     "naming the object.", ge=0, role="watch")
-    download_timeout: float = setting(60.0, "Seconds one object-store download may take.", gt=0, role="watch")
+    download_retry: int = download_retry_setting()
+    download_timeout: float = download_timeout_setting()
     num_workers: int = setting(0, "Data-loader worker processes per rank.", ge=0, role="watch")
     shuffle: bool = setting(True, "Shuffle training pairs (seeded by train.seed).")
 

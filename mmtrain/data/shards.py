@@ -121,6 +121,15 @@ def _read_index(sdir: Path) -> Dict[str, Any]:
 read_index = _read_index
 
 
+def file_digest(path: PathLike, algo: str = SHARD_HASH) -> str:
+    """Hex digest of a file (``sha1``: what MDS indexes record per shard), read in 4 MiB blocks."""
+    digest = hashlib.new(algo)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_shard_file(sdir: Path, info: Dict[str, Any], verify_hashes: bool, remedy: str = "`mmtrain prepare`") -> int:
     """Check one shard file of an MDS index entry (presence, size, header; sha1 with ``verify_hashes``);
     its sample count. ``remedy``: the command that rewrites it, named in the error."""
@@ -145,12 +154,9 @@ def check_shard_file(sdir: Path, info: Dict[str, Any], verify_hashes: bool, reme
                         f"samples in {size} bytes)")
     if verify_hashes:
         for algo, expected in (raw.get("hashes") or {}).items():
-            digest = hashlib.new(algo)
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    digest.update(block)
-            if digest.hexdigest() != expected:
-                raise DataError(f"{path}: {algo} {digest.hexdigest()} does not match index.json "
+            found = file_digest(path, algo)
+            if found != expected:
+                raise DataError(f"{path}: {algo} {found} does not match index.json "
                                 f"({expected}): corrupt shard file; re-run {remedy} to rewrite it")
     return samples
 

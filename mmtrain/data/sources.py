@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from mmtrain.data import remote as R
 from mmtrain.data import shards as S
 from mmtrain.data.errors import DataError
+from mmtrain.files import sha256_file
 from mmtrain.data.streaming_compat import Stream
 
 
@@ -126,7 +127,7 @@ def _sync(src: Source, n_ctx: int, splits: Sequence[str], retries: int, timeout:
         want_tok = meta.get("tokenizer_sha256")
     except ValueError:
         want_tok = None      # read_meta reports the bad JSON
-    if not tok_path.is_file() or (want_tok and _sha256(tok_path) != want_tok):
+    if not tok_path.is_file() or (want_tok and sha256_file(tok_path)[1] != want_tok):
         if not R.download(R.child(cdir_url, S.TOKENIZER_NAME), tok_path, retries=retries, timeout=timeout):
             raise DataError(f"{R.child(cdir_url, S.TOKENIZER_NAME)}: missing (every ctx directory holds the "
                             "tokenizer its shards were made with); re-run `mmtrain prepare --out ...`")
@@ -157,10 +158,6 @@ def _sync(src: Source, n_ctx: int, splits: Sequence[str], retries: int, timeout:
         for leftover in sdir.rglob(".*.dl*"):   # downloads a killed run left half-done
             leftover.unlink(missing_ok=True)
     return counts
-
-
-def _sha256(path: Path) -> str:
-    return R.file_digest(path, "sha256")
 
 
 def local_leader() -> bool:
@@ -214,6 +211,18 @@ def _label(src: Source, many: bool) -> str:
     return f"stream {src.name!r} ({src.location}): " if many else ""
 
 
+def fetch_sources(srcs: Sequence[Source], n_ctx: int, splits: Sequence[str] = S.SPLITS, *,
+                  retries: int = R.DEFAULT_RETRIES, timeout: float = R.DEFAULT_TIMEOUT, verify: bool = False) -> None:
+    """Bring the cache of every remote source up to date (:func:`sync`); an error names its stream."""
+    many = len(srcs) > 1
+    for src in srcs:
+        if src.remote:
+            try:
+                sync(src, n_ctx, splits, retries=retries, timeout=timeout, verify=verify)
+            except DataError as exc:
+                raise DataError(f"{_label(src, many)}{exc}") from None
+
+
 def check_sources(srcs: Sequence[Source], n_ctx: int, *, tokenizer_hash: Optional[str] = None,
                   vocab_size: Optional[int] = None, splits: Sequence[str] = S.SPLITS, verify: bool = False,
                   retries: int = R.DEFAULT_RETRIES, timeout: float = R.DEFAULT_TIMEOUT,
@@ -221,17 +230,16 @@ def check_sources(srcs: Sequence[Source], n_ctx: int, *, tokenizer_hash: Optiona
     """Make every source ready and check it (:func:`mmtrain.data.shards.check_shards`); every source
     must share the first one's tokenizer, vocabulary and packing. Returns the first one's meta.
 
-    ``fetch``: whether this process updates the caches of remote sources (default: when it is its
-    node's local rank 0); in a distributed run the caller puts a barrier between the processes
-    that fetch and the checks of the others (:func:`mmtrain.train.lm.ensure_shards`).
+    ``fetch``: whether this process first updates the caches of remote sources (:func:`fetch_sources`;
+    default: when it is its node's local rank 0); in a distributed run the local rank 0 fetches
+    while the others wait, then every rank checks (:func:`mmtrain.train.lm.ensure_shards`).
     """
     many = len(srcs) > 1
-    fetch = local_leader() if fetch is None else fetch
+    if local_leader() if fetch is None else fetch:
+        fetch_sources(srcs, n_ctx, splits, retries=retries, timeout=timeout, verify=verify)
     metas = []
     for src in srcs:
         try:
-            if src.remote and fetch:
-                sync(src, n_ctx, splits, retries=retries, timeout=timeout, verify=verify)
             metas.append(S.check_shards(src.local, n_ctx, tokenizer_hash=tokenizer_hash, vocab_size=vocab_size,
                                         splits=splits, verify_hashes=verify and not src.remote,
                                         present_only=src.remote))

@@ -38,22 +38,14 @@ class ContrastiveTask(Task):
         from mmtrain.data.errors import DataError
         from mmtrain.data.remote import is_remote
         from mmtrain.data.pair_sources import local_pairs
-        from mmtrain.data.sources import local_leader
-        from mmtrain.train.trainer import barrier
+        from mmtrain.train.trainer import local_leader_first
 
         d = self.cfg.data
         if not is_remote(d.shard_dir):
             return d.shard_dir
-        problem, kw = None, dict(retries=d.download_retry, timeout=d.download_timeout)
-        if local_leader():
-            try:
-                local_pairs(d.shard_dir, d.cache_dir, fetch=True, **kw)
-            except DataError as exc:
-                problem = exc
-        barrier()
-        if problem is not None:
-            raise ConfigError([f"data.shard_dir: {problem}"])
+        kw = dict(retries=d.download_retry, timeout=d.download_timeout)
         try:
+            local_leader_first(lambda: local_pairs(d.shard_dir, d.cache_dir, fetch=True, **kw))
             return local_pairs(d.shard_dir, d.cache_dir, fetch=False, **kw)
         except DataError as exc:
             raise ConfigError([f"data.shard_dir: {exc}"]) from exc
@@ -189,7 +181,9 @@ class ContrastiveTask(Task):
         def info_nce(embeddings):
             return self._info_nce(embeddings, temperature)
 
-        metrics = {"negatives": self.negatives, "temperature": float(temperature)}
+        # a learned temperature stays a tensor here: the Trainer reads it once per step
+        metrics = {"negatives": self.negatives,
+                   "temperature": temperature.detach() if torch.is_tensor(temperature) else temperature}
         if self.grad_cache is None:
             loss = info_nce(embed(ids, lengths))
             return StepOutput(loss, [loss], metrics)

@@ -12,7 +12,7 @@ import torch
 from mmtrain.config import ConfigError
 from mmtrain.train import monitor as mon
 from mmtrain.train.task import Batch, Evaluation, RunContext, StepOutput, Task, TaskInfo
-from mmtrain.train.trainer import all_reduce_sum, barrier
+from mmtrain.train.trainer import all_reduce_sum, local_leader_first
 
 
 def ensure_shards(cfg, is_main: bool) -> Dict:
@@ -20,7 +20,7 @@ def ensure_shards(cfg, is_main: bool) -> Dict:
     use; the node's local rank 0 bringing the cache of a URL up to date first)."""
     from mmtrain.data.errors import DataError
     from mmtrain.data.shards import ctx_dir
-    from mmtrain.data.sources import check_sources, local_leader, sources_of
+    from mmtrain.data.sources import check_sources, fetch_sources, sources_of
 
     n_ctx = cfg.model.n_ctx
     try:
@@ -47,19 +47,12 @@ def ensure_shards(cfg, is_main: bool) -> Dict:
 
         expected_hash = load_tokenizer(cfg.data.tokenizer).sha256
     key = "data.streams" if len(cfg.data.streams) else "data.shard_dir"
-    kwargs = dict(tokenizer_hash=expected_hash, vocab_size=cfg.model.vocab_size or None,
-                  verify=cfg.data.verify_shards, retries=cfg.data.download_retry, timeout=cfg.data.download_timeout)
-    problem = None
-    if any(s.remote for s in srcs) and local_leader():
-        try:    # one process per node fills the node's caches; the others wait, then check
-            check_sources(srcs, n_ctx, fetch=True, **kwargs)
-        except DataError as exc:
-            problem = str(exc)
-    barrier()
+    fetch = dict(verify=cfg.data.verify_shards, retries=cfg.data.download_retry, timeout=cfg.data.download_timeout)
     try:
-        if problem is not None:
-            raise DataError(problem)
-        return srcs, check_sources(srcs, n_ctx, fetch=False, **kwargs)
+        # one process per node fills the node's caches (and has prepared the demo shards); then every rank checks
+        local_leader_first(lambda: fetch_sources(srcs, n_ctx, **fetch))
+        return srcs, check_sources(srcs, n_ctx, tokenizer_hash=expected_hash, vocab_size=cfg.model.vocab_size or None,
+                                   fetch=False, **fetch)
     except DataError as exc:
         raise ConfigError([f"{key}: {exc}"]) from exc
 
@@ -85,6 +78,7 @@ class LMTask(Task):
         self.cfg, self.n_ctx = cfg, cfg.model.n_ctx
         self.sources, self.meta = ensure_shards(cfg, ctx.is_main)
         self.mixture = len(self.sources) > 1
+        self.data_name = ", ".join(s.location for s in self.sources)   # named when a batch is corrupt
         self.vocab_size = int(self.meta["vocab_size"])
         self.val_loaders = None           # one per source, built at the first evaluation
         self.tokenizer = None             # loaded at the first evaluation that logs samples
@@ -139,7 +133,7 @@ class LMTask(Task):
 
     def _inputs(self, raw):
         """(input_ids, labels) on the device; padding is -100 in the labels."""
-        check_token_ids(raw["input_ids"], self.vocab_size, self.data_name())
+        check_token_ids(raw["input_ids"], self.vocab_size, self.data_name)
         device = self.ctx.device
         input_ids = raw["input_ids"].to(device, non_blocking=True).long()
         labels = input_ids.clone()
@@ -163,9 +157,6 @@ class LMTask(Task):
     def eval_lengths(self) -> List[int]:
         extra = sorted({int(n) for n in self.cfg.train.eval_n_ctx if int(n) < self.n_ctx})
         return extra + [self.n_ctx]
-
-    def data_name(self) -> str:
-        return ", ".join(s.location for s in self.sources)
 
     @torch.no_grad()
     def eval_sums(self, engine) -> torch.Tensor:
@@ -192,11 +183,6 @@ class LMTask(Task):
         sums = all_reduce_sum(sums)
         engine.train()
         return sums
-
-    def eval_losses(self, engine) -> Dict[int, float]:
-        """Mean validation loss per context length (over every source's evaluated tokens)."""
-        total = self.eval_sums(engine).sum(0).tolist()
-        return {n: s / max(t, 1.0) for n, (s, t) in zip(self.eval_lengths(), total)}
 
     def evaluate(self, engine, step: int) -> Evaluation:
         sums = self.eval_sums(engine)

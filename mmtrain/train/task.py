@@ -70,11 +70,12 @@ class Batch:
 @dataclass
 class StepOutput:
     """The forward pass of one micro-batch: its mean ``loss``, the ``terms`` to back-propagate (one per
-    engine micro-step) and per-step ``metrics`` (``metrics.jsonl`` keys; tags in TaskInfo.step_tags)."""
+    engine micro-step) and per-step ``metrics`` (``metrics.jsonl`` keys; tags in TaskInfo.step_tags): numbers
+    or device scalars, read once per step from the step's last micro-batch."""
 
     loss: torch.Tensor
     terms: Iterable[torch.Tensor]
-    metrics: Dict[str, float] = field(default_factory=dict)
+    metrics: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

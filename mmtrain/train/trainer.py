@@ -165,6 +165,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+def local_leader_first(fn) -> None:
+    """Run ``fn`` on each node's local rank 0 while every other rank waits at a barrier; an exception
+    ``fn`` raised is raised there after the barrier, so no rank is left waiting."""
+    from mmtrain.data.sources import local_leader
+
+    error: Optional[BaseException] = None
+    if local_leader():
+        try:
+            fn()
+        except Exception as exc:   # noqa: BLE001 -- raised again below, after the barrier
+            error = exc
+    barrier()
+    if error is not None:
+        raise error
+
+
 def seed_everything(seed: int) -> None:
     seed %= 2**32  # numpy takes seeds in [0, 2**32); derived per-(step, rank) seeds grow past it
     random.seed(seed)
@@ -655,6 +671,7 @@ class Trainer:
             record["mfu"] = scalars[mon.MFU] = summary["mfu"] = mfu
             parts.append(f"mfu {100 * mfu:.1f}%")
         for key, value in stats["metrics"].items():
+            value = float(value)   # device scalars are read once per step, here
             record[key] = value
             scalars[self.info.step_tags.get(key, f"train/{key}")] = value
             parts.append(f"{key} {value:.4g}")

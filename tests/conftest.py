@@ -15,6 +15,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain" / "tiny.yaml"
 
+# One streaming shared-memory namespace per test process (each xdist worker, each concurrent
+# session), inherited by the runs it launches: loaders created at the same instant by two of them
+# never take the same /dev/shm names.
+os.environ["MMTRAIN_SHM_NAMESPACE"] = f"t{os.getpid()}"
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

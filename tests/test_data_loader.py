@@ -247,3 +247,21 @@ def test_streaming_stand_ins_last_only_while_streaming_imports():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["True", "streaming.base.dataset"]
+
+
+def test_the_shared_memory_namespace_prefixes_every_name_streaming_creates(shard_dir, monkeypatch):
+    """Jobs with different MMTRAIN_SHM_NAMESPACE values never share a /dev/shm or lock-file name
+    (what lets the suite run on several xdist workers and two multi-rank jobs start at once)."""
+    from mmtrain.data.streaming_compat import shm_namespace
+
+    monkeypatch.setenv("MMTRAIN_SHM_NAMESPACE", "unit-test_ns 42")
+    assert shm_namespace() == "unittestns42"
+    before = set(os.listdir("/dev/shm"))
+    loader = build_lm_loader(shard_dir, N_CTX, "val", 2, shuffle=False, seed=0, num_workers=0)
+    next(iter(loader))
+    created = set(os.listdir("/dev/shm")) - before
+    assert created and all(name.startswith("unittestns42_") for name in created), sorted(created)
+    dataset = loader.dataset
+    assert os.path.basename(dataset._cache_filelock_path).startswith("unittestns42_")
+    monkeypatch.delenv("MMTRAIN_SHM_NAMESPACE")
+    assert shm_namespace() == ""

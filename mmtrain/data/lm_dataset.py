@@ -34,8 +34,9 @@ prefix; the process that registered a prefix removes them at exit. Leftover bloc
 run are harmless (their prefix is skipped), so mmtrain
 never calls ``streaming.base.util.clean_stale_shared_memory()``: it unlinks the blocks of *live*
 datasets too, including other jobs' on a shared machine. Two processes that register at the very
-same moment can collide (``FileExistsError``, the reason streaming tests must not run under
-pytest-xdist); :func:`build_lm_loader` and the pair loaders retry then.
+same moment can collide (``FileExistsError``); :func:`build_lm_loader` and the pair loaders retry
+then. Jobs given different ``MMTRAIN_SHM_NAMESPACE`` values never share a name
+(:func:`mmtrain.data.streaming_compat.shm_namespace`); the tests run one namespace per worker.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import types
 
@@ -47,6 +48,39 @@ def _import_streaming():
 
 
 streaming = _import_streaming()
+
+SHM_NAMESPACE_ENV = "MMTRAIN_SHM_NAMESPACE"
+
+
+def shm_namespace() -> str:
+    """The job's shared-memory namespace: ``$MMTRAIN_SHM_NAMESPACE`` reduced to at most 16 letters
+    and digits, or "" (streaming's own names) when unset."""
+    return re.sub(r"[^A-Za-z0-9]", "", os.environ.get(SHM_NAMESPACE_ENV, ""))[:16]
+
+
+def _namespace_shm_names() -> None:
+    """Put streaming's /dev/shm blocks and /tmp lock files under the job's namespace.
+
+    streaming names them ``<prefix int>_<name>``, the prefix being the first one no live dataset on
+    the node uses. Two multi-rank jobs whose loaders register at the same instant can take the same
+    prefix (the ranks of one then read the other's registration). With ``MMTRAIN_SHM_NAMESPACE``
+    set, every name starts with it, so jobs with different namespaces never meet. All ranks of a job
+    on a node must share its value; it is read on every call, so it may be set after import.
+    """
+    from streaming.base import dataset, shared, util
+    from streaming.base.shared import prefix
+
+    original = prefix._get_path
+
+    def _get_path(prefix_int: int, name: str) -> str:
+        namespace = shm_namespace()
+        return f"{namespace}_{original(prefix_int, name)}" if namespace else original(prefix_int, name)
+
+    for module in (prefix, dataset, util, shared):
+        module._get_path = _get_path
+
+
+_namespace_shm_names()
 MDSWriter, StreamingDataLoader, StreamingDataset = (streaming.MDSWriter, streaming.StreamingDataLoader,
                                                    streaming.StreamingDataset)
 
@@ -68,4 +102,4 @@ def read_samples(split_dir):
             yield reader.get_item(i)
 
 __all__ = ["CloudDownloader", "CloudUploader", "Stream", "MDSWriter", "StreamingDataLoader", "StreamingDataset",
-           "read_samples", "STREAMING_VERSION"]
+           "read_samples", "shm_namespace", "STREAMING_VERSION"]

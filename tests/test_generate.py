@@ -20,6 +20,9 @@ MODELS = {
     "expanded": dict(kind="mixer", d_model=32, n_layers=2, n_ctx=N_CTX, mixer_expansion=3),
     "flat_tied_no_final_norm": dict(kind="mixer", d_model=32, n_layers=2, n_ctx=N_CTX, tie_embeddings=True,
                                     final_norm=False),
+    "toeplitz_flat": dict(kind="mixer", d_model=32, n_layers=2, n_ctx=N_CTX, mixer_matrix="toeplitz"),
+    "toeplitz_multi_head_fft": dict(kind="mixer", d_model=32, n_layers=2, n_ctx=N_CTX, mixer_heads=4,
+                                    mixer_matrix="toeplitz", mixer_fft_min_length=1),
     "llama": dict(kind="transformer", d_model=32, n_layers=2, n_ctx=N_CTX, n_heads=4),
     "llama_gqa": dict(kind="transformer", d_model=32, n_layers=2, n_ctx=N_CTX, n_heads=4, n_kv_heads=2),
 }

@@ -41,6 +41,8 @@ KINDS = {
     "mixer_flat": dict(kind="mixer"),
     "mixer_heads_tied": dict(kind="mixer", mixer_heads=2, tie_embeddings=True),
     "mixer_expanded": dict(kind="mixer", mixer_expansion=2, final_norm=True),
+    "mixer_toeplitz": dict(kind="mixer", mixer_matrix="toeplitz"),
+    "mixer_toeplitz_heads": dict(kind="mixer", mixer_heads=2, mixer_matrix="toeplitz", mixing_init="uniform"),
     "hybrid": dict(kind="hybrid", n_heads=4, n_kv_heads=2),
     "hybrid_parallel_tied": dict(kind="hybrid", n_heads=4, hybrid_mode="parallel", tie_embeddings=True),
     "mixer_autoencoder": dict(kind="mixer_autoencoder", compression=2, encoder_layers=1),
@@ -263,11 +265,14 @@ def test_export_embedder_for_sentence_transformers_gives_eval_retrievals_embeddi
 
 
 @pytest.mark.parametrize("kind, pooling", [("mixer", "last"), ("hybrid", "second_to_last"),
-                                           ("transformer", "second_to_last"), ("transformer", "mean")])
+                                           ("transformer", "second_to_last"), ("transformer", "mean"),
+                                           ("mixer_toeplitz", "mean")])
 def test_every_pooling_and_kind_round_trips(kind, pooling, tmp_path):
     st = sentence_transformers()
-    extra = {"mixer": {}, "hybrid": dict(n_heads=4), "transformer": dict(n_heads=4, n_kv_heads=2)}[kind]
-    config = B.write_bundle(tiny_model(dict(kind=kind, **extra)), tmp_path / "b", DEMO_TOKENIZER)
+    model = {"mixer": dict(kind="mixer"), "hybrid": dict(kind="hybrid", n_heads=4),
+             "transformer": dict(kind="transformer", n_heads=4, n_kv_heads=2),
+             "mixer_toeplitz": dict(kind="mixer", mixer_heads=2, mixer_matrix="toeplitz")}[kind]
+    config = B.write_bundle(tiny_model(model), tmp_path / "b", DEMO_TOKENIZER)
     config["mmtrain"]["embedder"] = {"pooling": pooling, "append_eos": True, "n_ctx": N_CTX}
     B.rewrite_config(tmp_path / "b", config)
     H.write_sentence_transformers(tmp_path / "b", config)

@@ -69,6 +69,8 @@ def train_on_markov_chain(model_cfg: dict, steps: int = STEPS, seed: int = 0):
 CONTEXT_MODELS = {
     "mixer": dict(kind="mixer", d_model=32, n_layers=4),
     "mixer_multi_head": dict(kind="mixer", d_model=32, n_layers=4, mixer_heads=2),
+    "mixer_toeplitz": dict(kind="mixer", d_model=32, n_layers=4, mixer_matrix="toeplitz"),
+    "mixer_toeplitz_multi_head": dict(kind="mixer", d_model=32, n_layers=4, mixer_heads=2, mixer_matrix="toeplitz"),
     "transformer": dict(kind="transformer", d_model=32, n_layers=4, n_heads=2),
 }
 

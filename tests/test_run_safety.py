@@ -227,8 +227,10 @@ def test_a_checkpoint_missing_a_rank_file_or_from_another_layout_is_named_before
     # ZeRO 1 and 2 share a layout
 
 
-@pytest.mark.parametrize("stages", [(0, 1, 2, 3)])
-def test_a_run_resumes_on_another_number_of_ranks_at_every_zero_stage(demo_shards, tmp_path, stages):
+@pytest.mark.parametrize("stages, model", [((0, 1, 2, 3), []),
+                                           ((3,), ["model.mixer_matrix=toeplitz", "model.mixer_fft_min_length=16"])],
+                         ids=["general", "toeplitz"])
+def test_a_run_resumes_on_another_number_of_ranks_at_every_zero_stage(demo_shards, tmp_path, stages, model):
     """1 rank (steps 1-2) -> 2 ranks (3-4) -> 1 rank (5-6) at the same global batch trains what one
     uninterrupted rank trains: a ZeRO >= 1 checkpoint is converted to a universal checkpoint
     (kept only until the resumed run saves), a ZeRO 0 one loads as it is."""
@@ -239,7 +241,8 @@ def test_a_run_resumes_on_another_number_of_ranks_at_every_zero_stage(demo_shard
     from conftest import ROOT, free_port, script_env
 
     def run_args(z, run_dir, *extra):
-        return [str(a) for a in args(demo_shards, run_dir, f"engine.zero_stage={z}", "data.num_workers=0", *extra)]
+        return [str(a) for a in args(demo_shards, run_dir, f"engine.zero_stage={z}", "data.num_workers=0", *model,
+                                     *extra)]
 
     for z in stages:
         pretrain_in_process(run_args(z, tmp_path / f"z{z}", "train.stop_at=2"))

@@ -214,6 +214,9 @@ _TENSOR_DOCS = [
     ("token_mixing.weight", "token-mixing matrix W [n_ctx, n_ctx] (row = output position, column = "
                             "input position), stored lower-triangular (already masked)"),
     ("token_mixing.bias", "per-position bias b [n_ctx] of token mixing, broadcast over d"),
+    ("token_mixing.kernel", "Toeplitz token mixing: kernel k [n_ctx]; the matrix is M[i, j] = k[i - j] for "
+                            "j <= i (k[t]: weight of the input t positions back)"),
+    ("token_mixing.mixing.kernel", "multi-head Toeplitz mixing: kernels [heads, n_ctx], M_h[i, j] = k_h[i - j]"),
     ("token_mixing.in_proj.", "multi-head mixing: input projection Linear(d, d) (y = x W^T + b)"),
     ("token_mixing.out_proj.", "multi-head mixing: output projection Linear(d, d)"),
     ("token_mixing.mixing.weight", "multi-head mixing matrices [heads, n_ctx, n_ctx], lower-triangular"),

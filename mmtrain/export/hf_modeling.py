@@ -124,8 +124,48 @@ class CausalMixing(nn.Module):
             self.bias.uniform_(-bound, bound)
 
 
-class FlatTokenMixing(CausalMixing):
-    """One causal matrix over positions, shared across the width d. Cache: the inputs U."""
+#: From this length a whole Toeplitz product runs by FFT (as mmtrain's default).
+TOEPLITZ_FFT_MIN_LENGTH = 256
+
+
+def _toeplitz_rows(kernel: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows start..end-1, columns 0..end-1 of T(k), T(k)[i, j] = k[i - j] for j <= i, else 0."""
+    lag = torch.arange(start, end, device=kernel.device)[:, None] - torch.arange(end, device=kernel.device)[None, :]
+    return kernel[..., lag.clamp(min=0)] * (lag >= 0).to(kernel.dtype)
+
+
+class ToeplitzMixing(nn.Module):
+    """``Y = T(k)[:L, :L] @ U + b[:L, None]``, ``T(k)[i, j] = k[i - j]`` (j <= i); kernel and bias
+    [(heads,) n_ctx]. A whole input from TOEPLITZ_FFT_MIN_LENGTH positions is a linear convolution
+    by FFT in fp32 (zero-padded to a power of two >= 2L - 1), otherwise the materialised rows."""
+
+    def __init__(self, n_ctx: int, heads: Optional[int] = None):
+        super().__init__()
+        lead = () if heads is None else (heads,)
+        self.n_ctx = n_ctx
+        self.kernel = nn.Parameter(torch.empty(*lead, n_ctx))
+        self.bias = nn.Parameter(torch.empty(*lead, n_ctx))
+
+    def forward(self, u: torch.Tensor, start: int = 0) -> torch.Tensor:
+        end = u.shape[-2]
+        if start == 0 and end >= TOEPLITZ_FFT_MIN_LENGTH:
+            n_fft = 1 << (2 * end - 2).bit_length()
+            work = torch.float64 if u.dtype == torch.float64 else torch.float32
+            spectrum = torch.fft.rfft(u.to(work), n=n_fft, dim=-2) * torch.fft.rfft(
+                self.kernel[..., :end].to(work), n=n_fft, dim=-1)[..., None]
+            mixed = torch.fft.irfft(spectrum, n=n_fft, dim=-2)[..., :end, :].to(u.dtype)
+        else:
+            mixed = torch.matmul(_toeplitz_rows(self.kernel, start, end), u)
+        return mixed + self.bias[..., start:end, None]
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.kernel.normal_(0.0, math.sqrt(2.0 / self.n_ctx))
+            self.bias.zero_()
+
+
+class _InputCache:
+    """Flat token mixing's decoding cache: the inputs U [B, n_ctx, d]."""
 
     def init_cache(self, batch: int, n_ctx: int, width: int, new) -> Dict[str, torch.Tensor]:
         return {"u": new(batch, n_ctx, width)}
@@ -138,15 +178,28 @@ class FlatTokenMixing(CausalMixing):
         return self(cache["u"][:, :end], start)
 
 
+class FlatTokenMixing(_InputCache, CausalMixing):
+    """One causal matrix over positions, shared across the width d. Cache: the inputs U."""
+
+
+class FlatToeplitzMixing(_InputCache, ToeplitzMixing):
+    """One causal Toeplitz kernel over positions, shared across the width d. Cache: the inputs U."""
+
+
+def _flat_mixing(c: Dict[str, Any]) -> nn.Module:
+    toeplitz = c.get("mixer_matrix", "general") == "toeplitz"
+    return FlatToeplitzMixing(c["n_ctx"]) if toeplitz else FlatTokenMixing(c["n_ctx"])
+
+
 class MultiHeadTokenMixing(nn.Module):
     """in_proj -> h heads of width d/h, each mixed by its own causal matrix -> concat -> out_proj.
     Cache: the projected heads [B, h, n_ctx, d/h]."""
 
-    def __init__(self, d_model: int, n_ctx: int, heads: int):
+    def __init__(self, d_model: int, n_ctx: int, heads: int, toeplitz: bool = False):
         super().__init__()
         self.heads = heads
         self.in_proj = nn.Linear(d_model, d_model)
-        self.mixing = CausalMixing(n_ctx, heads)
+        self.mixing = ToeplitzMixing(n_ctx, heads) if toeplitz else CausalMixing(n_ctx, heads)
         self.out_proj = nn.Linear(d_model, d_model)
 
     def init_cache(self, batch: int, n_ctx: int, width: int, new) -> Dict[str, torch.Tensor]:
@@ -242,11 +295,12 @@ class MixerBlock(nn.Module):
         d, n_ctx = c["d_model"], c["n_ctx"]
         self.token_norm = nn.LayerNorm(d, eps=c["norm_eps"])
         if c["mixer_heads"] > 0:
-            self.token_mixing = MultiHeadTokenMixing(d, n_ctx, c["mixer_heads"])
+            self.token_mixing = MultiHeadTokenMixing(d, n_ctx, c["mixer_heads"],
+                                                     c.get("mixer_matrix", "general") == "toeplitz")
         elif c["mixer_expansion"] > 1:
             self.token_mixing = ExpandedTokenMixing(n_ctx, c["mixer_expansion"])
         else:
-            self.token_mixing = FlatTokenMixing(n_ctx)
+            self.token_mixing = _flat_mixing(c)
         self.mlp_norm = nn.LayerNorm(d, eps=c["norm_eps"])
         self.mlp = MLP(d, c["ffn_mult"] * d)
 
@@ -354,7 +408,7 @@ class HybridDecoderLayer(nn.Module):
         self.sequential = c["hybrid_mode"] == "sequential"
         self.input_layernorm = RMSNorm(d, c["norm_eps"])
         self.self_attn = Attention(d, c["n_heads"], n_kv_heads)
-        self.token_mixing = FlatTokenMixing(c["n_ctx"])
+        self.token_mixing = _flat_mixing(c)
         self.post_attention_layernorm = RMSNorm(d, c["norm_eps"])
         self.mlp = LlamaMLP(d, intermediate_size)
 
@@ -500,7 +554,7 @@ class MmtrainPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
-        elif isinstance(module, (CausalMixing, _Matrix)):
+        elif isinstance(module, (CausalMixing, ToeplitzMixing, _Matrix)):
             module.reset_parameters()
 
 

@@ -85,7 +85,7 @@ class MixerAutoencoderLM(CausalLM):
 
         def block() -> MixerBlock:
             return MixerBlock(d, c["n_ctx"], c["ffn_mult"], c["mixer_heads"], c["mixer_expansion"], c["norm_eps"],
-                              c["mixer_block_size"], c["mixer_layout"])
+                              c["mixer_block_size"], c["mixer_layout"], c["mixer_matrix"], c["mixer_fft_min_length"])
 
         self.wte = nn.Embedding(c["vocab_size"], d)
         self.encoder = nn.ModuleList(block() for _ in range(self.encoder_layers))

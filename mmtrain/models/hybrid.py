@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from mmtrain.models.layers import DecodingCache
-from mmtrain.models.mixer import FlatTokenMixing
+from mmtrain.models.mixer import flat_token_mixing
 from mmtrain.models.transformer import LlamaAttention, LlamaLM, LlamaMLP, RMSNorm
 
 Cache = Dict[str, torch.Tensor]
@@ -39,14 +39,15 @@ class HybridDecoderLayer(nn.Module):
     beside the attention on the same normalised input (``parallel``). h [B, L, d] -> [B, L, d]."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, intermediate_size: int, eps: float,
-                 n_ctx: int, mode: str, layout: str = "packed", block_size: int = 0):
+                 n_ctx: int, mode: str, layout: str = "packed", block_size: int = 0, matrix: str = "general",
+                 fft_min_length: int = 0):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"model.hybrid_mode: expected one of {', '.join(MODES)}, got {mode!r}")
         self.mode = mode
         self.input_layernorm = RMSNorm(d_model, eps)
         self.self_attn = LlamaAttention(d_model, n_heads, n_kv_heads)
-        self.token_mixing = FlatTokenMixing(n_ctx, block_size, layout)
+        self.token_mixing = flat_token_mixing(n_ctx, block_size, layout, matrix, fft_min_length)
         self.post_attention_layernorm = RMSNorm(d_model, eps)
         self.mlp = LlamaMLP(d_model, intermediate_size)
 
@@ -73,7 +74,8 @@ class HybridBackbone(nn.Module):
         self.embed_tokens = nn.Embedding(c["vocab_size"], c["d_model"])
         self.layers = nn.ModuleList(
             HybridDecoderLayer(c["d_model"], c["n_heads"], n_kv_heads, intermediate_size, c["norm_eps"],
-                               c["n_ctx"], c["hybrid_mode"], c["mixer_layout"], c["mixer_block_size"])
+                               c["n_ctx"], c["hybrid_mode"], c["mixer_layout"], c["mixer_block_size"],
+                               c["mixer_matrix"], c["mixer_fft_min_length"])
             for _ in range(c["n_layers"]))
         self.norm = RMSNorm(c["d_model"], c["norm_eps"])
 

@@ -331,7 +331,7 @@ class InitPlan:
     embedding_std: float    # N(0, embedding_std) token embeddings
     linear: str             # kaiming | normal
     linear_std: float       # std of the normal Linear init
-    mixing: str             # uniform | position
+    mixing: str             # auto | uniform | position | kaiming
 
 
 def resolve_init(c: Mapping[str, Any], default_scheme: str) -> InitPlan:
@@ -344,8 +344,7 @@ def resolve_init(c: Mapping[str, Any], default_scheme: str) -> InitPlan:
     embedding_std = float(c.get("embedding_init_std", 0.0)) or (PAPER_EMBEDDING_STD if scheme == "paper" else std)
     linear = c.get("linear_init", "auto")
     linear = ("kaiming" if scheme == "paper" else "normal") if linear == "auto" else linear
-    mixing = c.get("mixing_init", "auto")
-    mixing = "uniform" if mixing == "auto" else mixing
+    mixing = c.get("mixing_init", "auto")   # auto: each token-mixing module's own (its default_init)
     return InitPlan(scheme, embedding_std, linear, std, mixing)
 
 
@@ -379,7 +378,9 @@ def initialize_(model: nn.Module, c: Mapping[str, Any], default_scheme: str) -> 
     - Embedding: N(0, embedding_std).
     - LayerNorm: weight 1, bias 0 (RMSNorm weights stay 1).
     - Masked token mixing (modules with ``is_token_mixing = True`` and ``reset_parameters(mode)``): ``uniform``
-      U(+-1/sqrt(n_in)) or ``position`` (row i U(+-1/sqrt(i+1))), masked entries zeroed.
+      U(+-1/sqrt(n_in)) or ``position`` (row i U(+-1/sqrt(i+1))), masked entries zeroed; Toeplitz
+      kernels ``kaiming`` (N(0, 2/n_ctx), zero bias) or ``uniform``. ``auto`` keeps the draw of
+      the module's constructor (its ``default_init``: uniform, Toeplitz kaiming).
 
     Modules are visited in ``model.modules()`` order, so a seed gives one init. The ``gpt``
     scheme draws exactly what ``model.apply(init_normal_)`` draws (the init of earlier versions).
@@ -407,7 +408,8 @@ def initialize_(model: nn.Module, c: Mapping[str, Any], default_scheme: str) -> 
             nn.init.normal_(module.weight, mean=0.0, std=plan.embedding_std)
         elif isinstance(module, nn.LayerNorm):
             init_normal_(module, plan.linear_std)
-        elif plan.mixing != "uniform" and getattr(module, "is_token_mixing", False):
+        elif (getattr(module, "is_token_mixing", False)
+              and plan.mixing not in ("auto", getattr(module, "default_init", "uniform"))):
             module.reset_parameters(plan.mixing)
 
     model.apply(visit)

@@ -60,6 +60,9 @@ from torch import nn
 from mmtrain.models.layers import CausalLM, DecodingCache
 from mmtrain.models.mixing_ops import (AUTO_BLOCK_SIZE, block_for_size, pack_lower, packed_mix, packed_size,
                                        triangular_mix, unpack_lower, unpack_rows)
+from mmtrain.models.toeplitz import ToeplitzMixing
+
+MATRICES = ("general", "toeplitz")
 
 Cache = Dict[str, torch.Tensor]
 
@@ -324,7 +327,30 @@ def mixing_layout(model: nn.Module) -> Optional[str]:
     return layouts[0] if layouts else None
 
 
-class FlatTokenMixing(CausalMixingMatrix):
+class SequenceMixing:
+    """What flat token mixing adds to a matrix module (:class:`CausalMixingMatrix` or
+    :class:`~mmtrain.models.toeplitz.ToeplitzMixing`): the sequence-first product on the
+    [L, B*d] view and incremental decoding over a cache of the normalised inputs U."""
+
+    block_size: int
+    n_ctx: int
+
+    def mix_sequence_first(self, u: torch.Tensor) -> torch.Tensor:
+        """u [L, B, d] -> M[:L, :L] · u + b[:L]: [L, B, d] (one product on the [L, B*d] view)."""
+        length, batch, width = u.shape
+        return self(u.reshape(length, batch * width), triangular_block=self.block_size).view(length, batch, width)
+
+    def init_cache(self, batch: int, width: int, new) -> Cache:
+        return {"u": new(batch, self.n_ctx, width)}
+
+    def forward_step(self, u: torch.Tensor, cache: Cache, start: int) -> torch.Tensor:
+        """u [B, T, d] (positions start..start+T-1) -> [B, T, d], caching U."""
+        end = start + u.shape[1]
+        cache["u"][:, start:end] = u
+        return self(cache["u"][:, :end], n_out=end, start=start)
+
+
+class FlatTokenMixing(SequenceMixing, CausalMixingMatrix):
     """The paper's main token mixing: ``tril(W)[:L, :L] · U + b[:L, None]``.
 
     U [B, L, d] -> [B, L, d] (masked matmul), or sequence-first U [L, B, d] -> [L, B, d] through
@@ -349,22 +375,29 @@ class FlatTokenMixing(CausalMixingMatrix):
             return self.mix_sequence_first(u.transpose(0, 1)).transpose(0, 1)
         return super().forward(u, n_out, start, triangular_block)
 
-    def mix_sequence_first(self, u: torch.Tensor) -> torch.Tensor:
-        """u [L, B, d] -> tril(W)[:L, :L] · u + b[:L]: [L, B, d] (one triangular product)."""
-        length, batch, width = u.shape
-        return self(u.reshape(length, batch * width), triangular_block=self.block_size).view(length, batch, width)
-
-    def init_cache(self, batch: int, width: int, new) -> Cache:
-        return {"u": new(batch, self.n_ctx, width)}
-
-    def forward_step(self, u: torch.Tensor, cache: Cache, start: int) -> torch.Tensor:
-        """u [B, T, d] (positions start..start+T-1) -> [B, T, d], caching U."""
-        end = start + u.shape[1]
-        cache["u"][:, start:end] = u
-        return self(cache["u"][:, :end], n_out=end, start=start)
-
     def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
         return float(d_model * (seq_len + 1))
+
+
+class FlatToeplitzMixing(SequenceMixing, ToeplitzMixing):
+    """Flat Toeplitz token mixing (``model.mixer_matrix: toeplitz``): ``T(k)[:L, :L] · U + b[:L]``
+    on the full width, one kernel [n_ctx] and bias [n_ctx] per block
+    (:class:`~mmtrain.models.toeplitz.ToeplitzMixing`). Batch-first inputs need no transpose:
+    both product paths work along the sequence axis of any layout."""
+
+    def __init__(self, n_ctx: int, block_size: int = 0, fft_min_length: int = 0):
+        super().__init__(n_ctx, fft_min_length=fft_min_length)
+        self.block_size = block_size
+
+
+def flat_token_mixing(n_ctx: int, block_size: int = 0, layout: str = "packed", matrix: str = "general",
+                      fft_min_length: int = 0) -> nn.Module:
+    """Flat token mixing over a general causal matrix (stored in ``layout``) or a Toeplitz one."""
+    if matrix == "toeplitz":
+        return FlatToeplitzMixing(n_ctx, block_size, fft_min_length)
+    if matrix != "general":
+        raise ValueError(f"mixer_matrix {matrix!r} is not one of {', '.join(MATRICES)}")
+    return FlatTokenMixing(n_ctx, block_size, layout)
 
 
 class MultiHeadTokenMixing(nn.Module):
@@ -375,14 +408,18 @@ class MultiHeadTokenMixing(nn.Module):
     weight. Both projections are Linear(d, d) with bias (as the original's MixerHead).
     """
 
-    def __init__(self, d_model: int, n_ctx: int, heads: int, block_size: int = 0, layout: str = "packed"):
+    def __init__(self, d_model: int, n_ctx: int, heads: int, block_size: int = 0, layout: str = "packed",
+                 matrix: str = "general", fft_min_length: int = 0):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model {d_model} is not divisible by mixer_heads {heads}")
         self.heads = heads
         self.block_size = block_size
         self.in_proj = nn.Linear(d_model, d_model)
-        self.mixing = CausalMixingMatrix(n_ctx, heads=heads, layout=layout, block_size=block_size)
+        if matrix == "toeplitz":
+            self.mixing = ToeplitzMixing(n_ctx, heads=heads, fft_min_length=fft_min_length)
+        else:
+            self.mixing = CausalMixingMatrix(n_ctx, heads=heads, layout=layout, block_size=block_size)
         self.out_proj = nn.Linear(d_model, d_model)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -415,8 +452,10 @@ class MultiHeadTokenMixing(nn.Module):
         return self.out_proj(mixed.transpose(1, 2).reshape(batch, length, width))
 
     def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
-        # h heads x tril(L x L) @ (L x d/h): 2 * d * (L + 1) / 2 per token averaged over positions;
-        # the projections are in matmul_params.
+        # h heads x tril(L x L) @ (L x d/h): 2 * d * (L + 1) / 2 per token averaged over positions
+        # (Toeplitz: its path's); the projections are in matmul_params.
+        if isinstance(self.mixing, ToeplitzMixing):
+            return self.mixing.forward_flops_per_token(seq_len, d_model)
         return float(d_model * (seq_len + 1))
 
 
@@ -495,16 +534,19 @@ class MLP(nn.Module):
 
 
 def build_token_mixing(d_model: int, n_ctx: int, heads: int, expansion: int, block_size: int = 0,
-                       layout: str = "packed") -> nn.Module:
+                       layout: str = "packed", matrix: str = "general", fft_min_length: int = 0) -> nn.Module:
     """Flat, multi-head or expanded token mixing; block_size is the triangular op's (0 = auto),
-    layout the causal matrices' storage (:class:`CausalMixingMatrix`; expanded mixing is dense)."""
+    layout the causal matrices' storage (:class:`CausalMixingMatrix`; expanded mixing is dense),
+    matrix ``general`` or ``toeplitz`` (flat and multi-head only)."""
     if heads > 0 and expansion > 1:
         raise ValueError("mixer_heads > 0 and mixer_expansion > 1 cannot be combined")
+    if expansion > 1 and matrix != "general":
+        raise ValueError("mixer_expansion > 1 needs mixer_matrix: general (expanded mixing has no Toeplitz form)")
     if heads > 0:
-        return MultiHeadTokenMixing(d_model, n_ctx, heads, block_size, layout)
+        return MultiHeadTokenMixing(d_model, n_ctx, heads, block_size, layout, matrix, fft_min_length)
     if expansion > 1:
         return ExpandedTokenMixing(n_ctx, expansion)
-    return FlatTokenMixing(n_ctx, block_size, layout)
+    return flat_token_mixing(n_ctx, block_size, layout, matrix, fft_min_length)
 
 
 class MixerBlock(nn.Module):
@@ -515,10 +557,11 @@ class MixerBlock(nn.Module):
     """
 
     def __init__(self, d_model: int, n_ctx: int, ffn_mult: int, heads: int, expansion: int, eps: float,
-                 block_size: int = 0, layout: str = "packed"):
+                 block_size: int = 0, layout: str = "packed", matrix: str = "general", fft_min_length: int = 0):
         super().__init__()
         self.token_norm = nn.LayerNorm(d_model, eps=eps)
-        self.token_mixing = build_token_mixing(d_model, n_ctx, heads, expansion, block_size, layout)
+        self.token_mixing = build_token_mixing(d_model, n_ctx, heads, expansion, block_size, layout, matrix,
+                                               fft_min_length)
         self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
         self.mlp = MLP(d_model, ffn_mult * d_model)
 
@@ -553,7 +596,7 @@ class MaskedMixerLM(CausalLM):
         block_size = c["mixer_block_size"] or (AUTO_BLOCK_SIZE if c["mixer_impl"] == "triangular" else 0)
         self.blocks = nn.ModuleList(
             MixerBlock(d, c["n_ctx"], c["ffn_mult"], c["mixer_heads"], c["mixer_expansion"], c["norm_eps"],
-                       block_size, c["mixer_layout"])
+                       block_size, c["mixer_layout"], c["mixer_matrix"], c["mixer_fft_min_length"])
             for _ in range(c["n_layers"]))
         # auto / triangular: run sequence-first so token mixing is one large triangular GEMM.
         self.sequence_first = c["mixer_impl"] != "dense"

@@ -63,7 +63,9 @@ class ModelConfig:
                                   "`uniform`: U(+-1/sqrt(n_in)) for weights and biases, PyTorch's Conv1d "
                                   "default the paper relies on. `position`: row i (which sums i+1 live "
                                   "inputs) drawn U(+-1/sqrt(i+1)), so every output position starts at the "
-                                  "same scale. `auto` = uniform.", choices=["auto", "uniform", "position"])
+                                  "same scale. `kaiming` (Toeplitz only): kernel N(0, 2/n_ctx), zero bias, the "
+                                  "Toeplitz mixer's own init. `auto` = uniform for general matrices, kaiming for "
+                                  "Toeplitz ones.", choices=["auto", "uniform", "position", "kaiming"])
     init_std: float = setting(0.02, "Std of the normal init (linear_init=normal, and the embedding under the "
                                "gpt scheme), e.g. 0.02.", gt=0)
     mixer_impl: str = setting("auto", "Mixer token-mixing computation (same results to fp32 rounding, different "
@@ -82,6 +84,16 @@ class ModelConfig:
                                 "matrix with a mask (the layout of earlier versions). Bundles always store the "
                                 "dense masked matrix; each layout loads the other's weights.",
                                 choices=["packed", "dense"], role="layout")
+    mixer_matrix: str = setting("general", "Structure of the causal token-mixing matrices (mixer, mixer_autoencoder, "
+                                "hybrid; flat or multi-head). `general`: any lower-triangular n_ctx x n_ctx "
+                                "matrix (the paper's). `toeplitz`: M[i, j] = k[i - j], one learned kernel of "
+                                "n_ctx lags (and the per-position bias) per head per block: O(n_ctx) "
+                                "parameters, FFT mixing in O(n log n) (docs/toeplitz.md).",
+                                choices=["general", "toeplitz"])
+    mixer_fft_min_length: int = setting(0, "Toeplitz mixing: input length from which the product runs by FFT "
+                                        "(below it: the materialised matrix through the triangular op); 0 = the "
+                                        "crossover measured by benchmarks/toeplitz.py. Same results to rounding.",
+                                        ge=0)
     activation_checkpointing: bool = setting(False, "Recompute each block's activations in the backward pass "
                                                "(torch.utils.checkpoint, non-reentrant): less memory, ~1/3 "
                                                "more compute.")
@@ -101,6 +113,22 @@ def validate_model(m: DictConfig, prefix: str = "model", ranges: bool = True) ->
             p.append(f"{prefix}.mixer_heads: d_model {m.d_model} is not divisible by {m.mixer_heads} heads")
         if m.mixer_heads > 0 and m.mixer_expansion > 1:
             p.append(f"{prefix}: mixer_heads > 0 and mixer_expansion > 1 cannot be combined")
+    if m.get("mixer_matrix", "general") not in ("general", "toeplitz"):
+        p.append(f"{prefix}.mixer_matrix: {m.mixer_matrix!r} is not one of 'general', 'toeplitz'")
+    elif m.get("mixer_matrix", "general") == "toeplitz" and m.kind in ("mixer", "mixer_autoencoder", "hybrid",
+                                                                      "bidirectional_mixer"):
+        if m.kind == "bidirectional_mixer":
+            p.append(f"{prefix}.mixer_matrix: toeplitz is not available for bidirectional_mixer (its reverse "
+                     "stream has a general matrix only); use general")
+        if m.mixer_expansion > 1:
+            p.append(f"{prefix}.mixer_matrix: toeplitz needs mixer_expansion=1 (expanded mixing maps n_ctx to "
+                     f"e*n_ctx rows and has no Toeplitz form), got {m.mixer_expansion}")
+        if m.mixing_init == "position":
+            p.append(f"{prefix}.mixing_init: position scales each matrix row, which a Toeplitz kernel (one weight "
+                     "per lag, shared by every row) cannot; use auto, kaiming or uniform")
+    if m.get("mixing_init", "auto") == "kaiming" and m.get("mixer_matrix", "general") != "toeplitz":
+        p.append(f"{prefix}.mixing_init: kaiming is the Toeplitz kernels' init (mixer_matrix: toeplitz); "
+                 "a general matrix takes auto, uniform or position")
     if m.get("mixer_impl", "auto") not in ("auto", "dense", "triangular"):
         p.append(f"{prefix}.mixer_impl: {m.mixer_impl!r} is not one of 'auto', 'dense', 'triangular'")
     if m.get("mixer_layout", "packed") not in ("packed", "dense"):

@@ -10,7 +10,8 @@
 #   3. bf16 throughput / memory / MFU sweep: benchmarks/throughput.py (mixer packed and dense layouts,
 #      paper Conv1d mixer, transformer, HF Llama; n_ctx 512 ... 8192; d 512 and 1024; the d 1024 run
 #      adds the engine-overhead rows: plain loop vs ZeRO 1, 2, 3 on the GPU)
-#   4. token-mixing micro-benchmark: benchmarks/mixing.py at the same lengths and widths
+#   4. token-mixing micro-benchmark: benchmarks/mixing.py at the same lengths and widths, and the
+#      Toeplitz op (bf16, FFT through cuFFT in fp32) against the packed dense op: benchmarks/toeplitz.py
 #   5. ZeRO 1/2/3 memory and step time at world size 1: benchmarks/zero_memory.py
 #   6. demo shards for n_ctx 512 (mmtrain prepare), then 200 bf16 steps of
 #      configs/pretrain/mixer-d512-ctx512.yaml and its MFU (median over the logged steps)
@@ -32,7 +33,7 @@ cd "$(dirname "$0")/.." || exit 2
 # ==== Benchmark flags: adjust here when the benchmark scripts' options change ===================
 # throughput.py: --models / --n-ctx / --d-model / --layers / --batch / --dtype / --device exist today.
 # "mixer" is our mixer with the default (packed) mixing layout; "mixer-dense-param" the dense layout.
-THROUGHPUT_MODELS="mixer mixer-dense-param paper-mixer transformer hf-llama"
+THROUGHPUT_MODELS="mixer mixer-dense-param paper-mixer transformer hf-llama toeplitz"
 THROUGHPUT_FLAGS="--device cuda --dtype bf16 --layers 4 --batch 4 --warmup 2 --repeats 5"
 THROUGHPUT_OVERHEAD_FLAGS="--overhead-n-ctx 2048"       # the engine-overhead rows (ZeRO 1/2/3) of the last width
 # mixing.py: --device / --dtype / --n-ctx / --d-model / --batch / --warmup / --repeats / --step-*.
@@ -50,8 +51,8 @@ PRETRAIN_OVERRIDES="engine.precision=bf16 train.steps=${PRETRAIN_STEPS} logging.
 TOKENIZER="tokenizer/demo-bpe-4096.model"
 # Per-step time limits (seconds): 450 in all. The whole script also keeps to --budget (470 s), so
 # with the kill grace below it ends inside 8 minutes.
-LIMIT_INFO=20; LIMIT_GPU_TESTS=70; LIMIT_THROUGHPUT_512=75; LIMIT_THROUGHPUT_1024=85
-LIMIT_MIXING=25; LIMIT_ZERO=30; LIMIT_PREPARE=30; LIMIT_PRETRAIN=80; LIMIT_SUMMARY=10
+LIMIT_INFO=20; LIMIT_GPU_TESTS=70; LIMIT_THROUGHPUT_512=70; LIMIT_THROUGHPUT_1024=75
+LIMIT_MIXING=20; LIMIT_TOEPLITZ=35; LIMIT_ZERO=30; LIMIT_PREPARE=30; LIMIT_PRETRAIN=70; LIMIT_SUMMARY=10
 KILL_AFTER_S=5      # SIGKILL this long after the SIGTERM of a step past its limit
 # ================================================================================================
 
@@ -257,6 +258,11 @@ for d in $SWEEP_D_MODELS; do
     run_step "mixing-d$d" "mixing.py bf16, d $d" "$LIMIT_MIXING" \
         "$PYTHON" benchmarks/mixing.py $MIXING_DEVICE_FLAGS --n-ctx $SWEEP_N_CTX --d-model "$d" $MIXING_FLAGS
 done
+
+# shellcheck disable=SC2086
+run_step toeplitz "toeplitz.py bf16: Toeplitz (auto path) vs the packed dense op, d 512" "$LIMIT_TOEPLITZ" \
+    "$PYTHON" benchmarks/toeplitz.py $MIXING_DEVICE_FLAGS --n-ctx 1024 2048 4096 8192 16384 32768 --d-model 512 \
+    --repeats 5 --out-dir "$WORK/toeplitz"
 
 # ---- ZeRO 1/2/3 on one device ---------------------------------------------------------------
 # shellcheck disable=SC2086

@@ -44,6 +44,7 @@ from _common import ROOT, fmt, machine_info, markdown_table, report
 FAMILIES = {
     "mixer": ["model.kind=mixer"],
     "transformer": ["model.kind=transformer", "model.n_heads=4"],
+    "toeplitz": ["model.kind=mixer", "model.mixer_matrix=toeplitz"],
 }
 
 #: The full benchmark: the quick-start model's shape and recipe (PretrainConfig's defaults).

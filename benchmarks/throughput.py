@@ -66,11 +66,15 @@ LABELS = {
     "paper-mixer": "paper mixer, Conv1d (ref)",
     "transformer": "transformer (ours)",
     "hf-llama": "HF LlamaForCausalLM (ref)",
+    "toeplitz": "Toeplitz mixer (ours)",
+    "toeplitz-mh": "Toeplitz mixer multi-head (ours)",
 }
 REFERENCE = {"mixer": "paper-mixer", "mixer-mh": "paper-mixer", "mixer-dense": "paper-mixer",
              "mixer-dense-param": "paper-mixer",
-             "transformer": "hf-llama"}
+             "transformer": "hf-llama", "toeplitz": "mixer", "toeplitz-mh": "mixer-mh"}
 ALL_MODELS = list(LABELS)
+#: The default sweep (the Toeplitz rows are asked for by name: --models toeplitz mixer transformer).
+DEFAULT_MODELS = [m for m in ALL_MODELS if not m.startswith("toeplitz")]
 
 PRESETS = {
     "default": dict(n_ctx=[128, 256, 512, 1024, 2048, 4096], d_model=256, layers=4, batch=4, dtype="fp32",
@@ -147,6 +151,10 @@ def our_model_config(name: str, job: Dict[str, Any]) -> Dict[str, Any]:
         return dict(base, kind="mixer", mixer_impl="dense", mixer_layout="dense")
     if name in ("transformer", "hf-llama"):
         return dict(base, kind="transformer", n_heads=job["heads"])
+    if name == "toeplitz":
+        return dict(base, kind="mixer", mixer_matrix="toeplitz")
+    if name == "toeplitz-mh":
+        return dict(base, kind="mixer", mixer_matrix="toeplitz", mixer_heads=job["mixer_heads"])
     raise ValueError(name)
 
 
@@ -259,7 +267,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, n_ctx 32 and 64 (smoke run, < ~45 s)")
     p.add_argument("--gpu", action="store_true", help="preset: d 1024, 8 layers, batch 8, bf16, CUDA")
-    p.add_argument("--models", nargs="+", choices=ALL_MODELS, default=ALL_MODELS)
+    p.add_argument("--models", nargs="+", choices=ALL_MODELS, default=DEFAULT_MODELS)
     p.add_argument("--n-ctx", type=int, nargs="+", help="context lengths (default 128 ... 4096)")
     p.add_argument("--d-model", type=int, help="width d (default 256; --gpu 1024)")
     p.add_argument("--layers", type=int, help="blocks (default 4; --gpu 8)")
@@ -274,6 +282,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (0 = torch's default; --quick: 1)")
     p.add_argument("--overhead-n-ctx", type=int, help="n_ctx of the engine-overhead rows (default 512)")
     p.add_argument("--no-overhead", action="store_true", help="skip the engine-overhead rows")
+    p.add_argument("--max-gib", type=float, default=0.0,
+                   help="skip a row whose weights, gradients and AdamW moments (16 bytes per stored fp32 "
+                        "parameter) alone exceed this many GiB; 0 = no limit")
+    p.add_argument("--max-step-s", type=float, default=0.0,
+                   help="after a step slower than this, skip the model's longer n_ctx; 0 = no limit")
     p.add_argument("--crossover", type=int, nargs=2, metavar=("B1", "B2"),
                    help="also measure the peak memory of each mixer row and the transformer at these two "
                         "batch sizes (one step each) and report the batch size from which the mixer needs "
@@ -314,6 +327,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def state_too_large(job: Dict[str, Any], max_gib: float) -> Optional[str]:
+    """A reason to skip the row when 16 bytes per stored parameter (fp32 weight, gradient, two
+    AdamW moments) exceed ``max_gib``, counted on the meta device; else None."""
+    if not max_gib or job["model"] in ("paper-mixer", "hf-llama"):
+        return None
+    from mmtrain.models import build_model
+
+    with torch.device("meta"):
+        stored = build_model(our_model_config(job["model"], job), VOCAB).stored_params()
+    need = 16.0 * stored / 2 ** 30
+    return f"does not fit: {need:.1f} GiB of weights, gradients and moments > {max_gib:g}" if need > max_gib else None
+
+
 def job_for(args, model: str, n_ctx: int, mode: str = "engine", zero_stage: Optional[int] = None) -> Dict[str, Any]:
     return dict(model=model, n_ctx=n_ctx, d_model=args.d_model, layers=args.layers, batch=args.batch,
                 dtype=args.dtype, device=args.device, heads=args.heads, mixer_heads=args.mixer_heads,
@@ -343,9 +369,22 @@ def run_all(args) -> Dict[str, Any]:
               file=sys.stderr, flush=True)
         return record
 
+    too_slow = set()
     for n_ctx in args.n_ctx:
         for model in args.models:
-            run(job_for(args, model, n_ctx), "sweep", LABELS[model])
+            job = job_for(args, model, n_ctx)
+            skip = ("not run: a shorter n_ctx took over --max-step-s" if model in too_slow else
+                    state_too_large(job, args.max_gib))
+            if skip:
+                records.append(dict(section="sweep", model=model, label=LABELS[model], n_ctx=n_ctx,
+                                    d_model=job["d_model"], n_layers=job["layers"], batch=job["batch"],
+                                    dtype=job["dtype"], zero_stage=job["zero_stage"], mode="engine",
+                                    device=job["device"], error=skip, skipped=True))
+                print(f"  {LABELS[model]:<34} n_ctx {n_ctx:>5}: {skip}", file=sys.stderr, flush=True)
+                continue
+            record = run(job, "sweep", LABELS[model])
+            if args.max_step_s and record.get("step_s", 0.0) > args.max_step_s:
+                too_slow.add(model)
     if not args.no_overhead:
         n_ctx = args.overhead_n_ctx
         run(job_for(args, "mixer", n_ctx, mode="plain"), "overhead", "mixer, plain PyTorch loop")
@@ -423,7 +462,8 @@ def table(records: List[Dict[str, Any]]) -> str:
     for r in records:
         zero = r["zero_stage"] if r["mode"] == "engine" else "—"
         if "error" in r:
-            rows.append([r["label"], r["n_ctx"], zero] + ["failed"] + [""] * 6 + [r["error"][:80]])
+            rows.append([r["label"], r["n_ctx"], zero] + ["not run" if r.get("skipped") else "failed"] + [""] * 6
+                        + [r["error"][:80]])
             continue
         ratio = r.get("tokens_per_s_ratio")
         mem_ratio = r.get("peak_mem_ratio")
@@ -495,7 +535,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     report(args.out_dir, "throughput", info, f"{setup}\n{peak_line}; memory: {memory}", text, records)
     plot(records, args.out_dir / "throughput.png", setup)
     print(f"wrote {args.out_dir / 'throughput.png'}")
-    return 0 if all("error" not in r for r in records) else 1
+    return 0 if all("error" not in r or r.get("skipped") for r in records) else 1
 
 
 if __name__ == "__main__":

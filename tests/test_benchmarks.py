@@ -240,7 +240,7 @@ def test_device_check_dry_run_prints_every_command_with_a_time_limit():
     out = proc.stdout
     steps = dry_run_steps(out)
     commands = [command for _, _, command in steps]
-    assert len(steps) == 10 and [int(n) for n in re.findall(r"^\[(\d+)\]", out, re.M)] == list(range(1, 11))
+    assert len(steps) == 11 and [int(n) for n in re.findall(r"^\[(\d+)\]", out, re.M)] == list(range(1, 12))
     # every command runs under `timeout`, and the limits fit in the budget, which fits in 8 minutes
     assert all(re.match(r"timeout -k \d+ \d+ ", c) for c in commands)
     budget = int(re.search(r"budget (\d+)s", out).group(1))
@@ -259,10 +259,12 @@ def test_device_check_dry_run_prints_every_command_with_a_time_limit():
     for command, d in zip(throughput, (512, 1024)):
         assert "--dtype bf16" in command and "--device cuda" in command and f"--d-model {d}" in command
         assert "--n-ctx 512 1024 2048 4096 8192" in command
-        assert "--models mixer mixer-dense-param paper-mixer transformer hf-llama" in command
+        assert "--models mixer mixer-dense-param paper-mixer transformer hf-llama toeplitz" in command
     mixing = one(r"python benchmarks/mixing\.py ")
     assert [re.search(r"--d-model (\d+)", c).group(1) for c in mixing] == ["512", "1024"]
     assert all("--n-ctx 512 1024 2048 4096 8192" in c for c in mixing)
+    toeplitz = one(r"python benchmarks/toeplitz\.py ")[0]
+    assert "--device cuda --dtype bf16" in toeplitz and "--n-ctx 1024 2048 4096 8192 16384 32768" in toeplitz
     assert one(r"python benchmarks/zero_memory\.py .*--stages 1 2 3")
     prepare = one(r"-m mmtrain\.cli prepare --input demo ")[0]
     assert "--n-ctx 512" in prepare and "--tokenizer tokenizer/demo-bpe-4096.model" in prepare
@@ -288,9 +290,9 @@ def test_device_check_records_a_failing_step_and_goes_on(tmp_path):
     text = out.read_text()
     assert text.startswith("# Device check: Test GPU\n")
     rows = re.findall(r"^\| (\d+) \| (.+?) \| (.+?) \| \d+ \|$", text, re.M)
-    assert [int(n) for n, _, _ in rows] == list(range(1, 11))           # every step ran and was recorded
+    assert [int(n) for n, _, _ in rows] == list(range(1, 12))           # every step ran and was recorded
     assert all(status == "FAILED (exit 1)" for _, _, status in rows), rows
-    assert text.count("status: **FAILED (exit 1)**") == 10
+    assert text.count("status: **FAILED (exit 1)**") == 11
 
 
 def test_device_check_stops_a_slow_step_at_its_limit_and_skips_what_the_budget_cannot_hold(tmp_path):
@@ -303,7 +305,7 @@ def test_device_check_stops_a_slow_step_at_its_limit_and_skips_what_the_budget_c
     assert proc.returncode == 1, proc.stderr
     text = out.read_text()
     rows = re.findall(r"^\| (\d+) \| (.+?) \| (.+?) \| (\d+) \|$", text, re.M)
-    assert len(rows) == 10
+    assert len(rows) == 11
     first_status, first_seconds = rows[0][2], int(rows[0][3])
     assert re.fullmatch(r"TIMED OUT after \d+s", first_status) and first_seconds < 16
     assert all(status == "skipped (time budget spent)" for _, _, status, _ in rows[1:]), rows

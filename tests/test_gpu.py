@@ -212,8 +212,9 @@ def test_packed_mix_fp32_on_cuda_matches_float64(block, length, heads):
 # 4. A tiny mixer, bf16 vs fp32, forward + backward on CUDA
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [{}, {"mixer_heads": 4}, {"mixer_layout": "dense"}],
-                         ids=["flat-packed", "multi-head", "flat-dense-layout"])
+@pytest.mark.parametrize("extra", [{}, {"mixer_heads": 4}, {"mixer_layout": "dense"},
+                                   {"mixer_matrix": "toeplitz", "mixer_heads": 4, "mixer_fft_min_length": 1}],
+                         ids=["flat-packed", "multi-head", "flat-dense-layout", "toeplitz-fft"])
 def test_tiny_mixer_bf16_forward_backward_matches_fp32(extra):
     from mmtrain.models import build_model
 
@@ -235,3 +236,27 @@ def test_tiny_mixer_bf16_forward_backward_matches_fp32(extra):
     assert torch.isfinite(grads).all() and norm_rel(grads, reference_grads) < MIXER_GRAD_TOL
     # MFU's numerator does not depend on the device
     assert model.flops_per_token(256) == build_model(config).flops_per_token(256)
+
+
+@pytest.mark.parametrize("length", [1, 7, 128, 129, 1000])
+@pytest.mark.parametrize("path", ["direct", "fft"])
+def test_toeplitz_mix_bf16_on_cuda_matches_float64(length, path):
+    """bf16 inputs: the FFT path transforms in fp32 through cuFFT and rounds once; both paths
+    match the float64 product of the same bf16 values to bf16 rounding."""
+    from mmtrain.models.toeplitz import toeplitz_mix, toeplitz_rows
+
+    gen = torch.Generator().manual_seed(length)
+    kernel = (torch.randn(4, length, generator=gen) / length ** 0.5).bfloat16()
+    u = torch.randn(4, length, 64, generator=gen).bfloat16()
+    grad = torch.randn(4, length, 64, generator=gen).bfloat16()
+    k, x = kernel.to(CUDA).requires_grad_(), u.to(CUDA).requires_grad_()
+    y = toeplitz_mix(k, x, path=path)
+    y.backward(grad.to(CUDA))
+    k64, x64 = kernel.double().requires_grad_(), u.double().requires_grad_()
+    want = toeplitz_rows(k64, length, length) @ x64
+    want.backward(grad.double())
+    assert y.dtype == torch.bfloat16
+    for got, ref in ((y, want), (k.grad, k64.grad), (x.grad, x64.grad)):
+        got = got.detach().double().cpu()
+        ref = ref.detach()
+        assert float((got - ref).abs().max()) <= 2 ** -7 * float(ref.abs().max()) + 1e-3

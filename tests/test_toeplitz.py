@@ -145,7 +145,6 @@ def test_a_general_and_a_toeplitz_mixer_agree_when_the_matrix_is_toeplitz():
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(mixer_expansion=2), "toeplitz needs mixer_expansion=1"),
-    (dict(kind="bidirectional_mixer"), "not available for bidirectional_mixer"),
     (dict(mixing_init="position"), "position scales each matrix row"),
     (dict(mixer_matrix="general", mixing_init="kaiming"), "kaiming is the Toeplitz kernels' init"),
     (dict(mixer_matrix="circulant"), "mixer_matrix"),
@@ -177,14 +176,18 @@ def test_a_long_toeplitz_bundle_loads_in_transformers_with_the_same_logits_on_th
     from mmtrain.export import hf as H
 
     transformers = H.import_transformers()
+    from mmtrain.export.hf_modeling import TOEPLITZ_FFT_MIN_LENGTH
+
+    assert TOEPLITZ_FFT_MIN_LENGTH == FFT_MIN_LENGTH
     torch.manual_seed(0)
-    model = build_model(dict(kind="mixer", d_model=32, n_layers=2, n_ctx=300, mixer_heads=2,
+    n_ctx = FFT_MIN_LENGTH + 76      # both sides take their FFT path on the whole input
+    model = build_model(dict(kind="mixer", d_model=32, n_layers=2, n_ctx=n_ctx, mixer_heads=2,
                              mixer_matrix="toeplitz"), 4096).eval()
     B.write_bundle(model, tmp_path / "bundle", DEMO_TOKENIZER)
     loaded = B.load_pretrained(tmp_path / "bundle").eval()
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bundle", trust_remote_code=True,
                                                            local_files_only=True).eval()
-    ids = torch.randint(0, 4096, (2, 300), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 4096, (2, n_ctx), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = model(ids).logits
         torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=0)
@@ -245,3 +248,31 @@ def test_a_toeplitz_mixer_trains_at_every_zero_stage_resumes_exports_evaluates_a
     assert cli.main(["export-embedder", str(tmp_path / "ret"), "--out", str(tmp_path / "embedder")]) == 0
     embedder = B.load_pretrained(tmp_path / "embedder")
     assert embedder.blocks[0].token_mixing.mixing.kernel.shape == (2, 32)
+
+
+@pytest.mark.parametrize("fft_min_length", [0, 1], ids=["direct", "fft"])
+def test_the_bidirectional_toeplitz_mixer_is_the_general_one_with_toeplitz_matrices(fft_min_length):
+    """Both streams Toeplitz: the reverse one reads k_r[j - n] at j >= n + 2 (never n + 1), computed
+    on the flipped sequence; copied into a general bidirectional mixer the logits agree."""
+    torch.manual_seed(0)
+    base = dict(kind="bidirectional_mixer", d_model=32, n_layers=2, n_ctx=24)
+    toeplitz = build_model({**base, "mixer_matrix": "toeplitz", "mixing_init": "uniform",
+                            "mixer_fft_min_length": fft_min_length}, 61).eval()
+    general = build_model({**base, "mixer_layout": "dense"}, 61).eval()
+    state = {k: v for k, v in toeplitz.state_dict().items() if not k.endswith("kernel")}
+    for i, block in enumerate(toeplitz.blocks):
+        state[f"blocks.{i}.token_mixing.weight"] = block.token_mixing.dense_weight().detach()
+        reverse = block.reverse_mixing.dense_weight().detach()
+        assert torch.count_nonzero(torch.triu(reverse, 2)) == torch.count_nonzero(reverse) > 0
+        state[f"blocks.{i}.reverse_mixing.weight"] = reverse
+    general.load_state_dict(state)
+    ids = torch.randint(0, 61, (3, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = toeplitz(ids).logits
+        torch.testing.assert_close(logits, general(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(toeplitz(ids[:, :13]).logits, general(ids[:, :13]).logits, rtol=1e-5, atol=1e-5)
+        changed = ids.clone()
+        changed[:, 10] = (changed[:, 10] + 1) % 61
+        after = toeplitz(changed).logits
+    assert torch.allclose(after[:, 9], logits[:, 9], atol=1e-5)         # position 9 predicts token 10: blind to it
+    assert float((after[:, 8] - logits[:, 8]).abs().max()) > 1e-4       # position 8 reads token 10 (n + 2)

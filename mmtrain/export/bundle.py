@@ -431,7 +431,9 @@ def _plausibility_problems(model_cfg: Dict[str, Any], header: Dict[str, Tuple[st
         layers = (m.get("encoder_layers") or layers) + (m.get("decoder_layers") or layers)
     needs = [(m["vocab_size"] * m["d_model"], f"vocab_size {m['vocab_size']} x d_model {m['d_model']} "
                                               "(the token embedding)")]
-    if m["kind"] in _MIXING_KINDS:
+    if m["kind"] in _MIXING_KINDS and m.get("mixer_matrix", "general") == "toeplitz":
+        needs.append((m["n_ctx"], f"an n_ctx {m['n_ctx']} Toeplitz token-mixing kernel"))
+    elif m["kind"] in _MIXING_KINDS:
         needs.append((m["n_ctx"] ** 2, f"an n_ctx {m['n_ctx']} token-mixing matrix"))
     problems = [f"config.json's model needs at least {n:,} weights for {what}; the weight files hold {elements:,}"
                 for n, what in needs if n > elements]

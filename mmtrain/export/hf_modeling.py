@@ -125,7 +125,7 @@ class CausalMixing(nn.Module):
 
 
 #: From this length a whole Toeplitz product runs by FFT (as mmtrain's default).
-TOEPLITZ_FFT_MIN_LENGTH = 256
+TOEPLITZ_FFT_MIN_LENGTH = 1024
 
 
 def _toeplitz_rows(kernel: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -151,9 +151,9 @@ class ToeplitzMixing(nn.Module):
         if start == 0 and end >= TOEPLITZ_FFT_MIN_LENGTH:
             n_fft = 1 << (2 * end - 2).bit_length()
             work = torch.float64 if u.dtype == torch.float64 else torch.float32
-            spectrum = torch.fft.rfft(u.to(work), n=n_fft, dim=-2) * torch.fft.rfft(
-                self.kernel[..., :end].to(work), n=n_fft, dim=-1)[..., None]
-            mixed = torch.fft.irfft(spectrum, n=n_fft, dim=-2)[..., :end, :].to(u.dtype)
+            spectrum = torch.fft.rfft(u.transpose(-1, -2).to(work), n=n_fft, dim=-1) * torch.fft.rfft(
+                self.kernel[..., :end].to(work), n=n_fft, dim=-1)[..., None, :]
+            mixed = torch.fft.irfft(spectrum, n=n_fft, dim=-1)[..., :end].transpose(-1, -2).to(u.dtype)
         else:
             mixed = torch.matmul(_toeplitz_rows(self.kernel, start, end), u)
         return mixed + self.bias[..., start:end, None]

@@ -21,8 +21,10 @@ left to right: ``mmtrain generate`` refuses it. ``eval-lm`` reports the same fil
 The reverse stream reads right padding like any other token (padding is never a target);
 train and evaluate on shards of the same packing.
 
-The forward stream uses the mixer's :class:`~mmtrain.models.mixer.FlatTokenMixing`; a model built
-for n_ctx runs any length L <= n_ctx with the top-left L x L blocks of both matrices.
+The forward stream uses the mixer's flat token mixing; a model built for n_ctx runs any length
+L <= n_ctx with the top-left L x L blocks of both matrices. With ``model.mixer_matrix: toeplitz``
+both are Toeplitz: the forward one ``k_f[i - j]`` (j <= i), the reverse one ``k_r[j - n]`` (j >= n+2,
+:class:`~mmtrain.models.toeplitz.ReverseToeplitzMixing`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import torch
 from torch import nn
 
 from mmtrain.models.layers import CausalLM, DecodingCache, _numel
-from mmtrain.models.mixer import MLP, CausalMixingMatrix, FlatTokenMixing
+from mmtrain.models.mixer import MLP, CausalMixingMatrix, flat_token_mixing
+from mmtrain.models.toeplitz import ReverseToeplitzMixing
 
 NOT_GENERATIVE = ("a bidirectional_mixer reads tokens after the position it predicts (n+2 onwards), so "
                   "it cannot continue a text left to right; use it with `mmtrain eval-lm` or as an encoder")
@@ -59,12 +62,13 @@ class BidirectionalMixerBlock(nn.Module):
     """One block of both streams: (x, y) [B, L, d] each -> (x, y)."""
 
     def __init__(self, d_model: int, n_ctx: int, ffn_mult: int, eps: float, layout: str = "packed",
-                 block_size: int = 0):
+                 block_size: int = 0, matrix: str = "general", fft_min_length: int = 0):
         super().__init__()
         self.token_norm = nn.LayerNorm(d_model, eps=eps)
-        self.token_mixing = FlatTokenMixing(n_ctx, block_size, layout)
+        self.token_mixing = flat_token_mixing(n_ctx, block_size, layout, matrix, fft_min_length)
         self.reverse_norm = nn.LayerNorm(d_model, eps=eps)
-        self.reverse_mixing = ReverseTokenMixing(n_ctx, layout, block_size)
+        self.reverse_mixing = (ReverseToeplitzMixing(n_ctx, 2, fft_min_length) if matrix == "toeplitz"
+                               else ReverseTokenMixing(n_ctx, layout, block_size))
         self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
         self.mlp = MLP(d_model, ffn_mult * d_model)
 
@@ -92,7 +96,8 @@ class BidirectionalMixerLM(CausalLM):
         d = c["d_model"]
         self.wte = nn.Embedding(c["vocab_size"], d)
         self.blocks = nn.ModuleList(BidirectionalMixerBlock(d, c["n_ctx"], c["ffn_mult"], c["norm_eps"], c["mixer_layout"],
-                                                            c["mixer_block_size"])
+                                                            c["mixer_block_size"], c["mixer_matrix"],
+                                                            c["mixer_fft_min_length"])
                                     for _ in range(c["n_layers"]))
         self._finish_mixer_lm()
 

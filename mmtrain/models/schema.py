@@ -84,8 +84,8 @@ class ModelConfig:
                                 "matrix with a mask (the layout of earlier versions). Bundles always store the "
                                 "dense masked matrix; each layout loads the other's weights.",
                                 choices=["packed", "dense"], role="layout")
-    mixer_matrix: str = setting("general", "Structure of the causal token-mixing matrices (mixer, mixer_autoencoder, "
-                                "hybrid; flat or multi-head). `general`: any lower-triangular n_ctx x n_ctx "
+    mixer_matrix: str = setting("general", "Structure of the token-mixing matrices (mixer, hybrid, "
+                                "bidirectional_mixer, mixer_autoencoder; flat or multi-head). `general`: any lower-triangular n_ctx x n_ctx "
                                 "matrix (the paper's). `toeplitz`: M[i, j] = k[i - j], one learned kernel of "
                                 "n_ctx lags (and the per-position bias) per head per block: O(n_ctx) "
                                 "parameters, FFT mixing in O(n log n) (docs/toeplitz.md).",
@@ -115,11 +115,7 @@ def validate_model(m: DictConfig, prefix: str = "model", ranges: bool = True) ->
             p.append(f"{prefix}: mixer_heads > 0 and mixer_expansion > 1 cannot be combined")
     if m.get("mixer_matrix", "general") not in ("general", "toeplitz"):
         p.append(f"{prefix}.mixer_matrix: {m.mixer_matrix!r} is not one of 'general', 'toeplitz'")
-    elif m.get("mixer_matrix", "general") == "toeplitz" and m.kind in ("mixer", "mixer_autoencoder", "hybrid",
-                                                                      "bidirectional_mixer"):
-        if m.kind == "bidirectional_mixer":
-            p.append(f"{prefix}.mixer_matrix: toeplitz is not available for bidirectional_mixer (its reverse "
-                     "stream has a general matrix only); use general")
+    elif m.get("mixer_matrix", "general") == "toeplitz" and m.kind != "transformer":
         if m.mixer_expansion > 1:
             p.append(f"{prefix}.mixer_matrix: toeplitz needs mixer_expansion=1 (expanded mixing maps n_ctx to "
                      f"e*n_ctx rows and has no Toeplitz form), got {m.mixer_expansion}")

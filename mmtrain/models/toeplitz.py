@@ -35,7 +35,7 @@ from mmtrain.models.mixing_ops import triangular_mix
 
 #: Sequence length from which :func:`toeplitz_mix` multiplies by FFT (below it: the direct
 #: product). Measured by ``python benchmarks/toeplitz.py --crossover`` (docs/toeplitz.md).
-FFT_MIN_LENGTH = 256
+FFT_MIN_LENGTH = 1024
 
 PATHS = ("auto", "direct", "fft")
 
@@ -55,15 +55,18 @@ def fft_size(length: int) -> int:
 
 
 def toeplitz_mix_fft(kernel: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``Y = T(kernel)[:L, :L] · u`` by FFT. kernel [(h,) n], u [(B,) (h,) L, N] -> u's shape."""
+    """``Y = T(kernel)[:L, :L] · u`` by FFT. kernel [(h,) n], u [(B,) (h,) L, N] -> u's shape.
+
+    The transforms run along the last axis of the transposed view [.., N, L] (measured faster
+    than along the strided sequence axis)."""
     length = u.shape[-2]
     n_fft = fft_size(length)
     dtype = torch.promote_types(u.dtype, kernel.dtype)
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    spectrum_u = torch.fft.rfft(u.to(work), n=n_fft, dim=-2)                      # [.., F, N]
-    spectrum_k = torch.fft.rfft(kernel[..., :length].to(work), n=n_fft, dim=-1)   # [(h,) F]
-    mixed = torch.fft.irfft(spectrum_u * spectrum_k[..., None], n=n_fft, dim=-2)[..., :length, :]
-    return mixed.to(dtype)
+    spectrum_u = torch.fft.rfft(u.transpose(-1, -2).to(work), n=n_fft, dim=-1)       # [.., N, F]
+    spectrum_k = torch.fft.rfft(kernel[..., :length].to(work), n=n_fft, dim=-1)       # [(h,) F]
+    mixed = torch.fft.irfft(spectrum_u * spectrum_k[..., None, :], n=n_fft, dim=-1)[..., :length]
+    return mixed.transpose(-1, -2).to(dtype)
 
 
 def toeplitz_mix_direct(kernel: torch.Tensor, u: torch.Tensor, block_size: int = 0) -> torch.Tensor:
@@ -191,3 +194,51 @@ class ToeplitzMixing(nn.Module):
         if seq_len >= self.fft_min_length:
             return float(d_model * fft_flops(seq_len))
         return float(d_model * (seq_len + 1))
+
+
+class ReverseToeplitzMixing(ToeplitzMixing):
+    """The bidirectional mixer's reverse stream as a Toeplitz matrix: output n mixes inputs
+    j >= n + ``skip`` with ``k[j - n]``, ``Y[n] = sum_{j >= n + skip} k[j - n] U[j] + b[n]`` (the
+    transpose of the causal Toeplitz matrix, its first ``skip`` lags unused).
+
+    Computed as the causal product on the sequence read backwards: flip U, mix with the kernel
+    whose first ``skip`` lags are zero, flip back; so both product paths apply. Lags below
+    ``skip`` are stored but never read (:meth:`masked_entries`; their gradient is exactly zero).
+    u [B, L, d] (whole inputs only: the stream has no incremental form) -> [B, L, d].
+    """
+
+    def __init__(self, n_ctx: int, skip: int = 2, fft_min_length: int = 0):
+        self.skip = skip
+        super().__init__(n_ctx, fft_min_length=fft_min_length)
+
+    def live_kernel(self) -> torch.Tensor:
+        lags = torch.arange(self.kernel.shape[-1], device=self.kernel.device)
+        return self.kernel * (lags >= self.skip).to(self.kernel.dtype)
+
+    def masked_entries(self) -> torch.Tensor:
+        return (torch.arange(self.kernel.shape[-1], device=self.kernel.device) < self.skip).expand_as(self.kernel)
+
+    def reset_parameters(self, mode: str = "kaiming") -> None:
+        super().reset_parameters(mode)
+        with torch.no_grad():
+            self.kernel[..., :self.skip] = 0.0
+
+    def dense_weight(self) -> torch.Tensor:
+        """W [n_ctx, n_ctx], W[n, j] = k[j - n] for j >= n + skip, else 0."""
+        return toeplitz_rows(self.live_kernel(), self.n_ctx, self.n_ctx).transpose(-1, -2)
+
+    def masked_weight(self, n_out: int, n_in: int, start: int = 0) -> torch.Tensor:
+        return self.dense_weight()[..., start:n_out, :n_in]
+
+    def forward(self, u: torch.Tensor, n_out: Optional[int] = None, start: int = 0,
+                triangular_block: Optional[int] = None) -> torch.Tensor:
+        length = u.shape[-2]
+        if start or n_out not in (None, length) or triangular_block is not None:
+            raise ValueError("the reverse Toeplitz stream mixes whole batch-first inputs only")
+        mixed = toeplitz_mix(self.live_kernel(), u.flip(-2), fft_min_length=self.fft_min_length).flip(-2)
+        return mixed + self.bias[..., :length, None].to(mixed.dtype)
+
+    def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
+        if seq_len >= self.fft_min_length:
+            return float(d_model * fft_flops(seq_len))
+        return float(d_model * (seq_len - 1) * (seq_len - 2)) / seq_len

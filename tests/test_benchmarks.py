@@ -45,7 +45,7 @@ def bench_runs(demo_shards, tmp_path_factory):
     base = tmp_path_factory.mktemp("benchmarks")
     commands = {
         "throughput": ["throughput.py", "--quick", "--models", "mixer", "mixer-mh", "paper-mixer", "transformer",
-                       "hf-llama"],
+                       "hf-llama", "toeplitz"],
         "zero_memory": ["zero_memory.py", "--quick", "--world-sizes", "2"],
         "data": ["data.py", "--quick", "--shard-dir", str(demo_shards), "--n-ctx", "64", "--batches", "10",
                  "--threads", "1"],
@@ -85,6 +85,9 @@ def test_throughput_quick_prints_every_model_at_both_lengths_with_ratios(bench_r
         assert _number(row[8]) > 0 and _number(row[9]) > 0
     assert {r[10] for r in by_name["mixer (ours)"]} == {"paper mixer, Conv1d (ref)"}
     assert {r[10] for r in by_name["transformer (ours)"]} == {"HF LlamaForCausalLM (ref)"}
+    toeplitz = by_name["Toeplitz mixer (ours)"]
+    assert sorted(int(r[1]) for r in toeplitz) == [32, 64] and {r[10] for r in toeplitz} == {"mixer (ours)"}
+    assert all(_number(r[8]) > 0 and float(r[3]) < float(by_name["mixer (ours)"][0][3]) for r in toeplitz)
     # engine overhead: plain loop and ZeRO 1-3, each engine row with its ratio to the plain loop
     assert [r[2] for r in by_name["mixer, plain PyTorch loop"]] == ["—"]
     for stage in (1, 2, 3):
@@ -310,3 +313,26 @@ def test_device_check_stops_a_slow_step_at_its_limit_and_skips_what_the_budget_c
     assert re.fullmatch(r"TIMED OUT after \d+s", first_status) and first_seconds < 16
     assert all(status == "skipped (time budget spent)" for _, _, status, _ in rows[1:]), rows
     assert "started" in text                                            # the step's output is kept
+
+
+def test_toeplitz_benchmark_prints_the_crossover_and_the_op_against_the_dense_op(tmp_path):
+    def run(*args):
+        proc = subprocess.run([sys.executable, str(BENCH / "toeplitz.py"), "--d-model", "16", "--repeats", "1",
+                               "--threads", "1", "--out-dir", str(tmp_path), *args],
+                              cwd=ROOT, env=script_env(), text=True, capture_output=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    header, rows = markdown_rows(run("--crossover", "--n-ctx", "16", "64"), "L")
+    assert header == ["L", "direct fwd+bwd ms", "FFT fwd+bwd ms", "direct / FFT", "faster"]
+    assert [int(r[0]) for r in rows] == [16, 64]
+    assert all(_number(r[1]) > 0 and _number(r[2]) > 0 and r[4] in ("direct", "fft") for r in rows)
+    assert all((r[4] == "fft") == (_number(r[3].rstrip("x")) > 1) for r in rows)
+    header, rows = markdown_rows(run("--n-ctx", "64", "128", "--max-gib", "8"), "n_ctx")
+    assert header == ["n_ctx", "Toeplitz (auto) ms", "Toeplitz peak MiB", "packed dense op ms", "dense peak MiB",
+                      "dense / Toeplitz"]
+    assert [int(r[0]) for r in rows] == [64, 128]
+    for row in rows:
+        assert all(_number(cell) > 0 for cell in row[1:])
+    with open(tmp_path / "toeplitz-op.csv", newline="") as fh:
+        assert [int(r["n_ctx"]) for r in csv.DictReader(fh)] == [64, 128]

@@ -55,6 +55,11 @@ QUICK = {"d_model": 64, "n_layers": 2, "n_ctx": [64], "tokens": 102_400, "tokens
          "evals": 8, "eval_batches": 2, "overrides": ["train.lr=3e-3"]}
 
 
+def log_path(run_dir: Path) -> Path:
+    """``<run_dir>.log`` beside the run (a label such as ``lr1.6e-2`` has dots: not a suffix)."""
+    return run_dir.parent / f"{run_dir.name}.log"
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,9 +199,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def one(job):
         start = time.time()
-        rc = launch(run_overrides(*job, spec, args, run_dirs[job]), threads, run_dirs[job].with_suffix(".log"))
+        rc = launch(run_overrides(*job, spec, args, run_dirs[job]), threads, log_path(run_dirs[job]))
         print(f"  {job[0]} n_ctx {job[1]}: exit {rc} after {time.time() - start:.0f} s "
-              f"(log {run_dirs[job].with_suffix('.log')})", flush=True)
+              f"(log {log_path(run_dirs[job])})", flush=True)
         return rc
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
@@ -205,7 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if failed:
         for job in failed:
             print(f"run {job} failed; last lines of its log:\n"
-                  + "\n".join(run_dirs[job].with_suffix(".log").read_text().splitlines()[-15:]), file=sys.stderr)
+                  + "\n".join(log_path(run_dirs[job]).read_text().splitlines()[-15:]), file=sys.stderr)
         return 1
 
     records, rows = [], []
@@ -214,7 +219,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         curve = eval_curve(run_dir, n_ctx)
         level = entropies[n_ctx]["entropy"]
         below = first_step_below(curve, level - args.margin)
-        params = re.search(r"params=([\d,]+)", run_dir.with_suffix(".log").read_text())
+        params = re.search(r"params=([\d,]+)", log_path(run_dir).read_text())
         tps = median_tokens_per_s(run_dir)
         steps = spec["tokens"] // spec["tokens_per_step"]
         record = {"label": label, "model": family, "n_ctx": n_ctx, "steps": steps,

@@ -23,6 +23,7 @@ Writes ``<out-dir>/toeplitz-{crossover,op}.{md,csv}`` (default out-dir: runs/ben
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -162,12 +163,15 @@ def op_table(args, info) -> None:
             dense = run_isolated(measure_case, "dense", length, args, fork=fork)
         if "error" not in dense:
             dense_s_per_flop = dense["s"] / flops
-        elif "not run" not in dense["error"]:
-            dense["error"] = f"does not fit in {args.max_gib:g} GiB ({dense['error'][:60]})"
+        elif re.search(r"alloc|memory|died", dense["error"], re.I):   # the cap, or the kernel's OOM killer
+            dense["error"] = f"does not fit in {args.max_gib:g} GiB"
+            print(f"  dense op at n_ctx {length}: {dense['error']}", flush=True)
         ratio = dense["s"] / toeplitz["s"] if "error" not in dense and "error" not in toeplitz else None
 
         def cell(r, key, scale, digits):
-            return fmt(r[key] * scale, digits) if "error" not in r else r["error"]
+            if "error" in r:
+                return r["error"] if key == "s" else "—"
+            return fmt(r[key] * scale, digits)
         rows.append([length, cell(toeplitz, "s", 1e3, 2), cell(toeplitz, "peak_mib", 1, 0),
                      cell(dense, "s", 1e3, 1), cell(dense, "peak_mib", 1, 0), fmt(ratio, 1) + "x" if ratio else "—"])
         records.append(dict(n_ctx=length, toeplitz_ms=toeplitz.get("s", float("nan")) * 1e3,

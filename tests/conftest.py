@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,14 +32,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(dir)`` once per test session, also when pytest-xdist workers share the session: the
+    first worker to need it builds it under a lock in the session's common temp dir, the others
+    wait for it and reuse it (a build that failed is redone by the next one). Returns the dir."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent                  # pytest-N/, above every worker's popen-gwK/
+    out, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
     """Demo-corpus shards at n_ctx 32 and 64 (first 600 documents, shipped tokenizer)."""
     from mmtrain.data.prepare import demo_prepare_config, prepare
 
-    out = tmp_path_factory.mktemp("demo_shards")
-    prepare(demo_prepare_config(str(out), [32, 64], max_docs=600), progress=False)
-    return out
+    return shared_once(tmp_path_factory, "demo_shards", lambda out: prepare(
+        demo_prepare_config(str(out), [32, 64], max_docs=600), progress=False))
 
 
 def free_port() -> int:
@@ -166,8 +185,7 @@ TRAINED_RUNS = {
 def trained_runs(demo_shards, tmp_path_factory) -> dict:
     """{name: run_dir} of TRAINED_RUNS: 12 steps (lr 1e-2), checkpoints at steps 6 and 12 (one-rank
     runs in this process, the others launched)."""
-    base = tmp_path_factory.mktemp("trained_runs")
-    train_runs(demo_shards, base)
+    base = shared_once(tmp_path_factory, "trained_runs", lambda out: train_runs(demo_shards, out))
     return {name: base / name for name in TRAINED_RUNS}
 
 
@@ -201,9 +219,11 @@ def exported_bundles(trained_runs, tmp_path_factory) -> dict:
     """{name: bundle_dir}: the latest checkpoint of every trained run, exported (fp32, verified)."""
     from mmtrain.export.exporter import export
 
-    base = tmp_path_factory.mktemp("bundles")
-    for name, run_dir in trained_runs.items():
-        export(str(run_dir), str(base / name))
+    def build(out):
+        for name, run_dir in trained_runs.items():
+            export(str(run_dir), str(out / name))
+
+    base = shared_once(tmp_path_factory, "bundles", build)
     return {name: base / name for name in trained_runs}
 
 

@@ -50,7 +50,7 @@ def bench_runs(demo_shards, tmp_path_factory):
         "data": ["data.py", "--quick", "--shard-dir", str(demo_shards), "--n-ctx", "64", "--batches", "10",
                  "--threads", "1"],
         "learning": ["learning.py", "--quick", "--shard-dir", str(demo_shards), "--threads", "1",
-                     "--tokens", "20480"],   # 40 steps of 512 tokens
+                     "--tokens", "20480", "--label", "lr3.0e-3"],   # 40 steps of 512 tokens; a label with a dot
     }
     procs = {}
     for name, (script, *args) in commands.items():
@@ -87,7 +87,7 @@ def test_throughput_quick_prints_every_model_at_both_lengths_with_ratios(bench_r
     assert {r[10] for r in by_name["transformer (ours)"]} == {"HF LlamaForCausalLM (ref)"}
     toeplitz = by_name["Toeplitz mixer (ours)"]
     assert sorted(int(r[1]) for r in toeplitz) == [32, 64] and {r[10] for r in toeplitz} == {"mixer (ours)"}
-    assert all(_number(r[8]) > 0 and float(r[3]) < float(by_name["mixer (ours)"][0][3]) for r in toeplitz)
+    assert all(_number(r[8]) > 0 for r in toeplitz)
     # engine overhead: plain loop and ZeRO 1-3, each engine row with its ratio to the plain loop
     assert [r[2] for r in by_name["mixer, plain PyTorch loop"]] == ["—"]
     for stage in (1, 2, 3):
@@ -98,9 +98,13 @@ def test_throughput_quick_prints_every_model_at_both_lengths_with_ratios(bench_r
     with open(out_dir / "throughput.csv", newline="") as fh:
         records = list(csv.DictReader(fh))
     assert len(records) == len(rows)
+    stored = {(r["model"], r["n_ctx"]): int(r["params"]) for r in records if r["section"] == "sweep"}
+    for n_ctx in ("32", "64"):   # one kernel per block instead of a triangle
+        assert stored[("toeplitz", n_ctx)] < stored[("mixer", n_ctx)]
     assert all(float(r["tokens_per_s"]) > 0 and float(r["peak_flops"]) > 0 for r in records)
     assert (out_dir / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out_dir / "throughput.md").read_text().count("| mixer (ours) |") == 2
+    written = (out_dir / "throughput.md").read_text().splitlines()
+    assert sum(line.startswith("| mixer (ours) |") for line in written) == 2
 
 
 def test_zero_memory_quick_reports_every_stage_per_rank_with_expected_bytes(bench_runs):
@@ -175,9 +179,12 @@ def test_learning_quick_reports_loss_unigram_entropy_and_crossing_step(bench_run
     counts = np.bincount(np.concatenate([ds.get_item(i)["input_ids"].numpy()[1:] for i in range(ds.num_samples)]))
     p = counts[counts > 0] / counts.sum()
     entropy = float(-(p * np.log(p)).sum())
-    with open(out_dir / "learning.csv", newline="") as fh:
+    with open(out_dir / "learning-lr3.0e-3.csv", newline="") as fh:     # files named after the label
         records = list(csv.DictReader(fh))
     assert [r["model"] for r in records] == ["mixer", "transformer"]
+    # each run's own log (a dotted label is no file suffix): the parameter counts differ
+    assert all((Path(r["run_dir"]).parent / f"{Path(r['run_dir']).name}.log").is_file() for r in records)
+    assert records[0]["params"] != records[1]["params"]
     for row, record in zip(rows, records):
         assert float(record["unigram_entropy"]) == pytest.approx(entropy, abs=1e-6)
         assert _number(row[6]) == pytest.approx(entropy, abs=1e-3)
@@ -191,7 +198,7 @@ def test_learning_quick_reports_loss_unigram_entropy_and_crossing_step(bench_run
         assert row[8] == ("never" if crossing is None else str(crossing))
         assert int(record["params"]) > 0 and _number(row[9]) > 0
         assert curve[-1][1] < curve[0][1]              # eval loss fell over the run
-    assert (out_dir / "learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out_dir / "learning-lr3.0e-3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_learning_first_step_below_and_argument_checks(capsys, monkeypatch):

@@ -227,48 +227,57 @@ def test_a_checkpoint_missing_a_rank_file_or_from_another_layout_is_named_before
     # ZeRO 1 and 2 share a layout
 
 
-@pytest.mark.parametrize("stages, model", [((0, 1, 2, 3), []),
-                                           ((3,), ["model.mixer_matrix=toeplitz", "model.mixer_fft_min_length=16"])],
-                         ids=["general", "toeplitz"])
-def test_a_run_resumes_on_another_number_of_ranks_at_every_zero_stage(demo_shards, tmp_path, stages, model):
+TOEPLITZ = ["model.mixer_matrix=toeplitz", "model.mixer_fft_min_length=16"]   # its FFT path at n_ctx 32
+
+
+def test_a_run_resumes_on_another_number_of_ranks_at_every_zero_stage(demo_shards, tmp_path):
     """1 rank (steps 1-2) -> 2 ranks (3-4) -> 1 rank (5-6) at the same global batch trains what one
     uninterrupted rank trains: a ZeRO >= 1 checkpoint is converted to a universal checkpoint
-    (kept only until the resumed run saves), a ZeRO 0 one loads as it is."""
+    (kept only until the resumed run saves), a ZeRO 0 one loads as it is. The dense mixer at ZeRO
+    0-3 and the Toeplitz mixer at ZeRO 3, all in one two-rank launch."""
     import json
     import subprocess
     import sys
 
     from conftest import ROOT, free_port, script_env
 
-    def run_args(z, run_dir, *extra):
-        return [str(a) for a in args(demo_shards, run_dir, f"engine.zero_stage={z}", "data.num_workers=0", *model,
-                                     *extra)]
+    runs = {f"z{z}": (z, []) for z in (0, 1, 2, 3)}
+    runs["toeplitz_z3"] = (3, TOEPLITZ)
 
-    for z in stages:
-        pretrain_in_process(run_args(z, tmp_path / f"z{z}", "train.stop_at=2"))
+    def run_args(name, *extra):
+        z, model = runs[name]
+        return [str(a) for a in args(demo_shards, tmp_path / name, f"engine.zero_stage={z}", "data.num_workers=0",
+                                     *model, *extra)]
+
+    for name in runs:
+        pretrain_in_process(run_args(name, "train.stop_at=2"))
     spec = tmp_path / "two_ranks.json"
-    spec.write_text(json.dumps([run_args(z, tmp_path / f"z{z}", "train.stop_at=4") for z in stages]))
+    spec.write_text(json.dumps([run_args(name, "train.stop_at=4") for name in runs]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                            str(ROOT / "tests" / "scripts" / "train_two_ranks.py"), str(spec)],
                           cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    # one uninterrupted rank; ZeRO 0-3 train the same losses (tests/test_pretrain.py checks it)
-    reference = pretrain_in_process(run_args(1, tmp_path / "ref"))
-    want = train_losses(tmp_path / "ref")
-    for z in stages:
-        converting = f"z{z}/checkpoints/step_00000002 was written by 1 rank(s) at ZeRO {z}; this run has 2"
+    # one uninterrupted rank per model; ZeRO 0-3 train the same losses (tests/test_pretrain.py checks it)
+    want = {}
+    for model in ([], TOEPLITZ):
+        reference = pretrain_in_process([str(a) for a in args(demo_shards, tmp_path / f"ref{len(model)}",
+                                                              "engine.zero_stage=1", "data.num_workers=0", *model)])
+        assert reference.step == 6
+        want[len(model)] = train_losses(tmp_path / f"ref{len(model)}")
+    assert want[0] != want[len(TOEPLITZ)]
+    for name, (z, model) in runs.items():
+        converting = f"{name}/checkpoints/step_00000002 was written by 1 rank(s) at ZeRO {z}; this run has 2"
         assert (converting in proc.stdout) == (z >= 1), proc.stdout[-3000:]
-        resumed = pretrain_in_process(run_args(z, tmp_path / f"z{z}"))
-        universal = tmp_path / f"z{z}" / "checkpoints" / "universal"
+        resumed = pretrain_in_process(run_args(name))
+        universal = tmp_path / name / "checkpoints" / "universal"
         assert resumed.resumed_from == str(universal / "step_00000004" if z else
-                                           tmp_path / f"z{z}" / "checkpoints" / "step_00000004")
+                                           tmp_path / name / "checkpoints" / "step_00000004")
         assert ckpt.list_tags(str(universal)) == []   # conversions are pruned once a newer step is saved
-        got = train_losses(tmp_path / f"z{z}")
-        assert sorted(got) == list(range(1, 7))
+        got = train_losses(tmp_path / name)
+        assert sorted(got) == list(range(1, 7)) and resumed.step == 6
         for step in got:
-            assert got[step] == pytest.approx(want[step], rel=1e-5, abs=0), (z, step, got, want)
-        assert reference.step == resumed.step == 6
+            assert got[step] == pytest.approx(want[len(model)][step], rel=1e-5, abs=0), (name, step, got)
 
 
 def test_resuming_with_a_changed_training_setting_is_an_error_and_watching_settings_apply(demo_shards, tmp_path):

@@ -23,17 +23,7 @@ TINY = ROOT / "configs" / "pretrain" / "tiny.yaml"
 os.environ["MMTRAIN_SHM_NAMESPACE"] = f"t{os.getpid()}"
 
 
-#: Session fixtures that train models (built once per session by :func:`shared_once`).
-TRAINING_FIXTURES = {"trained_runs", "exported_bundles"}
-
-
 def pytest_collection_modifyitems(config, items):
-    # Test files that use the trained runs go first (each file's tests stay together, so module
-    # fixtures are built once): under pytest-xdist the first worker starts with them and builds the
-    # runs while the others run the rest, instead of waiting for the runs halfway through.
-    training = {item.module.__name__ for item in items
-                if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())) and getattr(item, "module", None)}
-    items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", "") not in training)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

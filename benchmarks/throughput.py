@@ -340,6 +340,14 @@ def state_too_large(job: Dict[str, Any], max_gib: float) -> Optional[str]:
     return f"does not fit: {need:.1f} GiB of weights, gradients and moments > {max_gib:g}" if need > max_gib else None
 
 
+def row_of(job: Dict[str, Any], section: str, label: str) -> Dict[str, Any]:
+    """The fields of a table row that describe its configuration."""
+    return dict(section=section, model=job["model"], label=label, n_ctx=job["n_ctx"], d_model=job["d_model"],
+                n_layers=job["layers"], batch=job["batch"], dtype=job["dtype"],
+                zero_stage=job["zero_stage"] if job["mode"] == "engine" else "", mode=job["mode"],
+                device=job["device"])
+
+
 def job_for(args, model: str, n_ctx: int, mode: str = "engine", zero_stage: Optional[int] = None) -> Dict[str, Any]:
     return dict(model=model, n_ctx=n_ctx, d_model=args.d_model, layers=args.layers, batch=args.batch,
                 dtype=args.dtype, device=args.device, heads=args.heads, mixer_heads=args.mixer_heads,
@@ -357,10 +365,7 @@ def run_all(args) -> Dict[str, Any]:
     def run(job, section, label):
         start = time.perf_counter()
         result = run_isolated(measure, job, fork=fork)
-        record = dict(section=section, model=job["model"], label=label, n_ctx=job["n_ctx"],
-                      d_model=job["d_model"], n_layers=job["layers"], batch=job["batch"], dtype=job["dtype"],
-                      zero_stage=job["zero_stage"] if job["mode"] == "engine" else "", mode=job["mode"],
-                      device=job["device"], **result)
+        record = dict(row_of(job, section, label), **result)
         if "error" not in result:
             record["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / peak["peak_flops"]
         records.append(record)
@@ -376,10 +381,7 @@ def run_all(args) -> Dict[str, Any]:
             skip = ("not run: a shorter n_ctx took over --max-step-s" if model in too_slow else
                     state_too_large(job, args.max_gib))
             if skip:
-                records.append(dict(section="sweep", model=model, label=LABELS[model], n_ctx=n_ctx,
-                                    d_model=job["d_model"], n_layers=job["layers"], batch=job["batch"],
-                                    dtype=job["dtype"], zero_stage=job["zero_stage"], mode="engine",
-                                    device=job["device"], error=skip, skipped=True))
+                records.append(dict(row_of(job, "sweep", LABELS[model]), error=skip, skipped=True))
                 print(f"  {LABELS[model]:<34} n_ctx {n_ctx:>5}: {skip}", file=sys.stderr, flush=True)
                 continue
             record = run(job, "sweep", LABELS[model])

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from _common import ROOT, fmt, machine_info, markdown_table, report
+from _common import ROOT, fmt, machine_info, markdown_table, median, memory_meter, report, run_isolated, timed_repeats
 from mixing import interleaved_medians
 
 import torch
@@ -53,11 +52,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="skip the dense op where one forward + backward is estimated above this")
     p.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "benchmarks")
     return p.parse_args(argv)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def toeplitz_case(length: int, args, path: str) -> Callable[[], None]:
@@ -124,8 +118,6 @@ def measure_case(kind: str, length: int, args) -> Dict[str, float]:
     """One case in a process of its own: median forward + backward seconds and peak memory (MiB).
     On CPU the child's address space is capped at ``--max-gib``, so a case that does not fit fails
     with an allocation error instead of waking the kernel's OOM killer."""
-    from _common import median, memory_meter
-
     if args.device == "cpu" and args.max_gib:
         import resource
 
@@ -133,23 +125,14 @@ def measure_case(kind: str, length: int, args) -> Dict[str, float]:
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     if args.threads:
         torch.set_num_threads(args.threads)
-    meter = memory_meter(torch.device(args.device))
+    device = torch.device(args.device)
+    meter = memory_meter(device)
     run = toeplitz_case(length, args, "auto") if kind == "toeplitz" else dense_case(length, args)
-    repeats = args.repeats if length < 16384 else max(1, args.repeats // 2)
-    times = []
-    for i in range(args.warmup + repeats):
-        _sync(args.device)
-        start = time.perf_counter()
-        run()
-        _sync(args.device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+    times = timed_repeats(run, device, args.warmup, args.repeats if length < 16384 else max(1, args.repeats // 2))
     return {"s": median(times), "peak_mib": meter.peak_mib()}
 
 
 def op_table(args, info) -> None:
-    from _common import run_isolated
-
     lengths = args.n_ctx or [1024, 2048, 4096, 8192, 16384, 32768]
     rows, records = [], []
     dense_s_per_flop = None

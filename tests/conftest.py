@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -18,9 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain" / "tiny.yaml"
 
 # One streaming shared-memory namespace per test process (each xdist worker, each concurrent
-# session), inherited by the runs it launches: loaders created at the same instant by two of them
-# never take the same /dev/shm names.
+# session) and one per process it launches (script_env; the ranks of a launch share it): loaders
+# created at the same instant by any two of them never take the same /dev/shm names.
 os.environ["MMTRAIN_SHM_NAMESPACE"] = f"t{os.getpid()}"
+_LAUNCHES = itertools.count()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -72,6 +74,7 @@ def script_env() -> dict:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
                 "MASTER_PORT", "MMTRAIN_FAULT"):
         env.pop(key, None)
+    env["MMTRAIN_SHM_NAMESPACE"] = f"t{os.getpid()}n{next(_LAUNCHES)}"
     return env
 
 

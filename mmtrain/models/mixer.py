@@ -304,6 +304,11 @@ class CausalMixingMatrix(nn.Module):
         n_out = n_in if n_out is None else n_out
         return torch.matmul(self.masked_weight(n_out, n_in, start), u) + self.bias[..., start:n_out, None]
 
+    def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
+        """Forward FLOPs per token of ``tril(W)[:L, :L] · U`` on width d: 2 d (L + 1) / 2 averaged
+        over the positions (only the lower triangle is computed)."""
+        return float(d_model * (seq_len + 1))
+
     def _convert_layout(self, state_dict, prefix, *args) -> None:
         """Accept the other layout's tensor: dense ``weight`` -> packed, or ``packed_weight`` -> dense
         (the block size of a packed tensor is inferred from its length)."""
@@ -374,9 +379,6 @@ class FlatTokenMixing(SequenceMixing, CausalMixingMatrix):
         if whole and self.batch_first_op and self.layout == "packed":
             return self.mix_sequence_first(u.transpose(0, 1)).transpose(0, 1)
         return super().forward(u, n_out, start, triangular_block)
-
-    def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
-        return float(d_model * (seq_len + 1))
 
 
 class FlatToeplitzMixing(SequenceMixing, ToeplitzMixing):
@@ -452,11 +454,9 @@ class MultiHeadTokenMixing(nn.Module):
         return self.out_proj(mixed.transpose(1, 2).reshape(batch, length, width))
 
     def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
-        # h heads x tril(L x L) @ (L x d/h): 2 * d * (L + 1) / 2 per token averaged over positions
-        # (Toeplitz: its path's); the projections are in matmul_params.
-        if isinstance(self.mixing, ToeplitzMixing):
-            return self.mixing.forward_flops_per_token(seq_len, d_model)
-        return float(d_model * (seq_len + 1))
+        # h heads of width d/h mixed as the matrix counts it (all heads together cost a width-d
+        # product); the projections are in matmul_params.
+        return self.mixing.forward_flops_per_token(seq_len, d_model)
 
 
 def expanded_masks(n_ctx: int, expansion: int):

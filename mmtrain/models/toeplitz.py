@@ -239,6 +239,7 @@ class ReverseToeplitzMixing(ToeplitzMixing):
         return mixed + self.bias[..., :length, None].to(mixed.dtype)
 
     def forward_flops_per_token(self, seq_len: int, d_model: int) -> float:
+        """The FFT path's, or the direct product's live entries (as the general reverse stream counts them)."""
         if seq_len >= self.fft_min_length:
-            return float(d_model * fft_flops(seq_len))
+            return super().forward_flops_per_token(seq_len, d_model)
         return float(d_model * (seq_len - 1) * (seq_len - 2)) / seq_len

@@ -19,6 +19,12 @@ and the runs themselves under ``<out-dir>/runs/``.
     python benchmarks/learning.py                              # d 256 x 4, n_ctx 128 and 512
     python benchmarks/learning.py --set model.init=gpt --label gpt-init    # any override, all runs
     python benchmarks/learning.py --models mixer --n-ctx 128 --set train.lr=2e-3
+    python benchmarks/learning.py --models mixer transformer hybrid --n-ctx 128 --flops 4e12 \
+        --lr mixer=4e-3 transformer=1e-3 hybrid=2e-3          # equal training FLOPs, an LR per family
+
+With ``--flops F`` every run gets the same training compute instead of the same tokens: steps =
+F / (flops_per_token x tokens per step), with each model's own ``flops_per_token()`` (the count
+the trainer logs for MFU), so a cheaper model sees more tokens.
 
 Runs go one at a time with ``--threads`` torch threads (default: all cores), or ``--parallel 2``
 at a time (tokens/s are then not comparable with a one-at-a-time run).
@@ -45,6 +51,7 @@ FAMILIES = {
     "mixer": ["model.kind=mixer"],
     "transformer": ["model.kind=transformer", "model.n_heads=4"],
     "toeplitz": ["model.kind=mixer", "model.mixer_matrix=toeplitz"],
+    "hybrid": ["model.kind=hybrid", "model.n_heads=4"],
 }
 
 #: The full benchmark: the quick-start model's shape and recipe (PretrainConfig's defaults).
@@ -67,6 +74,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=sorted(FAMILIES), default=["mixer", "transformer"])
     p.add_argument("--n-ctx", type=int, nargs="+", help="context lengths (default 128 512; quick: 64)")
     p.add_argument("--tokens", type=int, help="training tokens per run (default 614,400; quick: 40,960)")
+    p.add_argument("--flops", type=float, default=0.0,
+                   help="equal compute instead of equal tokens: training FLOPs per run (e.g. 4e12); each "
+                        "family's steps = FLOPS / (its flops_per_token x tokens per step)")
+    p.add_argument("--lr", nargs="+", default=[], metavar="FAMILY=LR",
+                   help="learning rate per family, e.g. mixer=4e-3 transformer=1e-3 (others: the config's)")
     p.add_argument("--tokens-per-step", type=int, help="tokens per optimizer step (default 2048; quick: 512)")
     p.add_argument("--d-model", type=int, help="width (default 256; quick: 64)")
     p.add_argument("--layers", type=int, help="depth (default 4; quick: 2)")
@@ -91,6 +103,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error(f"--tokens-per-step {spec['tokens_per_step']} is not a multiple of n_ctx {n_ctx}")
     if spec["tokens"] < spec["tokens_per_step"]:
         p.error(f"--tokens {spec['tokens']} is less than one step ({spec['tokens_per_step']} tokens)")
+    if args.flops < 0:
+        p.error(f"--flops {args.flops:g}: must be > 0")
+    args.lrs = {}
+    for item in args.lr:
+        family, _, value = item.partition("=")
+        if family not in FAMILIES:
+            p.error(f"--lr {item}: unknown family {family!r} (expected one of {', '.join(sorted(FAMILIES))})")
+        try:
+            args.lrs[family] = float(value)
+        except ValueError:
+            p.error(f"--lr {item}: expected FAMILY=LR with a number, e.g. mixer=4e-3")
     args.spec = spec
     return args
 
@@ -150,18 +173,44 @@ def median_tokens_per_s(run_dir: Path) -> Optional[float]:
 # Runs
 # --------------------------------------------------------------------------------------------
 
+def model_overrides(family: str, n_ctx: int, spec: Dict[str, Any]) -> List[str]:
+    return FAMILIES[family] + [f"model.d_model={spec['d_model']}", f"model.n_layers={spec['n_layers']}",
+                               f"model.n_ctx={n_ctx}"]
+
+
+def flops_per_token(family: str, n_ctx: int, spec: Dict[str, Any], args: argparse.Namespace) -> float:
+    """The model's training FLOPs per token at n_ctx (``flops_per_token()``, as the trainer counts)."""
+    from mmtrain.config import load_config
+    from mmtrain.train.schema import PretrainConfig
+    from mmtrain.data.shards import read_meta
+    from mmtrain.models import build_model
+
+    cfg = load_config(PretrainConfig, [], model_overrides(family, n_ctx, spec) + spec["overrides"]
+                      + [o for o in args.overrides if o.startswith("model.")])
+    vocab = int(read_meta(args.shard_dir, n_ctx)["vocab_size"])
+    return float(build_model(cfg.model, vocab_size=vocab).flops_per_token())
+
+
+def run_steps(family: str, n_ctx: int, spec: Dict[str, Any], args: argparse.Namespace) -> int:
+    """Optimizer steps of a run: the token budget, or with --flops the FLOP budget at this model's cost."""
+    if args.flops:
+        return max(1, round(args.flops / (flops_per_token(family, n_ctx, spec, args) * spec["tokens_per_step"])))
+    return spec["tokens"] // spec["tokens_per_step"]
+
+
 def run_overrides(family: str, n_ctx: int, spec: Dict[str, Any], args: argparse.Namespace,
-                  run_dir: Path) -> List[str]:
+                  run_dir: Path, steps: Optional[int] = None) -> List[str]:
     batch = spec["tokens_per_step"] // n_ctx
-    steps = spec["tokens"] // spec["tokens_per_step"]
+    steps = steps or spec["tokens"] // spec["tokens_per_step"]
     every = max(1, steps // spec["evals"])
-    return FAMILIES[family] + [
+    lr = [f"train.lr={args.lrs[family]}"] if family in getattr(args, "lrs", {}) else []
+    return model_overrides(family, n_ctx, spec) + [
         f"model.d_model={spec['d_model']}", f"model.n_layers={spec['n_layers']}", f"model.n_ctx={n_ctx}",
         f"train.steps={steps}", f"train.global_batch_size={batch}", f"train.micro_batch_size={min(batch, 8)}",
         f"train.seed={args.seed}", f"train.eval_every={every}", f"train.eval_batches={spec['eval_batches']}",
         f"data.shard_dir={args.shard_dir}", "checkpoint.every=0", "checkpoint.keep_last=1", "checkpoint.resume=none",
         "logging.progress_bar=false", f"logging.run_dir={run_dir}",
-    ] + spec["overrides"] + list(args.overrides)
+    ] + spec["overrides"] + list(args.overrides) + lr
 
 
 def launch(overrides: List[str], threads: int, log: Path) -> int:
@@ -183,7 +232,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.parallel))
     jobs = [(family, n_ctx) for n_ctx in spec["n_ctx"] for family in args.models]
     run_dirs = {job: out / "runs" / f"{label}-{job[0]}-ctx{job[1]}" for job in jobs}
-    print(f"learning benchmark '{label}': {len(jobs)} runs of {spec['tokens']:,} tokens "
+    budget = f"{args.flops:.3g} training FLOPs" if args.flops else f"{spec['tokens']:,} tokens"
+    print(f"learning benchmark '{label}': {len(jobs)} runs of {budget} "
           f"(d {spec['d_model']} x {spec['n_layers']}, {spec['tokens_per_step']} tokens/step, seed {args.seed}"
           f"{', ' + ' '.join(extra) if extra else ''}); {args.parallel} at a time, "
           f"{threads} threads each", flush=True)
@@ -196,10 +246,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if missing:
         prepare(demo_prepare_config(str(args.shard_dir), missing), progress=False)
     entropies = {n: unigram_entropy(args.shard_dir, n) for n in spec["n_ctx"]}
+    steps_of = {job: run_steps(*job, spec, args) for job in jobs}
+    fpt_of = {job: flops_per_token(*job, spec, args) for job in jobs}
 
     def one(job):
         start = time.time()
-        rc = launch(run_overrides(*job, spec, args, run_dirs[job]), threads, log_path(run_dirs[job]))
+        rc = launch(run_overrides(*job, spec, args, run_dirs[job], steps_of[job]), threads, log_path(run_dirs[job]))
         print(f"  {job[0]} n_ctx {job[1]}: exit {rc} after {time.time() - start:.0f} s "
               f"(log {log_path(run_dirs[job])})", flush=True)
         return rc
@@ -221,22 +273,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         below = first_step_below(curve, level - args.margin)
         params = re.search(r"params=([\d,]+)", log_path(run_dir).read_text())
         tps = median_tokens_per_s(run_dir)
-        steps = spec["tokens"] // spec["tokens_per_step"]
-        record = {"label": label, "model": family, "n_ctx": n_ctx, "steps": steps,
-                  "tokens": steps * spec["tokens_per_step"], "eval_loss": curve[-1][1] if curve else None,
+        steps = steps_of[(family, n_ctx)]
+        tokens = steps * spec["tokens_per_step"]
+        record = {"label": label, "model": family, "n_ctx": n_ctx, "steps": steps, "tokens": tokens,
+                  "flops_per_token": fpt_of[(family, n_ctx)], "train_flops": fpt_of[(family, n_ctx)] * tokens,
+                  "lr": args.lrs.get(family), "eval_loss": curve[-1][1] if curve else None,
                   "unigram_entropy": level, "below_unigram": (level - curve[-1][1]) if curve else None,
                   "step_below": below, "tokens_per_s": tps, "seed": args.seed,
                   "overrides": " ".join(extra), "curve": json.dumps(curve),
                   "params": int(params.group(1).replace(",", "")) if params else None, "run_dir": str(run_dir)}
         records.append(record)
-        rows.append([label, family, n_ctx, fmt((record["params"] or 0) / 1e6, 2), fmt(record["tokens"]), f"{record['eval_loss']:.3f}", f"{level:.3f}",
+        rows.append([label, family, n_ctx, fmt((record["params"] or 0) / 1e6, 2), fmt(record["tokens"]),
+                     f"{record['train_flops']:.3g}", f"{record['eval_loss']:.3f}", f"{level:.3f}",
                      f"{record['below_unigram']:+.3f}", "never" if below is None else f"{below}",
                      fmt(tps)])
-    table = markdown_table(["sweep", "model", "n_ctx", "params (M)", "tokens", "eval loss", "unigram H1", "H1 - eval",
-                            f"step < H1-{args.margin:g}", "tokens/s"], rows, align="lllrrrrrrr")
-    header = (f"Learning benchmark, d {spec['d_model']} x {spec['n_layers']} layers, {spec['tokens']:,} tokens "
-              f"per run ({spec['tokens_per_step']} per step), seed {args.seed}; unigram H1 = entropy of the "
-              f"validation targets (nats); eval every {max(1, steps // spec['evals'])} steps; {threads} torch "
+    table = markdown_table(["sweep", "model", "n_ctx", "params (M)", "tokens", "train FLOPs", "eval loss",
+                            "unigram H1", "H1 - eval", f"step < H1-{args.margin:g}", "tokens/s"], rows,
+                           align="lllrrrrrrrr")
+    budget = (f"{args.flops:.3g} training FLOPs per run (equal compute)" if args.flops
+              else f"{spec['tokens']:,} tokens per run")
+    lrs = "; lr " + ", ".join(f"{f} {v:g}" for f, v in args.lrs.items()) if args.lrs else ""
+    header = (f"Learning benchmark, d {spec['d_model']} x {spec['n_layers']} layers, {budget} "
+              f"({spec['tokens_per_step']} tokens per step), seed {args.seed}{lrs}; unigram H1 = entropy of the "
+              f"validation targets (nats); about {spec['evals']} evals per run; {threads} torch "
               f"thread(s) per run, {max(1, args.parallel)} run(s) at a time"
               + (f"; overrides: {' '.join(extra)}" if extra else ""))
     report(out, "learning" if label in ("default", "quick") else f"learning-{label}", machine_info(), header,

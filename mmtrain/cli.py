@@ -22,6 +22,7 @@ COMMANDS = {
     "export": "mmtrain.export.exporter",
     "export-embedder": "mmtrain.export.exporter",
     "eval-lm": "mmtrain.eval.lm",
+    "eval-harness": "mmtrain.eval.harness",
     "eval-retrieval": "mmtrain.eval.retrieval",
     "frozen-retrieval": "mmtrain.eval.frozen_retrieval",
     "generate": "mmtrain.eval.generate",

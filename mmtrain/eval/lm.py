@@ -14,6 +14,15 @@ autoencoder) is scored the way it is trained: position t against token t (recons
   in front of a document's first piece 0), comparable across tokenizers.
 
 Deterministic: samples are read in shard order without shuffling and summed in float64.
+
+**Documents** (``--text INPUT ...``, :func:`eval_text`): raw documents, read as ``mmtrain prepare
+--input`` reads them (``--held-out``: only those ``prepare`` puts in the val split), each scored on
+its own as mmtrain's training data presents a document, after an EOS, and as lm-evaluation-harness's
+``loglikelihood_rolling`` scores it: every token of the document is a target (the first one predicted
+from the EOS), in disjoint windows of n_ctx targets (:func:`rolling_windows`). Reported: the token-level
+loss (nats per document token) and perplexity exp(loss), and the harness's three numbers over the same
+log-likelihoods: word perplexity exp(-LL / words), byte perplexity exp(-LL / bytes) and bits per byte
+-LL / (bytes ln 2), with words and UTF-8 bytes counted on the raw text (the harness's wikitext rule).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -186,6 +196,109 @@ def eval_lm(bundle: str, shard_dir: str, lengths: Optional[Sequence[int]] = None
             "shard_n_ctx": n, "model": section["model"]["kind"], "results": results}
 
 
+def rolling_windows(tokens: Sequence[int], prefix: int, n_ctx: int) -> List[Tuple[List[int], List[int]]]:
+    """Windows that score every token of ``tokens`` once: ``[(input ids, target ids)]``; the last
+    ``len(targets)`` positions of the input predict the targets. The first window is
+    ``[prefix] + tokens[:n_ctx - 1]`` predicting ``tokens[:n_ctx]``; each later one predicts the next
+    up to n_ctx tokens from the (at most) n_ctx tokens before the last of them
+    (lm-evaluation-harness's ``get_rolling_token_windows`` with context_len 1, made disjoint)."""
+    tokens = list(tokens)
+    if not tokens:
+        return []
+    first = min(n_ctx, len(tokens))
+    windows = [([prefix] + tokens[:first - 1], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        end = min(len(tokens), done + n_ctx)
+        windows.append((tokens[max(0, end - n_ctx - 1):end - 1], tokens[done:end]))
+        done = end
+    return windows
+
+
+def read_documents(inputs: Sequence[str], text_field: str = "text", held_out: bool = False,
+                   seed: int = 0, val_fraction: float = 0.05, max_documents: int = 0) -> List[str]:
+    """Documents of ``inputs`` as ``mmtrain prepare`` reads them (stripped, empty ones skipped), with
+    ``held_out`` only those it puts in the val split at ``seed`` / ``val_fraction``."""
+    from mmtrain.data.corpus import Corpus
+    from mmtrain.data.packing import is_validation
+
+    docs = []
+    for i, text in enumerate(Corpus(list(inputs), text_field=text_field)):
+        if held_out and not is_validation(i, seed, val_fraction):
+            continue
+        docs.append(text)
+        if max_documents and len(docs) >= max_documents:
+            break
+    if not docs:
+        raise DataError(f"no {'held-out ' if held_out else ''}documents in {', '.join(map(str, inputs))}")
+    return docs
+
+
+@torch.no_grad()
+def score_documents(model, tokenizer, documents: Sequence[str], n_ctx: int, batch_size: int = 16,
+                    progress: bool = False) -> Dict[str, float]:
+    """Total log-likelihood (float64) and count of every token of every document, each document
+    after an EOS, in :func:`rolling_windows` of n_ctx."""
+    device = next(model.parameters()).device
+    windows = [w for text in documents for w in rolling_windows(tokenizer.encode(text), tokenizer.eos_id, n_ctx)]
+    windows.sort(key=lambda w: -len(w[0]))   # similar lengths together: less padding
+    total, tokens = 0.0, 0
+    with progress_bar(progress, desc="eval documents", total=len(windows), unit=" windows") as bar:
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start:start + batch_size]
+            x = torch.full((len(batch), max(len(ids) for ids, _ in batch)), tokenizer.pad_id, dtype=torch.long)
+            for row, (ids, _) in enumerate(batch):
+                x[row, :len(ids)] = torch.tensor(ids)   # right padding: a causal model's real positions never see it
+            logp = torch.log_softmax(model(x.to(device)).logits.double(), dim=-1).cpu()
+            for row, (ids, targets) in enumerate(batch):
+                positions = torch.arange(len(ids) - len(targets), len(ids))
+                total += float(logp[row, positions, torch.tensor(targets)].sum())
+                tokens += len(targets)
+            bar.update(len(batch))
+    return {"loglikelihood": total, "tokens": tokens}
+
+
+def word_count(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for word perplexity (its wikitext rule)."""
+    return len(re.split(r"\s+", text))
+
+
+def eval_text(bundle: str, inputs: Sequence[str], held_out: bool = False, text_field: str = "text",
+              seed: int = 0, val_fraction: float = 0.05, max_documents: int = 0, batch_size: int = 16,
+              device: str = "cpu", progress: bool = True) -> Dict[str, Any]:
+    """Score raw documents with a bundle (module docstring, "Documents")."""
+    from mmtrain.export.hf import GENERATIVE_KINDS
+
+    section = read_bundle_config(bundle)
+    kind = section["model"]["kind"]
+    if section.get("embedder") or kind not in GENERATIVE_KINDS:
+        raise BundleError(f"{bundle}: --text scores next-token language models ({', '.join(GENERATIVE_KINDS)}); "
+                          f"this bundle holds {'a retrieval embedder' if section.get('embedder') else kind}")
+    documents = read_documents(inputs, text_field, held_out, seed, val_fraction, max_documents)
+    model = load_pretrained(bundle, device=device)
+    tokenizer = load_bundle_tokenizer(bundle)
+    n_ctx = int(section["model"]["n_ctx"])
+    scored = score_documents(model, tokenizer, documents, n_ctx, batch_size, progress)
+    ll, tokens = scored["loglikelihood"], scored["tokens"]
+    n_bytes = sum(len(d.encode("utf-8")) for d in documents)
+    words = sum(word_count(d) for d in documents)
+    loss = -ll / tokens
+    return {"bundle": str(Path(bundle).resolve()), "data": [str(i) for i in inputs], "held_out": held_out,
+            "model": kind, "n_ctx": n_ctx, "documents": len(documents), "tokens": tokens, "bytes": n_bytes,
+            "words": words, "loglikelihood": ll, "loss": loss, "perplexity": math.exp(loss),
+            "word_perplexity": math.exp(-ll / words), "byte_perplexity": math.exp(-ll / n_bytes),
+            "bits_per_byte": -ll / n_bytes / math.log(2)}
+
+
+def format_text_table(report: Dict[str, Any]) -> str:
+    r = report
+    return "\n".join([
+        "| documents | tokens | loss | perplexity | word perplexity | byte perplexity | bits/byte |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {r['documents']:,} | {r['tokens']:,} | {r['loss']:.4f} | {r['perplexity']:.2f} | "
+        f"{r['word_perplexity']:.2f} | {r['byte_perplexity']:.4f} | {r['bits_per_byte']:.4f} |"])
+
+
 def format_table(report: Dict[str, Any]) -> str:
     rows = ["| n_ctx | sequences | tokens | loss | perplexity | bits/byte |", "|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
@@ -194,7 +307,30 @@ def format_table(report: Dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _run_text(args) -> int:
+    try:
+        report = eval_text(args.bundle, args.text, held_out=args.held_out, text_field=args.text_field,
+                           seed=args.seed, val_fraction=args.val_fraction, max_documents=args.max_sequences,
+                           batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    except (BundleError, DataError, FileNotFoundError) as exc:
+        print(f"mmtrain eval-lm: {exc}", file=sys.stderr)
+        return 2
+    print(f"{report['model']} bundle {report['bundle']} (n_ctx {report['n_ctx']})\n"
+          f"{'held-out ' if report['held_out'] else ''}documents of {', '.join(report['data'])}, each after EOS, "
+          f"in windows of n_ctx\n")
+    print(format_text_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def _run(args) -> int:
+    if args.text:
+        return _run_text(args)
+    if not args.data:
+        print("mmtrain eval-lm: give --data SHARD_DIR (validation shards) or --text INPUT (raw documents)",
+              file=sys.stderr)
+        return 2
     try:
         report = eval_lm(args.bundle, args.data, args.n_ctx, split=args.split, batch_size=args.batch_size,
                          max_sequences=args.max_sequences, shard_ctx=args.shard_ctx, device=args.device,
@@ -213,9 +349,19 @@ def _run(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval-lm", help="loss, perplexity and bits per byte of a bundle on validation shards",
-        description="Evaluate an exported bundle on <data>/ctx<N>/<split> at one or more context lengths.")
+        description="Evaluate an exported bundle on <data>/ctx<N>/<split> at one or more context lengths, or "
+                    "on raw documents (--text) the way lm-evaluation-harness scores rolling perplexity.")
     p.add_argument("bundle", help="directory written by `mmtrain export`")
-    p.add_argument("--data", required=True, metavar="SHARD_DIR", help="directory written by `mmtrain prepare`")
+    p.add_argument("--data", metavar="SHARD_DIR", help="directory written by `mmtrain prepare`")
+    p.add_argument("--text", nargs="+", metavar="INPUT",
+                   help="instead of shards: raw documents (files, directories, globs or `demo`, as `mmtrain "
+                        "prepare --input` reads them), each scored after EOS in windows of n_ctx, as "
+                        "lm-evaluation-harness scores rolling perplexity")
+    p.add_argument("--held-out", action="store_true",
+                   help="with --text: only the documents `mmtrain prepare` holds out (its val split)")
+    p.add_argument("--text-field", default="text", help="with --text: JSON key / Parquet column (default: text)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="with --held-out: prepare's val_fraction (0.05)")
+    p.add_argument("--seed", type=int, default=0, help="with --held-out: prepare's split seed (0)")
     p.add_argument("--n-ctx", type=int, nargs="+", metavar="L",
                    help="context lengths to evaluate (each <= the model's n_ctx); default: the model's n_ctx")
     p.add_argument("--shard-ctx", type=int, default=None, metavar="N",
@@ -223,7 +369,7 @@ def register(subparsers) -> None:
     p.add_argument("--split", choices=["val", "train"], default="val")
     p.add_argument("--batch-size", type=int, default=16, help="blocks per forward pass (default 16)")
     p.add_argument("--max-sequences", type=int, default=0, metavar="K",
-                   help="use only the first K blocks (default: all)")
+                   help="use only the first K blocks (with --text: documents) (default: all)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     add_quiet_argument(p)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmtrain.data.bm25 import BM25
-from mmtrain.eval.metrics import (mrr_at_k, positive_ranks, recall_at_k, retrieval_report,
+from mmtrain.eval.metrics import (map_at_k, mrr_at_k, ndcg_at_k, positive_ranks, recall_at_k, retrieval_report,
                                   top1_among_n)
 
 
@@ -22,6 +22,65 @@ def test_ranks_recall_and_mrr_on_a_hand_made_ranking():
     assert recall_at_k(ranks, 3) == 0.75
     assert mrr_at_k(ranks, 10) == pytest.approx((1 + 1 / 3 + 1 / 4 + 1 / 2) / 4)
     assert mrr_at_k(ranks, 2) == pytest.approx((1 + 1 / 2) / 4)
+    assert ndcg_at_k(ranks, 10) == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(5) + 1 / math.log2(3)) / 4)
+    assert ndcg_at_k(ranks, 2) == pytest.approx((1 + 1 / math.log2(3)) / 4)
+    assert map_at_k(ranks, 3) == pytest.approx((1 + 1 / 3 + 1 / 2) / 4)
+
+
+class _Lookup:
+    """A sentence-transformers model stand-in that returns given embeddings for given texts (the
+    evaluator only calls ``encode_query`` / ``encode_document``)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def encode_query(self, sentences, **kwargs):
+        import torch
+
+        return torch.stack([self.table[s] for s in sentences])
+
+    encode_document = encode_query
+
+
+def test_ir_metrics_equal_sentence_transformers_information_retrieval_evaluator():
+    """Same embeddings, same cosine scores: nDCG@10, MAP@100, recall@{1,5,10,100} and MRR@10 equal
+    InformationRetrievalEvaluator's to 1e-6 (a pool of 300 with the positives spread over all ranks)."""
+    from mmtrain.export.hf import import_transformers
+
+    pytest.importorskip("transformers", reason="the st extra is not installed")
+    import_transformers()     # a torchvision built for another torch would break transformers' model classes
+    pytest.importorskip("sentence_transformers", reason="the st extra is not installed")
+    import torch
+    try:
+        from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+    except ImportError:   # sentence-transformers before 5.4
+        from sentence_transformers.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.util import cos_sim
+
+    rng = np.random.default_rng(0)
+    n, d = 300, 16
+    docs = rng.standard_normal((n, d)).astype(np.float32)
+    noise = rng.uniform(0.2, 3.0, size=(n, 1)).astype(np.float32)     # from easy to hopeless queries
+    queries = (docs + noise * rng.standard_normal((n, d)).astype(np.float32)).astype(np.float32)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    e = docs / np.linalg.norm(docs, axis=1, keepdims=True)
+    ours = retrieval_report(q @ e.T, np.arange(n))
+    ranks = positive_ranks(q @ e.T, np.arange(n))
+    assert ranks.min() == 0 and np.median(ranks) >= 1 and (ranks >= 10).mean() > 0.2 and ranks.max() >= 100
+
+    table = {f"q{i}": torch.from_numpy(queries[i]) for i in range(n)}
+    table.update({f"d{i}": torch.from_numpy(docs[i]) for i in range(n)})
+    evaluator = InformationRetrievalEvaluator(
+        {f"q{i}": f"q{i}" for i in range(n)}, {f"d{i}": f"d{i}" for i in range(n)},
+        {f"q{i}": {f"d{i}"} for i in range(n)}, accuracy_at_k=[1, 5, 10, 100], precision_recall_at_k=[1, 5, 10, 100],
+        mrr_at_k=[10], ndcg_at_k=[10], map_at_k=[100], score_functions={"cosine": cos_sim}, show_progress_bar=False)
+    theirs = evaluator.compute_metrices(_Lookup(table))["cosine"]
+    for k in (1, 5, 10, 100):
+        assert ours[f"recall@{k}"] == pytest.approx(theirs["recall@k"][k], abs=1e-6)
+        assert ours[f"recall@{k}"] == pytest.approx(theirs["accuracy@k"][k], abs=1e-6)
+    assert ours["mrr@10"] == pytest.approx(theirs["mrr@k"][10], abs=1e-6)
+    assert ours["ndcg@10"] == pytest.approx(theirs["ndcg@k"][10], abs=1e-6)
+    assert ours["map@100"] == pytest.approx(theirs["map@k"][100], abs=1e-6)
 
 
 def test_top1_among_n():
@@ -52,7 +111,7 @@ def test_n_larger_than_the_pool_is_an_error():
 def test_report_keys():
     report = retrieval_report(np.eye(3), [0, 1, 2], [2, 3])
     assert report == {"queries": 3, "pool": 3, "recall@1": 1.0, "recall@5": 1.0, "recall@10": 1.0,
-                      "mrr@10": 1.0, "top1@2": 1.0, "top1@3": 1.0}
+                      "recall@100": 1.0, "mrr@10": 1.0, "ndcg@10": 1.0, "map@100": 1.0, "top1@2": 1.0, "top1@3": 1.0}
 
 
 def test_bm25_matches_the_lucene_formula():

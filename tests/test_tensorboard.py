@@ -227,7 +227,7 @@ def test_samples_and_retrieval_tables_are_served_as_text_at_every_evaluation(ser
     records = {r["step"]: r for r in read_metrics(tb_runs.ret) if "eval_recall@1" in r}
     for step, text in tables:
         assert text.startswith(f"step {step}: val split, 48 queries, pool 48")
-        for key in ("recall@1", "mrr@10", "top1@8", "train_recall@1"):
+        for key in ("recall@1", "recall@100", "mrr@10", "ndcg@10", "map@100", "top1@8", "train_recall@1"):
             assert f"| {key.replace('_', chr(92) + '_')} | {records[step]['eval_' + key]:.4f} |" in text
     rendered = server.get("/data/plugin/text/text", run=RET, tag=table_tag)[-1]["text"]
     assert "<th>metric</th>" in rendered and "<td>recall@1</td>" in rendered and "<td>train_mrr@10</td>" in rendered

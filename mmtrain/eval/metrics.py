@@ -1,5 +1,5 @@
-"""Retrieval metrics (pure numpy): ranks, recall@k, MRR@k, top-1 accuracy among N candidates (the BM25
-baseline's index is :class:`mmtrain.data.bm25.BM25`).
+"""Retrieval metrics (pure numpy): ranks, recall@k, MRR@k, nDCG@k, MAP@k, top-1 accuracy among N
+candidates (the BM25 baseline's index is :class:`mmtrain.data.bm25.BM25`).
 
 Conventions:
 
@@ -12,6 +12,12 @@ Conventions:
   replacement from the rest of the pool, independently per query, from a fixed seed; correct when
   the positive scores strictly higher than all N-1. N counts candidates (the paper's code counts
   the query slot too, so its "N = 32" is 31 candidates: our N = 31).
+* Every query has exactly one relevant document (its pair), with binary relevance. The
+  information-retrieval metrics are then, for a positive at 0-based rank r (0 when r >= k):
+  recall@k = [r < k] (= accuracy@k), MRR@k = 1 / (r + 1), nDCG@k = 1 / log2(r + 2) (the ideal DCG
+  is 1), MAP@k = 1 / (r + 1) (average precision over the one relevant document; MAP@100 is MRR@100).
+  These are sentence-transformers' ``InformationRetrievalEvaluator`` definitions (and MTEB's / BEIR's
+  for one relevant document): tests/test_retrieval_metrics.py checks them against it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,17 @@ def recall_at_k(ranks: np.ndarray, k: int) -> float:
 def mrr_at_k(ranks: np.ndarray, k: int) -> float:
     ranks = np.asarray(ranks)
     return float(np.mean(np.where(ranks < k, 1.0 / (ranks + 1.0), 0.0)))
+
+
+def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
+    """nDCG@k with one relevant document per query (binary relevance): 1 / log2(rank + 2) within k."""
+    ranks = np.asarray(ranks)
+    return float(np.mean(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)))
+
+
+def map_at_k(ranks: np.ndarray, k: int) -> float:
+    """MAP@k with one relevant document per query: its precision at its rank, 1 / (rank + 1), within k."""
+    return mrr_at_k(ranks, k)
 
 
 def check_n_candidates(n: int, pool: int) -> None:
@@ -68,14 +85,20 @@ def top1_among_n(scores: np.ndarray, positives: Sequence[int], n: int, seed: int
     return correct / n_q
 
 
+#: recall@k of every report (accuracy@k with one relevant document per query).
+RECALL_KS = (1, 5, 10, 100)
+
+
 def retrieval_report(scores: np.ndarray, positives: Sequence[int], n_candidates: Sequence[int] = (),
-                     seed: int = 0, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
-    """recall@k, MRR@10 over the whole pool and top-1 among each N (keys ``top1@N``)."""
+                     seed: int = 0, ks: Sequence[int] = RECALL_KS) -> Dict[str, float]:
+    """recall@k, MRR@10, nDCG@10 and MAP@100 over the whole pool, and top-1 among each N (keys ``top1@N``)."""
     ranks = positive_ranks(scores, positives)
     out: Dict[str, float] = {"queries": int(len(ranks)), "pool": int(np.asarray(scores).shape[1])}
     for k in ks:
         out[f"recall@{k}"] = recall_at_k(ranks, k)
     out["mrr@10"] = mrr_at_k(ranks, 10)
+    out["ndcg@10"] = ndcg_at_k(ranks, 10)
+    out["map@100"] = map_at_k(ranks, 100)
     for n in n_candidates:
         out[f"top1@{n}"] = top1_among_n(scores, positives, int(n), seed)
     return out

@@ -6,7 +6,8 @@ document by cosine similarity and reports (see :mod:`mmtrain.eval.metrics`):
 
 * the paper's protocol: top-1 accuracy with the positive among N candidates (N-1 random negatives
   from the pool, fixed seed), for each ``--n-candidates`` N (N <= pool size);
-* recall@1/5/10 and MRR@10 over the whole pool;
+* the information-retrieval metrics users compare (sentence-transformers' InformationRetrievalEvaluator,
+  MTEB), over the whole pool: recall@1/5/10/100, MRR@10, nDCG@10 and MAP@100;
 * with ``--bm25``, the same metrics of an Okapi BM25 baseline over the same token ids.
 
 Any bundle works: an untrained or only-pretrained one gives the frozen-embedding baseline. The
@@ -163,7 +164,7 @@ def _eval(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval-retrieval", help="retrieval metrics (top-1 among N, recall@k, MRR@10) of bundles on held-out pairs",
+        "eval-retrieval", help="retrieval metrics (recall@k, MRR@10, nDCG@10, MAP@100, top-1 among N) of bundles on held-out pairs",
         description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  mmtrain eval-retrieval bundles/mixer bundles/mixer-retrieval --data data/pairs/demo "
                "--n-candidates 32 64 --bm25 --json out.json")

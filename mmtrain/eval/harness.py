@@ -229,11 +229,14 @@ def evaluate(bundle: str, tasks: Sequence[str] = DEFAULT_TASKS, limit: Optional[
     if unknown:
         raise HarnessError(f"unknown task(s) {', '.join(unknown)}; mmtrain's tasks: {', '.join(LOCAL_TASKS)} "
                            f"(the harness's own: `lm_eval ls tasks`)")
-    out = simple_evaluate(model="hf", model_args={k: v for k, v in args.items() if k not in ("device", "batch_size")},
-                          tasks=list(tasks), batch_size=batch_size, device=device, limit=limit,
-                          task_manager=manager, log_samples=False, bootstrap_iters=0, random_seed=seed,
-                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                          metadata=metadata or None)
+    try:
+        out = simple_evaluate(model="hf", model_args={k: v for k, v in args.items() if k not in ("device", "batch_size")},
+                              tasks=list(tasks), batch_size=batch_size, device=device, limit=limit,
+                              task_manager=manager, log_samples=False, bootstrap_iters=0, random_seed=seed,
+                              numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                              metadata=metadata or None)
+    except ConnectionError as exc:   # datasets' offline mode: a task whose data is not on this machine
+        raise HarnessError(f"a task's data is not on this machine, and nothing is downloaded: {exc}")
     results = {}
     for task, metrics in out["results"].items():
         clean = {}

@@ -164,8 +164,8 @@ def test_bad_arguments_are_refused_before_any_work(capsys, monkeypatch):
 def test_learning_quick_reports_loss_unigram_entropy_and_crossing_step(bench_runs, demo_shards, monkeypatch):
     stdout, out_dir = bench_runs["learning"]
     header, rows = markdown_rows(stdout, "sweep")
-    assert header == ["sweep", "model", "n_ctx", "params (M)", "tokens", "eval loss", "unigram H1", "H1 - eval",
-                      "step < H1-0.3", "tokens/s"]
+    assert header == ["sweep", "model", "n_ctx", "params (M)", "tokens", "train FLOPs", "eval loss", "unigram H1",
+                      "H1 - eval", "step < H1-0.3", "tokens/s"]
     assert [(r[1], r[2]) for r in rows] == [("mixer", "64"), ("transformer", "64")]
     monkeypatch.syspath_prepend(str(BENCH))
     import learning
@@ -187,21 +187,22 @@ def test_learning_quick_reports_loss_unigram_entropy_and_crossing_step(bench_run
     assert records[0]["params"] != records[1]["params"]
     for row, record in zip(rows, records):
         assert float(record["unigram_entropy"]) == pytest.approx(entropy, abs=1e-6)
-        assert _number(row[6]) == pytest.approx(entropy, abs=1e-3)
+        assert _number(row[7]) == pytest.approx(entropy, abs=1e-3)
         curve = json.loads(record["curve"])
         metrics = [json.loads(line) for line in open(Path(record["run_dir"]) / "metrics.jsonl")]
         evals = [[m["step"], m["eval_loss_ctx64"]] for m in metrics if "eval_loss_ctx64" in m]
         assert curve == evals and len(curve) >= 8 and curve[-1][0] == 40
-        assert _number(row[5]) == pytest.approx(curve[-1][1], abs=1e-3)
-        assert _number(row[7]) == pytest.approx(entropy - curve[-1][1], abs=2e-3)
+        assert _number(row[6]) == pytest.approx(curve[-1][1], abs=1e-3)
+        assert _number(row[8]) == pytest.approx(entropy - curve[-1][1], abs=2e-3)
         crossing = learning.first_step_below(curve, entropy - 0.3)
-        assert row[8] == ("never" if crossing is None else str(crossing))
-        assert int(record["params"]) > 0 and _number(row[9]) > 0
+        assert row[9] == ("never" if crossing is None else str(crossing))
+        assert int(record["params"]) > 0 and _number(row[10]) > 0
+        assert float(record["train_flops"]) == pytest.approx(float(record["flops_per_token"]) * int(record["tokens"]))
         assert curve[-1][1] < curve[0][1]              # eval loss fell over the run
     assert (out_dir / "learning-lr3.0e-3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_learning_first_step_below_and_argument_checks(capsys, monkeypatch):
+def test_learning_first_step_below_and_argument_checks(capsys, monkeypatch, demo_shards):
     monkeypatch.syspath_prepend(str(BENCH))
     import learning
 
@@ -214,6 +215,23 @@ def test_learning_first_step_below_and_argument_checks(capsys, monkeypatch):
     args = learning.parse_args(["--quick", "--set", "model.init=gpt"])
     overrides = learning.run_overrides("mixer", 64, args.spec, args, Path("/tmp/x"))
     assert "train.steps=200" in overrides and overrides[-2:] == ["train.lr=3e-3", "model.init=gpt"]
+    # equal compute: each family's steps from its own flops_per_token(); an LR per family
+    from mmtrain.models import build_model
+
+    args = learning.parse_args(["--quick", "--shard-dir", str(demo_shards), "--flops", "2e10",
+                                "--lr", "mixer=4e-3", "hybrid=2e-3"])
+    for family, kind in (("mixer", "mixer"), ("transformer", "transformer"), ("hybrid", "hybrid")):
+        model = build_model(dict(kind=kind, d_model=64, n_layers=2, n_ctx=64, n_heads=4), 4096)
+        assert learning.flops_per_token(family, 64, args.spec, args) == model.flops_per_token()
+        steps = learning.run_steps(family, 64, args.spec, args)
+        assert steps == round(2e10 / (model.flops_per_token() * 512))
+        overrides = learning.run_overrides(family, 64, args.spec, args, Path("/tmp/x"), steps)
+        assert f"train.steps={steps}" in overrides
+        assert [o for o in overrides if o.startswith("train.lr=")][-1] == \
+            {"mixer": "train.lr=0.004", "hybrid": "train.lr=0.002", "transformer": "train.lr=3e-3"}[family]
+    with pytest.raises(SystemExit):
+        learning.parse_args(["--quick", "--lr", "gpt2=1e-3"])
+    assert "--lr gpt2=1e-3: unknown family 'gpt2'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------

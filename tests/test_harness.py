@@ -20,7 +20,6 @@ KINDS = {
     "mixer": dict(kind="mixer"),
     "toeplitz": dict(kind="mixer", mixer_matrix="toeplitz", mixer_heads=2),
     "transformer": dict(kind="transformer", n_heads=2),
-    "hybrid": dict(kind="hybrid", n_heads=2),
 }
 
 
@@ -31,7 +30,7 @@ def needs_harness():
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
-    """Untrained bundles of every language-model kind (d 32, 2 layers, n_ctx 48, the demo tokenizer)."""
+    """Untrained mixer, Toeplitz mixer and transformer bundles (d 32, 2 layers, n_ctx 48, the demo tokenizer)."""
     from mmtrain.data.tokenizer import DEMO_TOKENIZER
     from mmtrain.export import bundle as B
     from mmtrain.models import build_model

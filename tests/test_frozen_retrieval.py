@@ -64,10 +64,10 @@ def test_scorer_is_bidirectional_and_gives_one_logit_per_candidate():
         model(q, c[:, :4])
 
 
-def _synthetic(d, n, generator):
-    """Documents on the unit sphere; each query = its document + noise of norm 0.5, renormalised."""
+def _synthetic(d, n, generator, noise=0.5):
+    """Documents on the unit sphere; each query = its document + noise of norm ``noise``, renormalised."""
     docs = F.normalize(torch.randn(n, d, generator=generator), dim=-1)
-    noise = 0.5 * F.normalize(torch.randn(n, d, generator=generator), dim=-1)
+    noise = noise * F.normalize(torch.randn(n, d, generator=generator), dim=-1)
     return F.normalize(docs + noise, dim=-1), docs
 
 
@@ -88,6 +88,46 @@ def test_training_on_synthetic_embeddings_learns_to_retrieve(one_torch_thread):
     assert result["cosine_accuracy"] == 1.0                   # the noise keeps every query nearest its document
     assert result["history"][0]["step"] == 0 and result["history"][-1]["step"] == 150
     assert any("accuracy among 8" in line for line in lines)
+
+
+def test_the_shipped_scorer_learns_on_unit_norm_embeddings_where_the_papers_stays_near_chance(one_torch_thread):
+    """At d 128 each coordinate of an L2-normalised embedding is ~0.09, while every block adds terms
+    of order 1: the paper's scorer (input_scale=none, interaction=none) barely moves from chance in
+    40 steps, even where cosine similarity is perfect. The shipped default (embeddings times
+    sqrt(d), the query-candidate product at each candidate position) learns the comparison."""
+    g = torch.Generator().manual_seed(0)
+    tq, td = _synthetic(128, 512, g, noise=1.0)
+    eq, ed = _synthetic(128, 128, g, noise=1.0)
+    emb = {"train.query": tq, "train.document": td, "test.query": eq, "test.document": ed}
+    keys = ["embeddings.bundle=unused", "model.n_candidates=8", "model.n_layers=1", "train.steps=40",
+            "train.batch_size=32", "train.lr=1e-2", "train.warmup_steps=10", "train.seed=0"]
+    shipped = load_config(FrozenRetrievalConfig, [], keys)
+    assert (shipped.model.input_scale, shipped.model.interaction) == ("sqrt_d", "product")
+    _, fixed = train_scorer(emb, shipped, log=lambda s: None)
+    paper = load_config(FrozenRetrievalConfig, [], [*keys, "model.input_scale=none", "model.interaction=none"])
+    _, before = train_scorer(emb, paper, log=lambda s: None)
+    assert fixed["cosine_accuracy"] == before["cosine_accuracy"] == 1.0
+    assert fixed["accuracy"] > 0.9 and fixed["eval_loss"] < 0.5
+    assert before["accuracy"] < 2.5 * before["chance"] and before["eval_loss"] > 1.8   # ln 7 = 1.95
+
+
+def test_input_scale_sqrt_d_alone_lets_the_papers_architecture_learn_at_unit_norm_scale(one_torch_thread):
+    """Without the product, the paper's blocks must find the query-candidate comparison themselves.
+    At d 96 they do within 60 steps when the embeddings are scaled by sqrt(d), and not at all at
+    the embeddings' own scale (coordinates ~0.1), where each block buries them."""
+    g = torch.Generator().manual_seed(0)
+    tq, td = _synthetic(96, 512, g)
+    eq, ed = _synthetic(96, 128, g)
+    emb = {"train.query": tq, "train.document": td, "test.query": eq, "test.document": ed}
+    keys = ["embeddings.bundle=unused", "model.n_candidates=8", "model.n_layers=2", "model.ffn_mult=1",
+            "model.interaction=none", "train.steps=60", "train.batch_size=32", "train.lr=1e-2",
+            "train.warmup_steps=10", "train.seed=0"]
+    _, scaled = train_scorer(emb, load_config(FrozenRetrievalConfig, [], [*keys, "model.input_scale=sqrt_d"]),
+                             log=lambda s: None)
+    _, paper = train_scorer(emb, load_config(FrozenRetrievalConfig, [], [*keys, "model.input_scale=none"]),
+                            log=lambda s: None)
+    assert scaled["accuracy"] > 0.9
+    assert paper["accuracy"] < 2.5 * paper["chance"]
 
 
 def test_the_scorer_shares_the_trainers_schedule_keys_and_non_finite_error(one_torch_thread):
@@ -168,6 +208,7 @@ def test_frozen_retrieval_command_end_to_end(exported_bundles, pairs, tmp_path, 
     bundle, out = exported_bundles["mixer_zero1"], tmp_path / "run"
     meta = json.loads((pairs / "meta.json").read_text())
     n_train, n_test = meta["splits"]["train"]["pairs"], meta["splits"]["test"]["pairs"]
+    n_val = meta["splits"]["val"]["pairs"]
     assert cli.main(_args(bundle, pairs, out, "--json", str(tmp_path / "out.json"))) == 0
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / "out.json").read_text())
@@ -178,10 +219,11 @@ def test_frozen_retrieval_command_end_to_end(exported_bundles, pairs, tmp_path, 
     assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["cosine_accuracy"] <= 1.0
 
     emb_meta = json.loads((out / "embeddings" / "embeddings.json").read_text())
-    assert emb_meta["splits"] == {"train": {"pairs": n_train}, "test": {"pairs": n_test}}
+    assert emb_meta["splits"] == {"train": {"pairs": n_train}, "val": {"pairs": n_val}, "test": {"pairs": n_test}}
     assert emb_meta["pooling"] == "second_to_last" and emb_meta["bundle"] == str(Path(bundle).resolve())
     tensors = load_file(str(out / "embeddings" / "embeddings.safetensors"))
     assert tensors["train.query"].shape == (n_train, 32) and tensors["test.document"].shape == (n_test, 32)
+    assert tensors["val.query"].shape == (n_val, 32)
     assert torch.allclose(tensors["test.query"].norm(dim=1), torch.ones(n_test), atol=1e-5)
 
     assert sorted(p.name for p in (out / "scorer").iterdir()) == ["config.json", "model.safetensors"]
@@ -207,6 +249,46 @@ def test_frozen_retrieval_command_end_to_end(exported_bundles, pairs, tmp_path, 
     # a second run reuses the embeddings
     assert cli.main(_args(bundle, pairs, out, "--embed-only")) == 0
     assert "(reused;" in capsys.readouterr().out
+
+    # ... and scores the val split on request, with the same embeddings
+    assert cli.main(_args(bundle, pairs, out, "embeddings.eval_split=val", "--json", str(tmp_path / "val.json"))) == 0
+    printed = capsys.readouterr().out
+    val = json.loads((tmp_path / "val.json").read_text())
+    assert "(reused;" in printed and f"val [{n_val} queries, N=8: 7 candidates, seed 0]" in printed
+    assert val["eval_split"] == "val" and val["eval_queries"] == n_val
+    assert 0.0 <= val["accuracy"] <= 1.0 and 0.0 <= val["train_accuracy"] <= 1.0
+
+
+def test_eval_split_val_needs_a_val_split(exported_bundles, pairs, tmp_path, capsys, one_torch_thread):
+    """Pair shards made before val existed (train and test only) are embedded and scored on test as
+    before; asking for val names the missing split before any work."""
+    import shutil
+
+    old = tmp_path / "pairs-old"
+    shutil.copytree(pairs, old)
+    shutil.rmtree(old / "val")
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["splits"]["val"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    bundle = exported_bundles["mixer_zero1"]
+    assert cli.main(_args(bundle, old, tmp_path / "run", "embeddings.eval_split=val")) == 2
+    err = capsys.readouterr().err
+    assert f"embeddings.eval_split: val, but the pair shards {old} have no val split (they have train, test)" in err
+    assert not (tmp_path / "run").exists()
+    assert cli.main(_args(bundle, old, tmp_path / "run", "--embed-only")) == 0
+    emb_meta = json.loads((tmp_path / "run" / "embeddings" / "embeddings.json").read_text())
+    assert sorted(emb_meta["splits"]) == ["test", "train"]
+    # embeddings saved without val (as before val was embedded) are recomputed for shards that have it
+    new = tmp_path / "new"
+    assert cli.main(_args(bundle, pairs, new, "--embed-only")) == 0
+    path = new / "embeddings" / "embeddings.json"
+    meta = json.loads(path.read_text())
+    del meta["splits"]["val"]
+    path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert cli.main(_args(bundle, pairs, new, "--embed-only")) == 0
+    assert "lack split(s) val; recomputing them all" in capsys.readouterr().out
+    assert "val" in json.loads(path.read_text())["splits"]
 
 
 def test_a_non_finite_loss_exits_3_naming_the_step_and_saves_no_scorer(exported_bundles, pairs, tmp_path, capsys,

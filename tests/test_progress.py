@@ -193,7 +193,7 @@ def test_frozen_retrieval_shows_its_embedding_bars(quiet, exported_bundles, demo
             f"out_dir={tmp_path / 'fr'}", "embeddings.batch_size=32", "device=cpu", "--embed-only"]
     assert run_cli(args + (["--quiet"] if quiet else []), term) == 0
     sizes = dict((s, int(n)) for s, n in re.findall(r"embedded (\w+): (\d+) queries", capsys.readouterr().out))
-    assert set(sizes) == {"train", "test"}
+    assert set(sizes) == {"train", "val", "test"}      # every split of the pair shards
     if quiet:
         assert term.getvalue() == ""
         return

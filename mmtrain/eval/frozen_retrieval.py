@@ -2,12 +2,14 @@
 method, arXiv 2409.01482).
 
 1. **Embeddings, once.** A frozen bundle (mixer or transformer) embeds the queries and documents of
-   both splits of pair shards (``embeddings.pooling``, default the paper's ``second_to_last``,
-   L2-normalised). They are saved as ``<embeddings.dir>/embeddings.safetensors`` (tensors
-   ``train.query``, ``train.document``, ``test.query``, ``test.document``: [pairs, d] fp32) and
+   every split of the pair shards (train, val when present, test; ``embeddings.pooling``, default
+   the paper's ``second_to_last``, L2-normalised). They are saved as
+   ``<embeddings.dir>/embeddings.safetensors`` (tensors ``<split>.query`` and ``<split>.document``,
+   e.g. ``train.query``: [pairs, d] fp32) and
    ``embeddings.json`` (where they came from: bundle path, model config, tokenizer and weights
    sha256, pair shards and their meta.json sha256, pooling, pairs per split). A later run with the
-   same bundle, pooling and shards reuses them; embeddings of anything else there are an error.
+   same bundle, pooling and shards reuses them (adding a split they lack); embeddings of anything
+   else there are an error.
 2. **Scorer.** :class:`~mmtrain.models.frozen_scorer.FrozenEmbeddingScorer`, a bidirectional
    mixer over ``[q, c_1 .. c_{N-1}]`` trained with cross-entropy over the candidates, on candidate
    sets sampled afresh every step (:func:`~mmtrain.models.frozen_scorer.sample_candidates`).
@@ -20,10 +22,12 @@ method, arXiv 2409.01482).
    only output is ``<out_dir>/scorer/``. TensorBoard scalars
    ``train/loss``, ``train/lr``, ``train/accuracy``, ``eval/accuracy``, ``eval/loss`` and
    ``eval/cosine_accuracy`` in ``<out_dir>/tensorboard``.
-3. **Evaluation** on the test split: one fixed candidate set per test query (``train.eval_seed``);
-   accuracy = the positive gets the strictly highest logit among the N-1 candidates. Printed next
-   to the cosine-similarity top-1 over the *same* candidate sets from the same embeddings (the
-   baseline the scorer has to beat) and chance, 1/(N-1).
+3. **Evaluation** on the test split (``embeddings.eval_split``: ``test``, or ``val`` to choose
+   settings): one fixed candidate set per query (``train.eval_seed``); accuracy = the positive
+   gets the strictly highest logit among the N-1 candidates. Printed next to the
+   cosine-similarity top-1 over the *same* candidate sets from the same embeddings (the baseline
+   the scorer has to beat) and chance, 1/(N-1); every evaluation also scores as many training
+   queries (``train_accuracy``), so a scorer that memorises shows that number rising alone.
 4. **Result**: ``<out_dir>/scorer/{model.safetensors,config.json}``, written to a temporary
    directory and renamed into place, so a killed run never leaves a half-written scorer.
 
@@ -55,7 +59,9 @@ EMBEDDINGS_FORMAT_VERSION = 1
 SCORER_DIR = "scorer"
 SCORER_WEIGHTS = "model.safetensors"
 SCORER_CONFIG = "config.json"
-SPLITS = ("train", "test")
+#: The splits embedded, those of them that the pair shards hold (train and test always do).
+SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("test", "val")
 EMBEDDINGS_ENTRIES = {EMBEDDINGS_FILE, EMBEDDINGS_META}
 #: What a run writes in out_dir (plus the marker): an out_dir holding other things is not ours.
 OUT_ENTRIES = {"tensorboard", "embeddings", SCORER_DIR}
@@ -109,7 +115,7 @@ def embeddings_source(bundle: str, pairs: str, pooling: str) -> Dict[str, Any]:
             "bundle_tokenizer_sha256": tokenizer.sha256, "bundle_weights_sha256": _sha256_files(weights),
             "pairs": os.path.abspath(pairs), "pairs_n_ctx": int(meta["n_ctx"]),
             "pairs_meta_sha256": _sha256_files([Path(pairs) / META_NAME]), "pooling": pooling,
-            "splits": {s: {"pairs": int(meta["splits"][s]["pairs"])} for s in SPLITS}}
+            "splits": {s: {"pairs": int(meta["splits"][s]["pairs"])} for s in SPLITS if s in meta["splits"]}}
 
 
 def read_embeddings_meta(directory: Path) -> Optional[Dict[str, Any]]:
@@ -146,7 +152,7 @@ def check_embeddings_match(meta: Dict[str, Any], source: Dict[str, Any], directo
 
 def compute_embeddings(source: Dict[str, Any], batch_size: int, device: str,
                        log: Callable[[str], None] = print, progress: bool = False) -> Dict[str, Any]:
-    """{"train.query": [n, d], ...} float32 tensors of both splits, embedded by the frozen bundle
+    """{"train.query": [n, d], ...} float32 tensors of every split, embedded by the frozen bundle
     (``progress``: a bar of the embedding batches per split and side)."""
     import torch
 
@@ -162,7 +168,7 @@ def compute_embeddings(source: Dict[str, Any], batch_size: int, device: str,
     pooling = source["pooling"]
     out = {}
     with torch.no_grad():
-        for split in SPLITS:
+        for split in source["splits"]:
             arrays = load_split(source["pairs"], split)
             for side in ("query", "document"):
                 emb = embed_arrays(lambda i, l: embed(model, i, l, pooling), arrays[f"{side}_ids"],
@@ -182,14 +188,19 @@ def load_or_compute_embeddings(source: Dict[str, Any], directory: Path, *, overw
     from mmtrain.data.shards import replace_dir, write_json_atomic
 
     meta = None if overwrite else read_embeddings_meta(directory)
+    if meta is not None:
+        check_embeddings_match(meta, source, directory)
+        missing = [s for s in source["splits"] if s not in meta.get("splits", {})]
+        if missing:   # the same embedder and shards, saved before those splits were embedded: add them
+            log(f"embeddings in {directory} lack split(s) {', '.join(missing)}; recomputing them all")
+            meta = None
     if meta is None:   # to be (re)computed: it replaces `directory`, which must hold nothing else
         F.check_replaceable(directory, "frozen-retrieval", own=EMBEDDINGS_ENTRIES.__contains__,
                             ours=lambda d: (d / EMBEDDINGS_META).is_file(), overwrite=True, what="embeddings.dir",
                             overwrite_flag="embeddings.overwrite=true")
     if meta is not None:
-        check_embeddings_match(meta, source, directory)
         tensors = load_file(str(directory / EMBEDDINGS_FILE))
-        for split in SPLITS:
+        for split in source["splits"]:
             for side in ("query", "document"):
                 t = tensors.get(f"{split}.{side}")
                 n = source["splits"][split]["pairs"]
@@ -267,10 +278,13 @@ def evaluate(model, queries, documents, candidates, labels, batch_size: int = 25
 
 def train_scorer(embeddings: Dict[str, Any], cfg, device: str = "cpu", writer=None,
                  log: Callable[[str], None] = print):
-    """Train the scorer on ``embeddings["train.*"]``, evaluate on ``embeddings["test.*"]``.
+    """Train the scorer on ``embeddings["train.*"]``, evaluate on ``embeddings["<split>.*"]``, the split
+    ``cfg.embeddings.eval_split`` (test or val).
 
     Returns ``(model, result)``; result: accuracy, cosine_accuracy, initial_accuracy, chance,
-    eval_loss, train_loss, steps, test_queries, n_candidates, history (one dict per evaluation).
+    eval_loss, train_loss, steps, eval_split, eval_queries (also as test_queries), n_candidates,
+    history (one dict per evaluation: step, accuracy, loss, and train_accuracy on fixed candidate
+    sets of as many training queries).
     Raises :class:`~mmtrain.optim.NonFiniteLoss` on a non-finite training loss (naming the step)
     or non-finite weights at the end.
     """
@@ -282,14 +296,19 @@ def train_scorer(embeddings: Dict[str, Any], cfg, device: str = "cpu", writer=No
                                                 strict_top1)
 
     m, t = cfg.model, cfg.train
+    split = str(cfg.embeddings.eval_split)
     n_cand = int(m.n_candidates)
+    if f"{split}.query" not in embeddings:
+        raise FrozenRetrievalError(f"embeddings.eval_split: {split}, but the embeddings hold no {split} split "
+                                   f"(they hold {', '.join(sorted({k.split('.')[0] for k in embeddings}))})")
     tq, td = embeddings["train.query"].float().to(device), embeddings["train.document"].float().to(device)
-    eq, ed = embeddings["test.query"].float().to(device), embeddings["test.document"].float().to(device)
+    eq, ed = embeddings[f"{split}.query"].float().to(device), embeddings[f"{split}.document"].float().to(device)
     check_pool(n_cand, len(td), "train")
-    check_pool(n_cand, len(ed), "test")
+    check_pool(n_cand, len(ed), split)
     steps = total_steps(t, len(tq))
     torch.manual_seed(int(t.seed))
-    model = FrozenEmbeddingScorer(tq.shape[1], n_cand, m.n_layers, m.ffn_mult, m.norm_eps).to(device)
+    model = FrozenEmbeddingScorer(tq.shape[1], n_cand, m.n_layers, m.ffn_mult, m.norm_eps,
+                                  input_scale=m.input_scale, interaction=m.interaction).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     schedule = Schedule.of(t, steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule))
@@ -297,21 +316,29 @@ def train_scorer(embeddings: Dict[str, Any], cfg, device: str = "cpu", writer=No
     ec, el = sample_candidates(np.arange(len(eq)), len(ed), n_cand, np.random.default_rng(int(t.eval_seed)))
     ec, el = torch.as_tensor(ec, device=device), torch.as_tensor(el, device=device)
     cosine = float(strict_top1(cosine_scores(eq, ed, ec), el).float().mean())
+    # as many training queries, with fixed candidate sets from the training pool: memorising shows here alone
+    probe_rng = np.random.default_rng(int(t.eval_seed) + 1)
+    pq = np.sort(probe_rng.permutation(len(tq))[:len(eq)])
+    pc, pl = sample_candidates(pq, len(td), n_cand, probe_rng)
+    pq, pc, pl = (torch.as_tensor(a, device=device) for a in (pq, pc, pl))
     history: List[Dict[str, float]] = []
 
     def run_eval(step: int) -> Dict[str, float]:
         r = evaluate(model, eq, ed, ec, el)
+        r["train_accuracy"] = evaluate(model, tq[pq], td, pc, pl)["accuracy"]
         history.append({"step": step, **r})
         if writer is not None:
             writer.add_scalar("eval/accuracy", r["accuracy"], step)
             writer.add_scalar("eval/loss", r["loss"], step)
             writer.add_scalar("eval/cosine_accuracy", cosine, step)
-        log(f"eval   step {step} | accuracy among {n_cand} {100 * r['accuracy']:.1f}% | cosine "
-            f"{100 * cosine:.1f}% | loss {r['loss']:.4f}")
+            writer.add_scalar("eval/train_accuracy", r["train_accuracy"], step)
+        log(f"eval   step {step} | {split} accuracy among {n_cand} {100 * r['accuracy']:.1f}% | cosine "
+            f"{100 * cosine:.1f}% | loss {r['loss']:.4f} | train accuracy {100 * r['train_accuracy']:.1f}%")
         return r
 
     log(f"scorer: {model.num_params():,} params ({m.n_layers} bidirectional mixer blocks, d {tq.shape[1]}, "
-        f"N {n_cand}) | {len(tq)} train / {len(eq)} test queries | {steps} steps of {t.batch_size}")
+        f"N {n_cand}, input scale {m.input_scale}, interaction {m.interaction}) | {len(tq)} train / {len(eq)} "
+        f"{split} queries | {steps} steps of {t.batch_size}")
     initial = run_eval(0)
     rng = np.random.default_rng(int(t.seed))
     batches = query_batches(len(tq), int(t.batch_size), rng)
@@ -345,7 +372,8 @@ def train_scorer(embeddings: Dict[str, Any], cfg, device: str = "cpu", writer=No
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise NonFiniteLoss(f"non-finite weights after step {steps}; not saved")
     final = run_eval(steps)
-    result = {"n_candidates": n_cand, "test_queries": len(eq), "steps": steps, "accuracy": final["accuracy"],
+    result = {"n_candidates": n_cand, "eval_split": split, "eval_queries": len(eq), "test_queries": len(eq),
+              "steps": steps, "accuracy": final["accuracy"], "train_accuracy": final["train_accuracy"],
               "cosine_accuracy": cosine, "chance": 1.0 / (n_cand - 1), "initial_accuracy": initial["accuracy"],
               "eval_loss": final["loss"], "train_loss": loss_value, "eval_seed": int(t.eval_seed),
               "history": history}
@@ -456,9 +484,13 @@ def run(cfg, json_path: Optional[str] = None, embed_only: bool = False,
     e = cfg.embeddings
     device = _device(cfg.device)
     source = embeddings_source(e.bundle, e.pairs, e.pooling)
+    if e.eval_split not in source["splits"]:
+        raise FrozenRetrievalError(f"embeddings.eval_split: {e.eval_split}, but the pair shards {e.pairs} have no "
+                                   f"{e.eval_split} split (they have {', '.join(source['splits'])}); prepare them "
+                                   f"with val_fraction > 0, or use embeddings.eval_split=test")
     if not embed_only:
         try:
-            for split in SPLITS:
+            for split in ("train", e.eval_split):
                 check_pool(int(cfg.model.n_candidates), source["splits"][split]["pairs"], split)
         except ValueError as exc:
             raise FrozenRetrievalError(str(exc)) from None
@@ -509,7 +541,8 @@ def _run_locked(cfg, source: Dict[str, Any], out_dir: Path, directory: Path, dev
         metrics = {k: v for k, v in report.items() if k != "history"}
         scorer = save_scorer(model, out_dir, {"embeddings": source, "config": to_dict(cfg), "metrics": metrics})
         result["scorer"] = str(scorer)
-        log(f"test [{report['test_queries']} queries, N={report['n_candidates']}: {report['n_candidates'] - 1} "
+        log(f"{report['eval_split']} [{report['eval_queries']} queries, N={report['n_candidates']}: "
+            f"{report['n_candidates'] - 1} "
             f"candidates, seed {report['eval_seed']}]: frozen-embedding scorer {100 * report['accuracy']:.1f}% | "
             f"cosine similarity {100 * report['cosine_accuracy']:.1f}% | chance {100 * report['chance']:.1f}%")
         log(f"saved scorer -> {scorer}")

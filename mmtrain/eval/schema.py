@@ -16,7 +16,7 @@ from mmtrain.optim import OptimizerSettings, tuned
 class FrozenEmbeddingsSection:
     bundle: str = setting("", "Exported bundle (mixer or transformer) whose frozen hidden states are the embeddings.")
     pairs: str = setting("data/pairs/demo", "Pair shards from `mmtrain prepare-pairs` made with this bundle's "
-                                       "tokenizer; both splits (train, test) are embedded.")
+                                       "tokenizer; every split they hold (train, val, test) is embedded.")
     pooling: str = setting("second_to_last", "Embedding = final hidden state at the last real token (`last`), the "
                                         "one before it (`second_to_last`, the paper's index -2) or the mean "
                                         "(`mean`); L2-normalised.", choices=["last", "second_to_last", "mean"])
@@ -25,6 +25,9 @@ class FrozenEmbeddingsSection:
                       "pair shards there are an error.")
     overwrite: bool = setting(False, "Recompute the embeddings even when `dir` already holds some.")
     batch_size: int = setting(64, "Sequences per forward pass of the frozen bundle.", ge=1)
+    eval_split: str = setting("test", "Split the scorer is evaluated on: `test`, or `val` (the pairs' validation "
+                              "split, for choosing settings without looking at test).", choices=["test", "val"],
+                              role="watch")
 
 
 @dataclass
@@ -34,6 +37,14 @@ class FrozenScorerSection:
     n_layers: int = setting(8, "Bidirectional mixer blocks (paper: 8). Width = the embedding dimension.", ge=1)
     ffn_mult: int = setting(4, "MLP hidden width as a multiple of the embedding dimension.", ge=1)
     norm_eps: float = setting(1e-5, "LayerNorm epsilon.", gt=0)
+    input_scale: str = setting("sqrt_d", "Scale of the embeddings fed to the scorer: `sqrt_d` multiplies the "
+                               "L2-normalised embeddings by sqrt(d), so each coordinate is ~1 like the blocks' "
+                               "outputs; `none` feeds them as they are (the paper; each coordinate ~1/sqrt(d)).",
+                               choices=["none", "sqrt_d"])
+    interaction: str = setting("product", "What a candidate position holds: `product`, the elementwise product "
+                               "of the query and candidate embeddings (its sum is their cosine similarity); `none`, "
+                               "the candidate embedding alone (the paper), so query and candidate meet only through "
+                               "the blocks' position mixing.", choices=["none", "product"])
 
 
 @dataclass

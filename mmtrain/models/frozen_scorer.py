@@ -5,6 +5,15 @@ and N-1 candidate document embeddings, all from a frozen bundle. A small **bidir
 reads the whole sequence and a head gives one logit per candidate; cross-entropy against the slot
 of the true document. N counts the query slot, as in the paper (N = 32: 31 candidates).
 
+Two input options (``input_scale``, ``interaction``) decide what the blocks read; ``none`` / ``none`` is
+the paper's scorer. The embeddings are L2-normalised, so each coordinate is ~1/sqrt(d), while every
+block adds terms of order 1 (LayerNorm outputs, mixed over N positions) to the residual stream:
+``input_scale="sqrt_d"`` multiplies the embeddings by sqrt(d) so that they are not buried.
+``interaction="product"`` puts the elementwise product of the (scaled) query and candidate at each
+candidate position: its mean over the width is their cosine similarity, a quantity the paper's
+blocks can reach only by mixing the query into each position and recovering a norm that the next
+LayerNorm divides out.
+
 Sampling (:func:`sample_candidates`), exactly as the paper: the N-1 candidates are drawn uniformly
 without replacement from the document pool of the same split, excluding the query's own document;
 the true document then overwrites a uniformly random slot in 1..N-1; label = slot - 1.
@@ -118,20 +127,37 @@ class BidirectionalMixerBlock(nn.Module):
         return h + self.mlp(self.mlp_norm(h))
 
 
+INPUT_SCALES = ("none", "sqrt_d")
+INTERACTIONS = ("none", "product")
+
+
 class FrozenEmbeddingScorer(nn.Module):
     """Bidirectional mixer over ``[q, c_1 .. c_{N-1}]`` (width d = embedding dim, no token embedding).
 
     ``forward(queries [B, d], candidates [B, N-1, d]) -> logits [B, N-1]``: the head ``Linear(d, 1)``
     gives one logit per position; positions 1..N-1 are the candidates. Loss: cross-entropy of the
     logits against the label (softmax over the candidates).
+
+    ``input_scale``: ``none`` (the paper) or ``sqrt_d`` (embeddings times sqrt(d)). ``interaction``:
+    ``none`` (the paper: candidate i's position holds c_i) or ``product`` (it holds q * c_i,
+    elementwise, after the scaling; the query position holds q).
     """
 
-    def __init__(self, d_model: int, n_candidates: int, n_layers: int = 8, ffn_mult: int = 4, norm_eps: float = 1e-5):
+    def __init__(self, d_model: int, n_candidates: int, n_layers: int = 8, ffn_mult: int = 4, norm_eps: float = 1e-5,
+                 input_scale: str = "none", interaction: str = "none"):
         super().__init__()
+        if input_scale not in INPUT_SCALES:
+            raise ValueError(f"input_scale must be one of {INPUT_SCALES}, got {input_scale!r}")
+        if interaction not in INTERACTIONS:
+            raise ValueError(f"interaction must be one of {INTERACTIONS}, got {interaction!r}")
         self.config_dict: Dict[str, Any] = {"d_model": int(d_model), "n_candidates": int(n_candidates),
                                             "n_layers": int(n_layers), "ffn_mult": int(ffn_mult),
-                                            "norm_eps": float(norm_eps)}
+                                            "norm_eps": float(norm_eps), "input_scale": input_scale,
+                                            "interaction": interaction}
         self.n_candidates = int(n_candidates)
+        self.input_scale = input_scale
+        self.interaction = interaction
+        self.scale = math.sqrt(d_model) if input_scale == "sqrt_d" else 1.0
         self.blocks = nn.ModuleList(BidirectionalMixerBlock(d_model, n_candidates, ffn_mult, norm_eps)
                                     for _ in range(n_layers))
         self.head = nn.Linear(d_model, 1)
@@ -140,7 +166,10 @@ class FrozenEmbeddingScorer(nn.Module):
         if candidates.shape[1] != self.n_candidates - 1:
             raise ValueError(f"expected {self.n_candidates - 1} candidates per query (N={self.n_candidates}), "
                              f"got {candidates.shape[1]}")
-        h = torch.cat([queries[:, None, :], candidates], dim=1)
+        q, c = queries * self.scale, candidates * self.scale
+        if self.interaction == "product":
+            c = q[:, None, :] * c
+        h = torch.cat([q[:, None, :], c], dim=1)
         for block in self.blocks:
             h = block(h)
         return self.head(h)[:, 1:, 0]

@@ -191,10 +191,13 @@ def flops_per_token(family: str, n_ctx: int, spec: Dict[str, Any], args: argpars
     return float(build_model(cfg.model, vocab_size=vocab).flops_per_token())
 
 
-def run_steps(family: str, n_ctx: int, spec: Dict[str, Any], args: argparse.Namespace) -> int:
-    """Optimizer steps of a run: the token budget, or with --flops the FLOP budget at this model's cost."""
+def run_steps(family: str, n_ctx: int, spec: Dict[str, Any], args: argparse.Namespace,
+              fpt: Optional[float] = None) -> int:
+    """Optimizer steps of a run: the token budget, or with --flops the FLOP budget at this model's cost
+    (``fpt``: its flops_per_token(), when already known)."""
     if args.flops:
-        return max(1, round(args.flops / (flops_per_token(family, n_ctx, spec, args) * spec["tokens_per_step"])))
+        fpt = fpt or flops_per_token(family, n_ctx, spec, args)
+        return max(1, round(args.flops / (fpt * spec["tokens_per_step"])))
     return spec["tokens"] // spec["tokens_per_step"]
 
 
@@ -246,8 +249,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if missing:
         prepare(demo_prepare_config(str(args.shard_dir), missing), progress=False)
     entropies = {n: unigram_entropy(args.shard_dir, n) for n in spec["n_ctx"]}
-    steps_of = {job: run_steps(*job, spec, args) for job in jobs}
     fpt_of = {job: flops_per_token(*job, spec, args) for job in jobs}
+    steps_of = {job: run_steps(*job, spec, args, fpt_of[job]) for job in jobs}
 
     def one(job):
         start = time.time()

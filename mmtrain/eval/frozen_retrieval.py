@@ -61,7 +61,6 @@ SCORER_WEIGHTS = "model.safetensors"
 SCORER_CONFIG = "config.json"
 #: The splits embedded, those of them that the pair shards hold (train and test always do).
 SPLITS = ("train", "val", "test")
-EVAL_SPLITS = ("test", "val")
 EMBEDDINGS_ENTRIES = {EMBEDDINGS_FILE, EMBEDDINGS_META}
 #: What a run writes in out_dir (plus the marker): an out_dir holding other things is not ours.
 OUT_ENTRIES = {"tensorboard", "embeddings", SCORER_DIR}

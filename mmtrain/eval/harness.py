@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -61,12 +60,12 @@ INSTALL_HINT = 'pip install -e ".[harness]"'
 
 
 def held_out_documents(seed: int = DEMO_SEED, val_fraction: float = DEMO_VAL_FRACTION) -> List[str]:
-    """The demo corpus's documents that `mmtrain prepare --input demo` holds out (its val split)."""
-    from mmtrain.data.corpus import Corpus
+    """The demo corpus's documents that `mmtrain prepare --input demo` holds out (its val split): the
+    documents `mmtrain eval-lm --text demo --held-out` scores."""
     from mmtrain.data.demo_corpus import DEMO_INPUT
-    from mmtrain.data.packing import is_validation
+    from mmtrain.eval.lm import read_documents
 
-    return [text for i, text in enumerate(Corpus([DEMO_INPUT])) if is_validation(i, seed, val_fraction)]
+    return read_documents([DEMO_INPUT], held_out=True, seed=seed, val_fraction=val_fraction)
 
 
 def body_excerpt(body: str, max_chars: int = BODY_CHARS) -> str:
@@ -129,13 +128,10 @@ def longest_continuation(bundle: str, body_chars: int = BODY_CHARS) -> int:
     return longest
 
 
-def word_count(text: str) -> int:
-    """Words as the harness counts them for word perplexity (wikitext's rule)."""
-    return len(re.split(r"\s+", text))
-
-
 def perplexity_results(doc: Dict[str, Any], results: Sequence[float]) -> Dict[str, Any]:
     """Per-document results of ``mmtrain_docstrings_ppl``: (loglikelihood, words or UTF-8 bytes)."""
+    from mmtrain.eval.lm import word_count
+
     (loglikelihood,) = results
     n_bytes = len(doc["text"].encode("utf-8"))
     return {"word_perplexity": (loglikelihood, word_count(doc["text"])),
@@ -164,13 +160,14 @@ def _require_lm_eval():
 
 def model_args(bundle: str, device: str = "cpu", batch_size: int = 16) -> Dict[str, Any]:
     """The ``hf`` model arguments that score a language-model bundle as mmtrain trained it."""
+    from mmtrain.eval.lm import not_a_language_model
     from mmtrain.export.bundle import read_bundle_config
     from mmtrain.export.hf import GENERATIVE_KINDS
 
     section = read_bundle_config(bundle)
-    kind = section["model"]["kind"]
-    if section.get("embedder") or kind not in GENERATIVE_KINDS:
-        raise HarnessError(f"{bundle}: a {'retrieval embedder' if section.get('embedder') else kind} bundle; "
+    other = not_a_language_model(section)
+    if other:
+        raise HarnessError(f"{bundle} holds {other}; "
                            f"the harness scores language models ({', '.join(GENERATIVE_KINDS)} bundles "
                            f"written by `mmtrain export`)")
     eos = int(section["tokenizer"]["special_ids"]["eos"])

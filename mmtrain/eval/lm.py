@@ -263,6 +263,17 @@ def word_count(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
+def not_a_language_model(section: Dict[str, Any]) -> Optional[str]:
+    """What a bundle's config section holds when it is not a next-token language model ("a retrieval
+    embedder", "a <kind> model"), else None."""
+    from mmtrain.export.hf import GENERATIVE_KINDS
+
+    if section.get("embedder"):
+        return "a retrieval embedder"
+    kind = section["model"]["kind"]
+    return None if kind in GENERATIVE_KINDS else f"a {kind} model"
+
+
 def eval_text(bundle: str, inputs: Sequence[str], held_out: bool = False, text_field: str = "text",
               seed: int = 0, val_fraction: float = 0.05, max_documents: int = 0, batch_size: int = 16,
               device: str = "cpu", progress: bool = True) -> Dict[str, Any]:
@@ -271,9 +282,10 @@ def eval_text(bundle: str, inputs: Sequence[str], held_out: bool = False, text_f
 
     section = read_bundle_config(bundle)
     kind = section["model"]["kind"]
-    if section.get("embedder") or kind not in GENERATIVE_KINDS:
+    other = not_a_language_model(section)
+    if other:
         raise BundleError(f"{bundle}: --text scores next-token language models ({', '.join(GENERATIVE_KINDS)}); "
-                          f"this bundle holds {'a retrieval embedder' if section.get('embedder') else kind}")
+                          f"this bundle holds {other}")
     documents = read_documents(inputs, text_field, held_out, seed, val_fraction, max_documents)
     model = load_pretrained(bundle, device=device)
     tokenizer = load_bundle_tokenizer(bundle)
